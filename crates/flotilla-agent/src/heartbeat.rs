@@ -1,0 +1,116 @@
+//! Reports this node to the scheduler every `heartbeat_ms`, and deregisters it on shutdown
+//! so the scheduler stops routing here at once instead of after its TTL.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use flotilla_api::protocol::{
+    HeartbeatAck, ModelKind, NodeModel, NodeReport, DEREGISTER_PATH, HEARTBEAT_PATH, PROTOCOL_VERSION,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::models::EMBEDDING_SLOTS;
+use crate::{AgentError, AgentState};
+
+pub(crate) fn report(state: &AgentState) -> NodeReport {
+    let mut models = Vec::new();
+    for (name, engine) in &state.models.chat {
+        let st = engine.status();
+        models.push(NodeModel {
+            name: name.clone(),
+            kind: ModelKind::Chat,
+            context_length: engine.context_length() as u64,
+            running: st.running as u64,
+            waiting: st.waiting as u64,
+            max_running: st.max_running as u64,
+        });
+    }
+    for (name, m) in &state.models.embedding {
+        let in_flight = m.in_flight.load(Ordering::Relaxed);
+        models.push(NodeModel {
+            name: name.clone(),
+            kind: ModelKind::Embedding,
+            context_length: m.engine.max_input_tokens() as u64,
+            running: in_flight.min(EMBEDDING_SLOTS),
+            waiting: in_flight.saturating_sub(EMBEDDING_SLOTS),
+            max_running: EMBEDDING_SLOTS,
+        });
+    }
+    models.sort_by(|a, b| a.name.cmp(&b.name));
+    let sent_at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    NodeReport {
+        protocol: PROTOCOL_VERSION,
+        node_id: state.config.node_id.clone(),
+        base_url: state.base_url.to_string(),
+        models,
+        sent_at_ms,
+    }
+}
+
+fn token(state: &AgentState) -> Option<String> {
+    state.config.cluster_token_env.as_ref().and_then(|v| std::env::var(v).ok()).filter(|t| !t.is_empty())
+}
+
+/// One heartbeat; returns the interval the scheduler asks for.
+pub(crate) async fn send(state: &AgentState) -> Result<Option<Duration>, AgentError> {
+    let Some(base) = &state.config.scheduler_url else { return Ok(None) };
+    let url = format!("{}{}", base.trim_end_matches('/'), HEARTBEAT_PATH);
+    let mut req = state.http.post(&url).json(&report(state));
+    if let Some(t) = token(state) {
+        req = req.bearer_auth(t);
+    }
+    let err = |reason: String| AgentError::Register { url: url.clone(), reason };
+    let resp = req.send().await.map_err(|e| err(e.to_string()))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        return Err(err(format!("HTTP {status}: {}", body.chars().take(300).collect::<String>())));
+    }
+    let ack: HeartbeatAck = resp.json().await.map_err(|e| err(e.to_string()))?;
+    Ok(Some(Duration::from_millis(ack.heartbeat_ms.max(50))))
+}
+
+pub(crate) async fn run(state: AgentState, shutdown: CancellationToken) {
+    if state.config.scheduler_url.is_none() {
+        return;
+    }
+    let mut every = state.config.heartbeat;
+    let mut healthy = true;
+    loop {
+        match send(&state).await {
+            Ok(Some(d)) => {
+                if !healthy {
+                    tracing::info!("heartbeats reach the scheduler again");
+                }
+                healthy = true;
+                every = d;
+            }
+            Ok(None) => return,
+            Err(e) => {
+                // One warning per outage, not one per second.
+                if healthy {
+                    tracing::warn!(error = %e, "heartbeat failed; retrying every interval");
+                }
+                healthy = false;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+    if let Some(base) = &state.config.scheduler_url {
+        let url = format!("{}{}/{}", base.trim_end_matches('/'), DEREGISTER_PATH, state.config.node_id);
+        let mut req = state.http.delete(&url);
+        if let Some(t) = token(&state) {
+            req = req.bearer_auth(t);
+        }
+        match req.send().await {
+            Ok(_) => tracing::info!("deregistered from the scheduler"),
+            Err(e) => tracing::warn!(error = %e, "could not deregister; the scheduler will drop this node after its TTL"),
+        }
+    }
+}

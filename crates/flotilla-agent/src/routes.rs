@@ -1,0 +1,205 @@
+//! The agent's HTTP API: OpenAI endpoints over the local engines, plus health and status.
+
+use std::sync::atomic::Ordering;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use flotilla_api::openai::{
+    ChatCompletionRequest, CompletionRequest, EmbeddingData, EmbeddingInput, EmbeddingRequest, EmbeddingResponse,
+    EmbeddingUsage, EmbeddingVector, ModelCard, ModelList,
+};
+use flotilla_api::body::{parse_json, read_limited};
+use flotilla_api::{ApiError, ErrorKind};
+use flotilla_engine::{ChatMessage, Prompt, SamplingParams, TextEngine};
+
+use crate::generate::{respond_stream, respond_whole, start, Shape};
+use crate::AgentState;
+
+pub(crate) fn router(state: AgentState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { "ok" }))
+        .route("/status", get(status))
+        .fallback(|| async { ApiError::new(ErrorKind::NotFound, "no such endpoint") })
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+async fn read_body<T: serde::de::DeserializeOwned>(s: &AgentState, body: Body) -> Result<T, ApiError> {
+    parse_json(&read_limited(body, s.config.max_body_bytes).await?)
+}
+
+fn chat_engine<'a>(s: &'a AgentState, model: &str) -> Result<&'a TextEngine, ApiError> {
+    if let Some(e) = s.models.chat.get(model) {
+        return Ok(e);
+    }
+    if s.models.embedding.contains_key(model) {
+        return Err(ApiError::invalid_param("model", format!("`{model}` is an embedding model; use /v1/embeddings")));
+    }
+    Err(ApiError::model_not_found(model))
+}
+
+fn sampling(
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    seed: Option<i64>,
+    max_tokens: Option<u64>,
+    stop: Vec<String>,
+) -> SamplingParams {
+    SamplingParams {
+        temperature: temperature.unwrap_or(1.0),
+        top_p: top_p.unwrap_or(1.0),
+        // Negative seeds are valid in the OpenAI API; reinterpret the bits.
+        seed: seed.map(|s| s as u64),
+        max_tokens: max_tokens.map(|m| m as usize),
+        stop,
+    }
+}
+
+async fn chat(State(s): State<AgentState>, body: Body) -> Response {
+    let res = async {
+        let req: ChatCompletionRequest = read_body(&s, body).await?;
+        req.validate()?;
+        let engine = chat_engine(&s, &req.model)?;
+        let mut messages = Vec::with_capacity(req.messages.len());
+        for (i, m) in req.messages.iter().enumerate() {
+            messages.push(ChatMessage { role: m.role.clone(), content: m.text(i)? });
+        }
+        let params = sampling(
+            req.temperature,
+            req.top_p,
+            req.seed,
+            req.max_tokens(),
+            req.stop.as_ref().map(|s| s.to_vec()).unwrap_or_default(),
+        );
+        let n = req.n.unwrap_or(1) as u32;
+        let seqs = start(engine, vec![Prompt::Chat(messages)], n, &params)?;
+        finish(Shape::Chat, engine, seqs, req.is_stream(), req.include_usage()).await
+    }
+    .await;
+    res.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn completions(State(s): State<AgentState>, body: Body) -> Response {
+    let res = async {
+        let req: CompletionRequest = read_body(&s, body).await?;
+        req.validate()?;
+        let engine = chat_engine(&s, &req.model)?;
+        let params = sampling(
+            req.temperature,
+            req.top_p,
+            req.seed,
+            req.max_tokens,
+            req.stop.as_ref().map(|s| s.to_vec()).unwrap_or_default(),
+        );
+        let prompts = req.prompts().into_iter().map(Prompt::Text).collect();
+        let seqs = start(engine, prompts, req.n.unwrap_or(1) as u32, &params)?;
+        finish(Shape::Completion, engine, seqs, req.is_stream(), req.include_usage()).await
+    }
+    .await;
+    res.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn finish(
+    shape: Shape,
+    engine: &TextEngine,
+    seqs: Vec<crate::generate::Sequence>,
+    stream: bool,
+    include_usage: bool,
+) -> Result<Response, ApiError> {
+    if stream {
+        let body = Body::from_stream(respond_stream(shape, engine.name(), seqs, include_usage));
+        return Ok((
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")],
+            body,
+        )
+            .into_response());
+    }
+    Ok(Json(respond_whole(shape, engine.name(), seqs).await?).into_response())
+}
+
+async fn embeddings(State(s): State<AgentState>, body: Body) -> Response {
+    let res = async {
+        let req: EmbeddingRequest = read_body(&s, body).await?;
+        req.validate()?;
+        let Some(model) = s.models.embedding.get(&req.model) else {
+            if s.models.chat.contains_key(&req.model) {
+                return Err(ApiError::invalid_param(
+                    "model",
+                    format!("`{}` is a chat model and has no embeddings endpoint here", req.model),
+                ));
+            }
+            return Err(ApiError::model_not_found(&req.model));
+        };
+        let dims = model.engine.dimensions();
+        if let Some(d) = req.dimensions {
+            if d as usize != dims {
+                return Err(ApiError::invalid_param(
+                    "dimensions",
+                    format!("`{}` produces {dims}-dimensional vectors and cannot shorten them", req.model),
+                ));
+            }
+        }
+        let inputs = match &req.input {
+            EmbeddingInput::One(s) => vec![s.clone()],
+            EmbeddingInput::Many(v) => v.clone(),
+            EmbeddingInput::Tokens(_) | EmbeddingInput::TokenBatches(_) => {
+                return Err(ApiError::invalid_param("input", "token-id input is not supported; send strings"));
+            }
+        };
+        model.in_flight.fetch_add(1, Ordering::Relaxed);
+        let out = model.engine.embed(inputs).await;
+        model.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let out = out.map_err(crate::generate::engine_error)?;
+        let data = out
+            .vectors
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| EmbeddingData {
+                object: "embedding".into(),
+                index: i as u32,
+                embedding: if req.wants_base64() {
+                    EmbeddingVector::Base64(flotilla_api::openai::encode_f32_base64(&v))
+                } else {
+                    EmbeddingVector::Float(v)
+                },
+            })
+            .collect();
+        let tokens = out.prompt_tokens as u64;
+        Ok(Json(EmbeddingResponse {
+            object: "list".into(),
+            data,
+            model: req.model.clone(),
+            usage: EmbeddingUsage { prompt_tokens: tokens, total_tokens: tokens },
+        })
+        .into_response())
+    }
+    .await;
+    res.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn models(State(s): State<AgentState>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list".into(),
+        data: s.models.names().iter().map(|(n, _)| ModelCard::new(n, "flotilla")).collect(),
+    })
+}
+
+async fn status(State(s): State<AgentState>) -> Json<serde_json::Value> {
+    let report = crate::heartbeat::report(&s);
+    let engines: serde_json::Map<String, serde_json::Value> = s
+        .models
+        .chat
+        .iter()
+        .map(|(n, e)| (n.clone(), serde_json::to_value(e.status()).unwrap_or_default()))
+        .collect();
+    Json(serde_json::json!({ "node": report, "engines": engines }))
+}

@@ -1,0 +1,24 @@
+//! Wire types shared by every Flotilla crate: the OpenAI schema (chat, completions,
+//! embeddings, models, errors, SSE chunks), the agent <-> scheduler protocol, the
+//! `ErrorKind` taxonomy and header names.
+//!
+//! This crate holds data and (de)serialisation only. It never depends on candle, tokio or
+//! an HTTP client; the `axum` feature adds one `IntoResponse` for `ApiError`.
+
+#[cfg(feature = "axum")]
+pub mod body;
+pub mod error;
+pub mod headers;
+pub mod openai;
+pub mod protocol;
+pub mod sse;
+
+pub use error::{ApiError, ErrorKind};
+
+/// Seconds since the Unix epoch, as OpenAI's `created` fields carry.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,30 @@
+//! flotilla-engine: local model inference with candle.
+//!
+//! This crate owns everything that touches model weights: loading (local directory or the
+//! Hugging Face cache), tokenisation and chat templates, sampling, the per-model engine thread
+//! that interleaves many sequences, and sentence embeddings. It never depends on axum or any
+//! HTTP stack; the agent wraps it.
+
+mod detok;
+mod embed;
+mod error;
+mod sampling;
+mod sequence;
+mod source;
+mod stop;
+mod template;
+mod testmodel;
+mod text;
+mod textmodel;
+mod types;
+
+pub use embed::{EmbeddingEngine, Embeddings, find_minilm_dir};
+pub use error::EngineError;
+pub use source::resolve_model_source;
+pub use template::ChatTemplate;
+pub use testmodel::make_test_model;
+pub use text::TextEngine;
+pub use types::{
+    ChatMessage, EngineStatus, FinishReason, GenerateEvent, GenerateRequest, Prompt,
+    SamplingParams, TextEngineConfig,
+};

@@ -1,0 +1,192 @@
+//! The `[scheduler]` config section: raw as written in TOML, and resolved after
+//! validation, which reports every problem at once.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use flotilla_providers::{ProviderConfig, Timeouts};
+use flotilla_scheduler::{CloudTarget, ModelGroup};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SchedulerSection {
+    /// Address to listen on, e.g. `127.0.0.1:8080`.
+    pub listen: String,
+    /// Largest request body accepted; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Queue depth limit for models whose entry does not set one.
+    pub default_max_queue_depth: u64,
+    /// An agent silent for longer than this is not routed to.
+    pub node_ttl_ms: u64,
+    /// How often agents are asked to heartbeat.
+    pub heartbeat_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// Until an upstream's response headers arrive, and between two stream chunks.
+    pub first_byte_timeout_ms: u64,
+    /// For a whole non-streaming upstream response.
+    pub request_timeout_ms: u64,
+    /// Environment variable holding the token agents must present; unset = no check.
+    pub cluster_token_env: Option<String>,
+    pub providers: Vec<ProviderConfig>,
+    pub models: Vec<ModelSection>,
+}
+
+impl Default for SchedulerSection {
+    fn default() -> Self {
+        SchedulerSection {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 4 * 1024 * 1024,
+            default_max_queue_depth: 16,
+            node_ttl_ms: 3_000,
+            heartbeat_ms: 1_000,
+            connect_timeout_ms: 5_000,
+            first_byte_timeout_ms: 60_000,
+            request_timeout_ms: 600_000,
+            cluster_token_env: None,
+            providers: Vec::new(),
+            models: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSection {
+    /// The public model name clients ask for.
+    pub name: String,
+    /// The name agents serve it under; defaults to `name`.
+    #[serde(default)]
+    pub local_model: Option<String>,
+    #[serde(default)]
+    pub max_queue_depth: Option<u64>,
+    /// Cloud equivalents, tried in this order.
+    #[serde(default)]
+    pub cloud: Vec<CloudTarget>,
+}
+
+/// What the scheduler runs with.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub max_body_bytes: usize,
+    pub default_max_queue_depth: u64,
+    pub node_ttl: Duration,
+    pub heartbeat: Duration,
+    pub timeouts: Timeouts,
+    pub cluster_token_env: Option<String>,
+    pub providers: Vec<ProviderConfig>,
+    pub groups: HashMap<String, ModelGroup>,
+}
+
+impl SchedulerSection {
+    /// Resolves the section, or returns every problem found (each prefixed with its key).
+    pub fn validate(&self) -> Result<SchedulerConfig, Vec<String>> {
+        let mut errors = Vec::new();
+        for (key, v) in [
+            ("scheduler.node_ttl_ms", self.node_ttl_ms),
+            ("scheduler.heartbeat_ms", self.heartbeat_ms),
+            ("scheduler.connect_timeout_ms", self.connect_timeout_ms),
+            ("scheduler.first_byte_timeout_ms", self.first_byte_timeout_ms),
+            ("scheduler.request_timeout_ms", self.request_timeout_ms),
+        ] {
+            if v == 0 {
+                errors.push(format!("{key}: must be greater than 0"));
+            }
+        }
+        if self.max_body_bytes < 1024 {
+            errors.push("scheduler.max_body_bytes: must be at least 1024".into());
+        }
+        if self.node_ttl_ms <= self.heartbeat_ms {
+            errors.push(format!(
+                "scheduler.node_ttl_ms: {} must be greater than scheduler.heartbeat_ms ({})",
+                self.node_ttl_ms, self.heartbeat_ms
+            ));
+        }
+        let mut names = HashSet::new();
+        for (i, p) in self.providers.iter().enumerate() {
+            if p.name.is_empty() {
+                errors.push(format!("scheduler.providers[{i}].name: must not be empty"));
+            } else if !names.insert(p.name.as_str()) {
+                errors.push(format!("scheduler.providers[{i}].name: `{}` is defined twice", p.name));
+            }
+            if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
+                errors.push(format!(
+                    "scheduler.providers[{i}].base_url: `{}` must start with http:// or https://",
+                    p.base_url
+                ));
+            }
+        }
+        let mut groups = HashMap::new();
+        for (i, m) in self.models.iter().enumerate() {
+            if m.name.is_empty() {
+                errors.push(format!("scheduler.models[{i}].name: must not be empty"));
+                continue;
+            }
+            for (j, c) in m.cloud.iter().enumerate() {
+                if !names.contains(c.provider.as_str()) {
+                    errors.push(format!(
+                        "scheduler.models[{i}].cloud[{j}].provider: `{}` is not a configured provider",
+                        c.provider
+                    ));
+                }
+            }
+            let group = ModelGroup {
+                name: m.name.clone(),
+                local_model: m.local_model.clone().unwrap_or_else(|| m.name.clone()),
+                max_queue_depth: m.max_queue_depth.unwrap_or(self.default_max_queue_depth),
+                cloud: m.cloud.clone(),
+            };
+            if groups.insert(m.name.clone(), group).is_some() {
+                errors.push(format!("scheduler.models[{i}].name: `{}` is defined twice", m.name));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(SchedulerConfig {
+            max_body_bytes: self.max_body_bytes,
+            default_max_queue_depth: self.default_max_queue_depth,
+            node_ttl: Duration::from_millis(self.node_ttl_ms),
+            heartbeat: Duration::from_millis(self.heartbeat_ms),
+            timeouts: Timeouts {
+                connect: Duration::from_millis(self.connect_timeout_ms),
+                first_byte: Duration::from_millis(self.first_byte_timeout_ms),
+                total: Duration::from_millis(self.request_timeout_ms),
+            },
+            cluster_token_env: self.cluster_token_env.clone(),
+            providers: self.providers.clone(),
+            groups,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_every_error_together() {
+        let s = SchedulerSection {
+            node_ttl_ms: 500,
+            heartbeat_ms: 1000,
+            providers: vec![ProviderConfig { name: "a".into(), base_url: "ftp://x".into(), api_key_env: None }],
+            models: vec![ModelSection {
+                name: "m".into(),
+                local_model: None,
+                max_queue_depth: None,
+                cloud: vec![CloudTarget { provider: "nope".into(), model: "x".into() }],
+            }],
+            ..SchedulerSection::default()
+        };
+        let errs = s.validate().unwrap_err();
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(errs.iter().any(|e| e.contains("node_ttl_ms")));
+        assert!(errs.iter().any(|e| e.contains("base_url")));
+        assert!(errs.iter().any(|e| e.contains("`nope`")));
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = SchedulerSection::default().validate().unwrap();
+        assert!(c.groups.is_empty());
+    }
+}

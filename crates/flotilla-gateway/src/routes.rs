@@ -1,0 +1,172 @@
+//! Thin handlers: read and validate, call dispatch, map the error.
+
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use flotilla_api::openai::{
+    ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelCard, ModelList,
+};
+use flotilla_api::protocol::{HeartbeatAck, NodeReport, DEREGISTER_PATH, HEARTBEAT_PATH, PROTOCOL_VERSION};
+use flotilla_api::{headers, ApiError, ErrorKind};
+
+use flotilla_api::body::{parse_json, read_limited};
+use crate::dispatch::{dispatch, Endpoint};
+use crate::AppState;
+
+pub(crate) fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { "ok" }))
+        .route("/status", get(status))
+        .route(HEARTBEAT_PATH, post(heartbeat))
+        .route(&format!("{DEREGISTER_PATH}/{{node_id}}"), delete(deregister))
+        .fallback(|| async { ApiError::new(ErrorKind::NotFound, "no such endpoint").into_response() })
+        // Bodies are read by `read_limited` with the configured limit instead.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+fn new_request_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+pub(crate) fn error_response(err: ApiError, request_id: &str) -> Response {
+    let mut resp = err.into_response();
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        resp.headers_mut().insert(headers::REQUEST_ID, v);
+    }
+    resp
+}
+
+async fn chat(State(s): State<AppState>, body: Body) -> Response {
+    let id = new_request_id();
+    let res = async {
+        let bytes = read_limited(body, s.inner.config.max_body_bytes).await?;
+        let req: ChatCompletionRequest = parse_json(&bytes)?;
+        req.validate()?;
+        let value = serde_json::to_value(&req).map_err(|e| ApiError::invalid(e.to_string()))?;
+        dispatch(&s, Endpoint::Chat, &req.model, req.is_stream(), value, &id).await
+    }
+    .await;
+    res.unwrap_or_else(|e| error_response(e, &id))
+}
+
+async fn completions(State(s): State<AppState>, body: Body) -> Response {
+    let id = new_request_id();
+    let res = async {
+        let bytes = read_limited(body, s.inner.config.max_body_bytes).await?;
+        let req: CompletionRequest = parse_json(&bytes)?;
+        req.validate()?;
+        let value = serde_json::to_value(&req).map_err(|e| ApiError::invalid(e.to_string()))?;
+        dispatch(&s, Endpoint::Completions, &req.model, req.is_stream(), value, &id).await
+    }
+    .await;
+    res.unwrap_or_else(|e| error_response(e, &id))
+}
+
+async fn embeddings(State(s): State<AppState>, body: Body) -> Response {
+    let id = new_request_id();
+    let res = async {
+        let bytes = read_limited(body, s.inner.config.max_body_bytes).await?;
+        let req: EmbeddingRequest = parse_json(&bytes)?;
+        req.validate()?;
+        let value = serde_json::to_value(&req).map_err(|e| ApiError::invalid(e.to_string()))?;
+        dispatch(&s, Endpoint::Embeddings, &req.model, false, value, &id).await
+    }
+    .await;
+    res.unwrap_or_else(|e| error_response(e, &id))
+}
+
+async fn models(State(s): State<AppState>) -> Json<ModelList> {
+    let mut names: Vec<String> = s.inner.config.groups.keys().cloned().collect();
+    names.extend(s.inner.fleet.served_models(Instant::now()).into_iter().map(|(n, _)| n));
+    names.sort();
+    names.dedup();
+    Json(ModelList { object: "list".into(), data: names.iter().map(|n| ModelCard::new(n, "flotilla")).collect() })
+}
+
+async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
+    let mut groups: Vec<_> = s.inner.config.groups.values().cloned().collect();
+    groups.sort_by(|a, b| a.name.cmp(&b.name));
+    Json(serde_json::json!({
+        "nodes": s.inner.fleet.snapshot(Instant::now()),
+        "models": groups,
+    }))
+}
+
+/// Compares without an early exit, so the time taken does not reveal a matching prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn check_cluster_token(s: &AppState, h: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = &s.inner.cluster_token else { return Ok(()) };
+    let given = h
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::new(ErrorKind::Unauthorized, "missing or wrong cluster token"))
+    }
+}
+
+async fn heartbeat(State(s): State<AppState>, h: HeaderMap, body: Body) -> Response {
+    let res = async {
+        check_cluster_token(&s, &h)?;
+        let bytes = read_limited(body, s.inner.config.max_body_bytes).await?;
+        let report: NodeReport = parse_json(&bytes)?;
+        if report.protocol != PROTOCOL_VERSION {
+            return Err(ApiError::invalid(format!(
+                "agent speaks protocol {}, this scheduler speaks {PROTOCOL_VERSION}",
+                report.protocol
+            )));
+        }
+        if report.node_id.is_empty() || report.base_url.is_empty() {
+            return Err(ApiError::invalid("node_id and base_url must not be empty"));
+        }
+        let node_id = report.node_id.clone();
+        let models: Vec<String> = report.models.iter().map(|m| m.name.clone()).collect();
+        if s.inner.fleet.upsert(report, Instant::now()) {
+            tracing::info!(node_id = %node_id, models = ?models, "node joined");
+        }
+        Ok(Json(HeartbeatAck { heartbeat_ms: s.inner.config.heartbeat.as_millis() as u64 }).into_response())
+    }
+    .await;
+    res.unwrap_or_else(|e: ApiError| e.into_response())
+}
+
+async fn deregister(State(s): State<AppState>, h: HeaderMap, Path(node_id): Path<String>) -> Response {
+    if let Err(e) = check_cluster_token(&s, &h) {
+        return e.into_response();
+    }
+    if s.inner.fleet.remove(&node_id) {
+        tracing::info!(node_id = %node_id, "node left");
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        ApiError::new(ErrorKind::NotFound, format!("node `{node_id}` is not registered")).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn constant_time_eq_works() {
+        assert!(super::constant_time_eq(b"abc", b"abc"));
+        assert!(!super::constant_time_eq(b"abc", b"abd"));
+        assert!(!super::constant_time_eq(b"abc", b"ab"));
+    }
+}

@@ -1,0 +1,50 @@
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use flotilla_providers::{ProviderError, Upstream, UpstreamPool};
+use flotilla_scheduler::Fleet;
+
+use crate::{GatewayError, SchedulerConfig};
+
+/// Everything a request handler needs, cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub config: SchedulerConfig,
+    pub fleet: Arc<Fleet>,
+    pub pool: UpstreamPool,
+    /// Configured providers; the error of one whose key is missing, reported on use.
+    pub providers: HashMap<String, Result<Upstream, String>>,
+    pub cluster_token: Option<String>,
+}
+
+impl AppState {
+    pub fn new(config: SchedulerConfig) -> Result<Self, GatewayError> {
+        let pool = UpstreamPool::new(config.timeouts)?;
+        let mut providers = HashMap::new();
+        for p in &config.providers {
+            let up = pool.provider(p).map_err(|e: ProviderError| {
+                tracing::warn!(provider = %p.name, error = %e, "provider unusable until restarted with its key");
+                e.to_string()
+            });
+            providers.insert(p.name.clone(), up);
+        }
+        let cluster_token = config
+            .cluster_token_env
+            .as_ref()
+            .and_then(|var| std::env::var(var).ok())
+            .filter(|t| !t.is_empty());
+        if config.cluster_token_env.is_some() && cluster_token.is_none() {
+            tracing::warn!("cluster_token_env is set but the variable is empty: agents are not authenticated");
+        }
+        let fleet = Fleet::new(config.node_ttl);
+        Ok(AppState { inner: Arc::new(Inner { config, fleet, pool, providers, cluster_token }) })
+    }
+
+    pub fn fleet(&self) -> &Arc<Fleet> {
+        &self.inner.fleet
+    }
+}

@@ -1,0 +1,245 @@
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use flotilla_api::sse::data_event;
+use serde_json::{json, Value};
+
+/// What the mock does with one request.
+#[derive(Debug, Clone)]
+pub enum Behavior {
+    /// Answer successfully (streamed when the request asks) after `latency`. Chat and
+    /// completions answer `text`; embeddings answer 8-dimensional vectors.
+    Reply { text: String, latency: Duration },
+    /// Answer with this status and an OpenAI-shaped error body.
+    Status { code: u16, retry_after_s: Option<u64>, message: String },
+    /// Stream `after_chunks` content chunks, then drop the connection without `[DONE]`.
+    StreamCut { after_chunks: usize },
+    /// Accept the request and never answer.
+    Hang,
+}
+
+impl Behavior {
+    pub fn reply(text: &str) -> Self {
+        Behavior::Reply { text: text.to_owned(), latency: Duration::ZERO }
+    }
+    pub fn status(code: u16) -> Self {
+        Behavior::Status { code, retry_after_s: None, message: format!("mock upstream says {code}") }
+    }
+}
+
+/// One request as the mock received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub path: String,
+    pub authorization: Option<String>,
+    pub body: Value,
+}
+
+struct MockState {
+    script: Mutex<VecDeque<Behavior>>,
+    default: Mutex<Behavior>,
+    requests: Mutex<Vec<Recorded>>,
+}
+
+/// An OpenAI-compatible server on `127.0.0.1:0`. Stops when dropped.
+pub struct MockUpstream {
+    addr: SocketAddr,
+    state: Arc<MockState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for MockUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl MockUpstream {
+    /// Starts a mock that behaves as `default` unless a scripted behaviour is queued.
+    pub async fn start(default: Behavior) -> std::io::Result<MockUpstream> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(MockState {
+            script: Mutex::new(VecDeque::new()),
+            default: Mutex::new(default),
+            requests: Mutex::new(Vec::new()),
+        });
+        let app = Router::new()
+            .route("/v1/chat/completions", post(handle))
+            .route("/v1/completions", post(handle))
+            .route("/v1/embeddings", post(handle))
+            .with_state(Arc::clone(&state));
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(MockUpstream { addr, state, task })
+    }
+
+    /// Base URL with the `/v1` segment, as a provider's `base_url` is configured.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Queues a behaviour for the next request (before the default).
+    pub fn push(&self, b: Behavior) {
+        lock(&self.state.script).push_back(b);
+    }
+
+    pub fn set_default(&self, b: Behavior) {
+        *lock(&self.state.default) = b;
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        lock(&self.state.requests).clone()
+    }
+
+    pub fn hits(&self) -> usize {
+        lock(&self.state.requests).len()
+    }
+}
+
+/// A URL on which nothing listens: connections are refused.
+pub fn closed_port_url() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(9);
+    format!("http://127.0.0.1:{port}/v1")
+}
+
+async fn handle(State(state): State<Arc<MockState>>, uri: axum::http::Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let path = uri.path().to_owned();
+    lock(&state.requests).push(Recorded {
+        path: path.clone(),
+        authorization: headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned),
+        body: body.clone(),
+    });
+    let behavior = lock(&state.script).pop_front().unwrap_or_else(|| lock(&state.default).clone());
+    let model = body.get("model").and_then(Value::as_str).unwrap_or("mock").to_owned();
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage =
+        body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
+    let chat = path.ends_with("/chat/completions");
+    match behavior {
+        Behavior::Hang => {
+            futures::future::pending::<()>().await;
+            StatusCode::OK.into_response()
+        }
+        Behavior::Status { code, retry_after_s, message } => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let body = json!({"error": {"message": message, "type": "mock_error", "param": null, "code": code.to_string()}});
+            let mut resp = (status, axum::Json(body)).into_response();
+            if let Some(s) = retry_after_s {
+                if let Ok(v) = s.to_string().parse() {
+                    resp.headers_mut().insert("retry-after", v);
+                }
+            }
+            resp
+        }
+        Behavior::Reply { text, latency } => {
+            tokio::time::sleep(latency).await;
+            if path.ends_with("/embeddings") {
+                return axum::Json(embeddings(&model, &body)).into_response();
+            }
+            let words: Vec<String> = text.split_inclusive(' ').map(str::to_owned).collect();
+            if stream {
+                sse(stream_chunks(chat, &model, &words, include_usage, None))
+            } else {
+                axum::Json(whole(chat, &model, &text, words.len())).into_response()
+            }
+        }
+        Behavior::StreamCut { after_chunks } => {
+            let words: Vec<String> = (0..after_chunks + 5).map(|i| format!("w{i} ")).collect();
+            sse(stream_chunks(chat, &model, &words, include_usage, Some(after_chunks)))
+        }
+    }
+}
+
+fn whole(chat: bool, model: &str, text: &str, completion_tokens: usize) -> Value {
+    let usage = json!({"prompt_tokens": 5, "completion_tokens": completion_tokens, "total_tokens": 5 + completion_tokens});
+    if chat {
+        json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": model,
+               "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop", "logprobs": null}],
+               "usage": usage})
+    } else {
+        json!({"id": "cmpl-mock", "object": "text_completion", "created": 0, "model": model,
+               "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": null}],
+               "usage": usage})
+    }
+}
+
+fn embeddings(model: &str, body: &Value) -> Value {
+    let n = match body.get("input") {
+        Some(Value::Array(a)) => a.len(),
+        _ => 1,
+    };
+    let data: Vec<Value> = (0..n)
+        .map(|i| json!({"object": "embedding", "index": i, "embedding": vec![0.125f32 * (i as f32 + 1.0); 8]}))
+        .collect();
+    json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": n, "total_tokens": n}})
+}
+
+/// The SSE events of a streamed answer; with `cut_after`, only that many content chunks
+/// and then a broken connection.
+fn stream_chunks(chat: bool, model: &str, words: &[String], include_usage: bool, cut_after: Option<usize>) -> Vec<Result<Bytes, std::io::Error>> {
+    let chunk = |content: Option<&str>, finish: Option<&str>| -> Value {
+        if chat {
+            let delta = match content {
+                Some(c) => json!({"content": c}),
+                None => json!({}),
+            };
+            json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        } else {
+            json!({"id": "cmpl-mock", "object": "text_completion", "created": 0, "model": model,
+                   "choices": [{"index": 0, "text": content.unwrap_or(""), "finish_reason": finish}]})
+        }
+    };
+    let mut out = Vec::new();
+    if chat {
+        out.push(Ok(Bytes::from(data_event(
+            &json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
+                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]})
+            .to_string(),
+        ))));
+    }
+    for (i, w) in words.iter().enumerate() {
+        if cut_after == Some(i) {
+            out.push(Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "mock cut the stream")));
+            return out;
+        }
+        out.push(Ok(Bytes::from(data_event(&chunk(Some(w), None).to_string()))));
+    }
+    out.push(Ok(Bytes::from(data_event(&chunk(None, Some("stop")).to_string()))));
+    if include_usage {
+        let usage = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [],
+                           "usage": {"prompt_tokens": 5, "completion_tokens": words.len(), "total_tokens": 5 + words.len()}});
+        out.push(Ok(Bytes::from(data_event(&usage.to_string()))));
+    }
+    out.push(Ok(Bytes::from(data_event("[DONE]"))));
+    out
+}
+
+fn sse(events: Vec<Result<Bytes, std::io::Error>>) -> Response {
+    // A short pause between events makes the stream arrive in several reads, as a real one does.
+    let stream = futures::stream::unfold(events.into_iter(), |mut it| async move {
+        let next = it.next()?;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        Some((next, it))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}

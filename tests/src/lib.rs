@@ -1,0 +1,144 @@
+//! Harness for whole-system tests: a scheduler and agents on `127.0.0.1:0` in this process,
+//! the project's own test model made once per test binary, and small HTTP helpers.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use flotilla_agent::{Agent, AgentSection, Models};
+use flotilla_engine::{TextEngine, TextEngineConfig};
+use flotilla_gateway::{Scheduler, SchedulerSection};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The tiny test model, written once per test process into a directory that lives as
+/// long as the process.
+pub fn test_model_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::Builder::new().prefix("flotilla-e2e-model").tempdir().expect("tempdir").keep();
+        flotilla_engine::make_test_model(&dir).expect("make test model");
+        dir
+    })
+}
+
+pub fn load_tiny(max_running: usize) -> TextEngine {
+    TextEngine::load("tiny-llama", test_model_dir(), TextEngineConfig { max_running }).expect("load tiny-llama")
+}
+
+/// A running server and the means to stop it.
+pub struct Running {
+    pub url: String,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Graceful stop: waits until the server has finished.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
+/// A scheduler with fast heartbeats, unless the section says otherwise.
+pub fn scheduler_section() -> SchedulerSection {
+    SchedulerSection { heartbeat_ms: 200, node_ttl_ms: 2_000, first_byte_timeout_ms: 5_000, ..SchedulerSection::default() }
+}
+
+pub async fn start_scheduler(section: SchedulerSection) -> Running {
+    let cfg = section.validate().expect("valid scheduler config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let scheduler = Scheduler::new(listener, cfg).expect("scheduler");
+    let url = format!("http://{}", scheduler.local_addr().expect("addr"));
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        scheduler.run(token).await.expect("scheduler run");
+    });
+    Running { url, shutdown, task }
+}
+
+/// An agent serving `models`, registered with `scheduler_url` before this returns.
+pub async fn start_agent(scheduler_url: &str, node_id: &str, models: Models) -> Running {
+    let section = AgentSection {
+        node_id: Some(node_id.into()),
+        scheduler_url: Some(scheduler_url.into()),
+        heartbeat_ms: 200,
+        ..AgentSection::default()
+    };
+    let cfg = section.validate().expect("valid agent config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let agent = Agent::with_models(listener, cfg, models).expect("agent");
+    let url = agent.base_url().to_owned();
+    agent.register().await.expect("register");
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        agent.run(token).await.expect("agent run");
+    });
+    Running { url, shutdown, task }
+}
+
+pub fn chat_models(engine: TextEngine) -> Models {
+    let mut m = Models::default();
+    m.chat.insert(engine.name().to_owned(), engine);
+    m
+}
+
+pub fn client() -> reqwest::Client {
+    // Every request in the tests is bounded: a hung connection fails the test instead of
+    // hanging it.
+    reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client")
+}
+
+pub fn chat_body(model: &str, content: &str, extra: Value) -> Value {
+    let mut body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+    });
+    if let (Some(b), Value::Object(e)) = (body.as_object_mut(), extra) {
+        b.extend(e);
+    }
+    body
+}
+
+/// The result of reading an SSE body to its end.
+#[derive(Debug, Default)]
+pub struct SseRead {
+    /// `data:` payloads parsed as JSON, in order (without `[DONE]`).
+    pub events: Vec<Value>,
+    pub saw_done: bool,
+    /// Events after `[DONE]` (must be none).
+    pub after_done: usize,
+    pub raw: String,
+}
+
+impl SseRead {
+    /// Concatenated `delta.content` (chat) or `text` (completions) of choice 0.
+    pub fn text(&self) -> String {
+        self.events
+            .iter()
+            .filter_map(|e| e.pointer("/choices/0"))
+            .filter_map(|c| c.pointer("/delta/content").or_else(|| c.get("text")).and_then(Value::as_str))
+            .collect()
+    }
+}
+
+pub async fn read_sse(resp: reqwest::Response) -> SseRead {
+    let raw = resp.text().await.expect("read stream");
+    let mut out = SseRead { raw: raw.clone(), ..SseRead::default() };
+    let mut dec = flotilla_api::sse::SseDecoder::new();
+    for ev in dec.feed(raw.as_bytes()) {
+        if ev.is_done() {
+            out.saw_done = true;
+        } else if out.saw_done {
+            out.after_done += 1;
+        } else {
+            out.events.push(serde_json::from_str(&ev.data).expect("event is JSON"));
+        }
+    }
+    out
+}

@@ -1,0 +1,136 @@
+//! Bad input gets an OpenAI-shaped 4xx, a missing target a 503; never a panic or a hang.
+
+use flotilla_e2e::*;
+use flotilla_gateway::SchedulerSection;
+use serde_json::{json, Value};
+
+async fn post_raw(url: &str, path: &str, body: Vec<u8>) -> (u16, Value) {
+    let resp = client()
+        .post(format!("{url}{path}"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let v: Value = resp.json().await.unwrap_or(Value::Null);
+    (status, v)
+}
+
+fn assert_openai_error(v: &Value) {
+    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert!(v["error"]["type"].is_string(), "{v}");
+    assert!(v["error"].get("param").is_some() && v["error"].get("code").is_some(), "{v}");
+}
+
+#[tokio::test]
+async fn bad_requests_get_openai_shaped_errors() {
+    let sched = start_scheduler(SchedulerSection { max_body_bytes: 64 * 1024, ..scheduler_section() }).await;
+    let agent = start_agent(&sched.url, "node-a", chat_models(load_tiny(2))).await;
+    let url = sched.url.as_str();
+
+    let cases: Vec<(&str, Vec<u8>, u16, Option<&str>)> = vec![
+        ("/v1/chat/completions", b"{not json".to_vec(), 400, None),
+        ("/v1/chat/completions", b"".to_vec(), 400, None),
+        ("/v1/chat/completions", br#"{"model":"tiny-llama"}"#.to_vec(), 400, None),
+        ("/v1/chat/completions", br#"{"model":"tiny-llama","messages":[]}"#.to_vec(), 400, Some("messages")),
+        (
+            "/v1/chat/completions",
+            br#"{"model":"tiny-llama","messages":[{"role":"user","content":"x"}],"temperature":5}"#.to_vec(),
+            400,
+            Some("temperature"),
+        ),
+        (
+            "/v1/chat/completions",
+            br#"{"model":"tiny-llama","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#.to_vec(),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "/v1/chat/completions",
+            br#"{"model":"tiny-llama","messages":[{"role":"wizard","content":"x"}]}"#.to_vec(),
+            400,
+            Some("messages[0].role"),
+        ),
+        ("/v1/chat/completions", br#"{"model":"no-such-model","messages":[{"role":"user","content":"x"}]}"#.to_vec(), 404, Some("model")),
+        ("/v1/completions", br#"{"model":"tiny-llama","prompt":"x","top_p":0}"#.to_vec(), 400, Some("top_p")),
+        ("/v1/embeddings", br#"{"model":"tiny-llama","input":[]}"#.to_vec(), 400, Some("input")),
+        ("/v1/nope", b"{}".to_vec(), 404, None),
+    ];
+    for (path, body, status, param) in cases {
+        let shown = String::from_utf8_lossy(&body).into_owned();
+        let (got, v) = post_raw(url, path, body).await;
+        assert_eq!(got, status, "{path} {shown}: {v}");
+        assert_openai_error(&v);
+        if let Some(p) = param {
+            assert_eq!(v["error"]["param"], p, "{shown}");
+        }
+    }
+
+    // Too long for the model's context: the agent's 400 reaches the client with its code.
+    let (got, v) = post_raw(
+        url,
+        "/v1/chat/completions",
+        serde_json::to_vec(&chat_body("tiny-llama", "x", json!({"max_tokens": 100000}))).unwrap(),
+    )
+    .await;
+    assert_eq!(got, 400);
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+
+    // Over the body limit: 413, and the server is still fine afterwards.
+    let big = serde_json::to_vec(&chat_body("tiny-llama", &"a".repeat(100 * 1024), json!({}))).unwrap();
+    let (got, v) = post_raw(url, "/v1/chat/completions", big).await;
+    assert_eq!(got, 413);
+    assert_openai_error(&v);
+    let (got, _) = post_raw(
+        url,
+        "/v1/chat/completions",
+        serde_json::to_vec(&chat_body("tiny-llama", "still there?", json!({"max_tokens": 2}))).unwrap(),
+    )
+    .await;
+    assert_eq!(got, 200);
+
+    agent.stop().await;
+    sched.stop().await;
+}
+
+#[tokio::test]
+async fn no_target_is_503() {
+    let sched = start_scheduler(scheduler_section()).await;
+    let agent = start_agent(&sched.url, "node-a", chat_models(load_tiny(2))).await;
+    // The model is known (an agent served it), but its only agent has left.
+    agent.shutdown.cancel();
+    // Wait until the scheduler forgets the node's capacity: deregistration is immediate.
+    let _ = agent.task.await;
+    let (got, v) = post_raw(
+        &sched.url,
+        "/v1/chat/completions",
+        serde_json::to_vec(&chat_body("tiny-llama", "x", json!({}))).unwrap(),
+    )
+    .await;
+    // Deregistered nodes are forgotten entirely, so the model is unknown now.
+    assert_eq!(got, 404, "{v}");
+
+    // A configured model with no agent and no cloud target: 503.
+    let sched2 = start_scheduler(SchedulerSection {
+        models: vec![flotilla_gateway::ModelSection {
+            name: "configured".into(),
+            local_model: None,
+            max_queue_depth: None,
+            cloud: vec![],
+        }],
+        ..scheduler_section()
+    })
+    .await;
+    let (got, v) = post_raw(
+        &sched2.url,
+        "/v1/chat/completions",
+        serde_json::to_vec(&chat_body("configured", "x", json!({}))).unwrap(),
+    )
+    .await;
+    assert_eq!(got, 503, "{v}");
+    assert_eq!(v["error"]["code"], "no_target_available");
+    assert_openai_error(&v);
+    sched.stop().await;
+    sched2.stop().await;
+}

@@ -1,0 +1,240 @@
+//! Overflow to the cloud and failover between targets, with the testkit's mock upstream
+//! standing in for cloud providers.
+
+use flotilla_api::protocol::{ModelKind, NodeModel, NodeReport, HEARTBEAT_PATH, PROTOCOL_VERSION};
+use flotilla_e2e::*;
+use flotilla_gateway::{ModelSection, SchedulerSection};
+use flotilla_providers::ProviderConfig;
+use flotilla_scheduler::CloudTarget;
+use flotilla_testkit::{closed_port_url, Behavior, MockUpstream};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+fn provider(name: &str, base_url: &str) -> ProviderConfig {
+    ProviderConfig { name: name.into(), base_url: base_url.into(), api_key_env: None }
+}
+
+/// `tiny-llama` with the given cloud targets (provider name, provider model) in order.
+fn section(max_queue_depth: u64, providers: Vec<ProviderConfig>, cloud: &[(&str, &str)]) -> SchedulerSection {
+    SchedulerSection {
+        providers,
+        models: vec![ModelSection {
+            name: "tiny-llama".into(),
+            local_model: None,
+            max_queue_depth: Some(max_queue_depth),
+            cloud: cloud.iter().map(|(p, m)| CloudTarget { provider: (*p).into(), model: (*m).into() }).collect(),
+        }],
+        ..scheduler_section()
+    }
+}
+
+async fn chat(url: &str, stream: bool) -> reqwest::Response {
+    client()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&chat_body("tiny-llama", "hi", json!({"max_tokens": 4, "temperature": 0, "stream": stream})))
+        .send()
+        .await
+        .unwrap()
+}
+
+fn target(resp: &reqwest::Response) -> String {
+    resp.headers()["x-flotilla-target"].to_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn overflows_to_the_cloud_when_the_local_queue_is_full() {
+    let cloud = MockUpstream::start(Behavior::reply("from the cloud")).await.unwrap();
+    let sched = start_scheduler(section(0, vec![provider("mockcloud", &cloud.base_url())], &[("mockcloud", "cloud-model")])).await;
+    // One slot: while one request runs, the next would wait, which max_queue_depth 0 forbids.
+    let agent = start_agent(&sched.url, "node-a", chat_models(load_tiny(1))).await;
+
+    let long = client()
+        .post(format!("{}/v1/chat/completions", sched.url))
+        .json(&chat_body("tiny-llama", "long", json!({"max_tokens": 500, "temperature": 0, "stream": true})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(target(&long), "local:node-a/tiny-llama");
+    let mut long_body = long.bytes_stream();
+    assert!(long_body.next().await.is_some());
+
+    for stream in [false, true] {
+        let resp = chat(&sched.url, stream).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(target(&resp), "cloud:mockcloud");
+        if stream {
+            let sse = read_sse(resp).await;
+            assert!(sse.saw_done);
+            assert_eq!(sse.text(), "from the cloud");
+        } else {
+            let v: Value = resp.json().await.unwrap();
+            assert_eq!(v["choices"][0]["message"]["content"], "from the cloud");
+        }
+    }
+    // The cloud got the provider's model id, not ours.
+    let reqs = cloud.requests();
+    assert_eq!(reqs.len(), 2);
+    assert!(reqs.iter().all(|r| r.body["model"] == "cloud-model" && r.path == "/v1/chat/completions"));
+
+    // Once the long request is gone, work returns to the local agent.
+    drop(long_body);
+    let mut back_local = false;
+    for _ in 0..50 {
+        let resp = chat(&sched.url, false).await;
+        if target(&resp) == "local:node-a/tiny-llama" {
+            back_local = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(back_local, "requests go local again once the slot is free");
+
+    agent.stop().await;
+    sched.stop().await;
+}
+
+#[tokio::test]
+async fn with_the_agent_stopped_every_request_succeeds_through_the_cloud() {
+    let cloud = MockUpstream::start(Behavior::reply("cloud answer")).await.unwrap();
+    let sched = start_scheduler(section(8, vec![provider("mockcloud", &cloud.base_url())], &[("mockcloud", "m")])).await;
+    let agent = start_agent(&sched.url, "node-a", chat_models(load_tiny(2))).await;
+    assert_eq!(target(&chat(&sched.url, false).await), "local:node-a/tiny-llama");
+    agent.stop().await;
+
+    for i in 0..6 {
+        let resp = chat(&sched.url, i % 2 == 1).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(target(&resp), "cloud:mockcloud");
+        if i % 2 == 1 {
+            assert!(read_sse(resp).await.saw_done);
+        }
+    }
+    assert_eq!(cloud.hits(), 6);
+    sched.stop().await;
+}
+
+#[tokio::test]
+async fn an_agent_that_vanished_without_goodbye_fails_over_to_the_cloud() {
+    let cloud = MockUpstream::start(Behavior::reply("cloud answer")).await.unwrap();
+    let sched = start_scheduler(section(8, vec![provider("mockcloud", &cloud.base_url())], &[("mockcloud", "m")])).await;
+    // A node that registered and then died: its address refuses connections.
+    let report = NodeReport {
+        protocol: PROTOCOL_VERSION,
+        node_id: "ghost".into(),
+        base_url: closed_port_url().trim_end_matches("/v1").to_owned(),
+        models: vec![NodeModel {
+            name: "tiny-llama".into(),
+            kind: ModelKind::Chat,
+            context_length: 2048,
+            running: 0,
+            waiting: 0,
+            max_running: 4,
+        }],
+        sent_at_ms: 0,
+    };
+    let r = client().post(format!("{}{HEARTBEAT_PATH}", sched.url)).json(&report).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let resp = chat(&sched.url, false).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(target(&resp), "cloud:mockcloud");
+    sched.stop().await;
+}
+
+#[tokio::test]
+async fn failover_on_500_429_and_closed_port_is_invisible_to_the_client() {
+    let failing_500 = MockUpstream::start(Behavior::status(500)).await.unwrap();
+    let failing_429 = MockUpstream::start(Behavior::Status {
+        code: 429,
+        retry_after_s: Some(7),
+        message: "slow down".into(),
+    })
+    .await
+    .unwrap();
+    let good = MockUpstream::start(Behavior::reply("third time lucky")).await.unwrap();
+    let providers = vec![
+        provider("closed", &closed_port_url()),
+        provider("p500", &failing_500.base_url()),
+        provider("p429", &failing_429.base_url()),
+        provider("good", &good.base_url()),
+    ];
+    // No agent: the cloud list is the whole failover order.
+    let sched = start_scheduler(section(
+        8,
+        providers,
+        &[("closed", "a"), ("p500", "b"), ("p429", "c"), ("good", "d")],
+    ))
+    .await;
+    for stream in [false, true] {
+        let resp = chat(&sched.url, stream).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(target(&resp), "cloud:good");
+        if stream {
+            let sse = read_sse(resp).await;
+            assert!(sse.saw_done);
+            assert_eq!(sse.text(), "third time lucky");
+        } else {
+            let v: Value = resp.json().await.unwrap();
+            assert_eq!(v["choices"][0]["message"]["content"], "third time lucky");
+        }
+    }
+    assert_eq!(failing_500.hits(), 2);
+    assert_eq!(failing_429.hits(), 2);
+    assert_eq!(good.hits(), 2);
+    sched.stop().await;
+}
+
+#[tokio::test]
+async fn the_clients_own_4xx_is_not_retried_elsewhere() {
+    let bad_request = MockUpstream::start(Behavior::Status {
+        code: 400,
+        retry_after_s: None,
+        message: "this model's maximum context length is 8 tokens".into(),
+    })
+    .await
+    .unwrap();
+    let other = MockUpstream::start(Behavior::reply("should not be asked")).await.unwrap();
+    let sched = start_scheduler(section(
+        8,
+        vec![provider("first", &bad_request.base_url()), provider("second", &other.base_url())],
+        &[("first", "a"), ("second", "b")],
+    ))
+    .await;
+    let resp = chat(&sched.url, false).await;
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert!(v["error"]["message"].as_str().unwrap().contains("maximum context length"));
+    assert_eq!(other.hits(), 0);
+    sched.stop().await;
+}
+
+#[tokio::test]
+async fn every_target_failing_is_503_naming_each_attempt() {
+    let down = MockUpstream::start(Behavior::status(503)).await.unwrap();
+    let sched = start_scheduler(section(
+        8,
+        vec![provider("down", &down.base_url()), provider("closed", &closed_port_url())],
+        &[("down", "a"), ("closed", "b")],
+    ))
+    .await;
+    let resp = chat(&sched.url, true).await;
+    assert_eq!(resp.status(), 503);
+    let v: Value = resp.json().await.unwrap();
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("cloud:down") && msg.contains("cloud:closed"), "{msg}");
+    assert_eq!(v["error"]["code"], "no_target_available");
+    sched.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_cut_mid_way_ends_with_an_error_event_not_a_clean_end() {
+    let cutting = MockUpstream::start(Behavior::StreamCut { after_chunks: 3 }).await.unwrap();
+    let sched = start_scheduler(section(8, vec![provider("cut", &cutting.base_url())], &[("cut", "a")])).await;
+    let resp = chat(&sched.url, true).await;
+    assert_eq!(resp.status(), 200);
+    let sse = read_sse(resp).await;
+    assert!(!sse.saw_done, "a broken stream must not look complete: {}", sse.raw);
+    let last = sse.events.last().unwrap();
+    assert_eq!(last["error"]["code"], "stream_interrupted", "{}", sse.raw);
+    assert_eq!(sse.text(), "w0 w1 w2 ");
+    sched.stop().await;
+}
