@@ -18,14 +18,23 @@ use tokio_util::sync::CancellationToken;
 pub fn test_model_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::Builder::new().prefix("flotilla-e2e-model").tempdir().expect("tempdir").keep();
+        let dir = tempfile::Builder::new()
+            .prefix("flotilla-e2e-model")
+            .tempdir()
+            .expect("tempdir")
+            .keep();
         flotilla_engine::make_test_model(&dir).expect("make test model");
         dir
     })
 }
 
 pub fn load_tiny(max_running: usize) -> TextEngine {
-    TextEngine::load("tiny-llama", test_model_dir(), TextEngineConfig { max_running }).expect("load tiny-llama")
+    TextEngine::load(
+        "tiny-llama",
+        test_model_dir(),
+        TextEngineConfig { max_running },
+    )
+    .expect("load tiny-llama")
 }
 
 /// A running server and the means to stop it.
@@ -45,7 +54,12 @@ impl Running {
 
 /// A scheduler with fast heartbeats, unless the section says otherwise.
 pub fn scheduler_section() -> SchedulerSection {
-    SchedulerSection { heartbeat_ms: 200, node_ttl_ms: 2_000, first_byte_timeout_ms: 5_000, ..SchedulerSection::default() }
+    SchedulerSection {
+        heartbeat_ms: 200,
+        node_ttl_ms: 2_000,
+        first_byte_timeout_ms: 5_000,
+        ..SchedulerSection::default()
+    }
 }
 
 pub async fn start_scheduler(section: SchedulerSection) -> Running {
@@ -58,7 +72,11 @@ pub async fn start_scheduler(section: SchedulerSection) -> Running {
     let task = tokio::spawn(async move {
         scheduler.run(token).await.expect("scheduler run");
     });
-    Running { url, shutdown, task }
+    Running {
+        url,
+        shutdown,
+        task,
+    }
 }
 
 /// An agent serving `models`, registered with `scheduler_url` before this returns.
@@ -79,7 +97,11 @@ pub async fn start_agent(scheduler_url: &str, node_id: &str, models: Models) -> 
     let task = tokio::spawn(async move {
         agent.run(token).await.expect("agent run");
     });
-    Running { url, shutdown, task }
+    Running {
+        url,
+        shutdown,
+        task,
+    }
 }
 
 pub fn chat_models(engine: TextEngine) -> Models {
@@ -91,7 +113,10 @@ pub fn chat_models(engine: TextEngine) -> Models {
 pub fn client() -> reqwest::Client {
     // Every request in the tests is bounded: a hung connection fails the test instead of
     // hanging it.
-    reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client")
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client")
 }
 
 pub fn chat_body(model: &str, content: &str, extra: Value) -> Value {
@@ -122,14 +147,21 @@ impl SseRead {
         self.events
             .iter()
             .filter_map(|e| e.pointer("/choices/0"))
-            .filter_map(|c| c.pointer("/delta/content").or_else(|| c.get("text")).and_then(Value::as_str))
+            .filter_map(|c| {
+                c.pointer("/delta/content")
+                    .or_else(|| c.get("text"))
+                    .and_then(Value::as_str)
+            })
             .collect()
     }
 }
 
 pub async fn read_sse(resp: reqwest::Response) -> SseRead {
     let raw = resp.text().await.expect("read stream");
-    let mut out = SseRead { raw: raw.clone(), ..SseRead::default() };
+    let mut out = SseRead {
+        raw: raw.clone(),
+        ..SseRead::default()
+    };
     let mut dec = flotilla_api::sse::SseDecoder::new();
     for ev in dec.feed(raw.as_bytes()) {
         if ev.is_done() {
@@ -137,7 +169,8 @@ pub async fn read_sse(resp: reqwest::Response) -> SseRead {
         } else if out.saw_done {
             out.after_done += 1;
         } else {
-            out.events.push(serde_json::from_str(&ev.data).expect("event is JSON"));
+            out.events
+                .push(serde_json::from_str(&ev.data).expect("event is JSON"));
         }
     }
     out

@@ -2,7 +2,7 @@
 
 use flotilla_e2e::*;
 use flotilla_engine::{ChatMessage, Prompt};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 #[tokio::test]
 async fn chat_non_streaming_has_openai_shape_and_exact_usage() {
@@ -12,12 +12,19 @@ async fn chat_non_streaming_has_openai_shape_and_exact_usage() {
 
     let resp = client()
         .post(format!("{}/v1/chat/completions", sched.url))
-        .json(&chat_body("tiny-llama", "Hello there, how are you?", json!({"max_tokens": 12, "temperature": 0})))
+        .json(&chat_body(
+            "tiny-llama",
+            "Hello there, how are you?",
+            json!({"max_tokens": 12, "temperature": 0}),
+        ))
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(resp.headers()["x-flotilla-target"], "local:node-a/tiny-llama");
+    assert_eq!(
+        resp.headers()["x-flotilla-target"],
+        "local:node-a/tiny-llama"
+    );
     assert!(resp.headers().contains_key("x-request-id"));
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["object"], "chat.completion");
@@ -27,16 +34,22 @@ async fn chat_non_streaming_has_openai_shape_and_exact_usage() {
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
     assert!(v["choices"][0]["message"]["content"].is_string());
 
-    let prompt = Prompt::Chat(vec![ChatMessage { role: "user".into(), content: "Hello there, how are you?".into() }]);
+    let prompt = Prompt::Chat(vec![ChatMessage {
+        role: "user".into(),
+        content: "Hello there, how are you?".into(),
+    }]);
     let expected_prompt = engine.count_prompt_tokens(&prompt).unwrap() as u64;
     let usage = &v["usage"];
     assert_eq!(usage["prompt_tokens"].as_u64().unwrap(), expected_prompt);
     let completion = usage["completion_tokens"].as_u64().unwrap();
-    assert!(completion >= 1 && completion <= 12);
+    assert!((1..=12).contains(&completion));
     if v["choices"][0]["finish_reason"] == "length" {
         assert_eq!(completion, 12);
     }
-    assert_eq!(usage["total_tokens"].as_u64().unwrap(), expected_prompt + completion);
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        expected_prompt + completion
+    );
     // The generated text re-tokenises to at most the reported count (merges can shorten it).
     let text = v["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(engine.count_text_tokens(text).unwrap() as u64 <= completion);
@@ -56,10 +69,18 @@ async fn chat_streaming_frames_sse_and_ends_with_done() {
         "Tell me a story",
         json!({"max_tokens": 16, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}}),
     );
-    let resp = client().post(format!("{}/v1/chat/completions", sched.url)).json(&body).send().await.unwrap();
+    let resp = client()
+        .post(format!("{}/v1/chat/completions", sched.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
-    assert_eq!(resp.headers()["x-flotilla-target"], "local:node-a/tiny-llama");
+    assert_eq!(
+        resp.headers()["x-flotilla-target"],
+        "local:node-a/tiny-llama"
+    );
     let sse = read_sse(resp).await;
     assert!(sse.saw_done, "stream must end with [DONE]: {}", sse.raw);
     assert_eq!(sse.after_done, 0);
@@ -77,23 +98,50 @@ async fn chat_streaming_frames_sse_and_ends_with_done() {
     let finish = &sse.events[sse.events.len() - 2]["choices"][0];
     assert!(finish["finish_reason"] == "length" || finish["finish_reason"] == "stop");
 
-    let prompt = Prompt::Chat(vec![ChatMessage { role: "user".into(), content: "Tell me a story".into() }]);
-    assert_eq!(usage_chunk["usage"]["prompt_tokens"].as_u64().unwrap(), engine.count_prompt_tokens(&prompt).unwrap() as u64);
+    let prompt = Prompt::Chat(vec![ChatMessage {
+        role: "user".into(),
+        content: "Tell me a story".into(),
+    }]);
+    assert_eq!(
+        usage_chunk["usage"]["prompt_tokens"].as_u64().unwrap(),
+        engine.count_prompt_tokens(&prompt).unwrap() as u64
+    );
     let content_chunks = sse
         .events
         .iter()
-        .filter(|e| e.pointer("/choices/0/delta/content").and_then(Value::as_str).is_some_and(|s| !s.is_empty()))
+        .filter(|e| {
+            e.pointer("/choices/0/delta/content")
+                .and_then(Value::as_str)
+                .is_some_and(|s| !s.is_empty())
+        })
         .count() as u64;
     let completion = usage_chunk["usage"]["completion_tokens"].as_u64().unwrap();
-    assert!(content_chunks >= 1 && content_chunks <= completion, "{content_chunks} chunks for {completion} tokens");
+    assert!(
+        content_chunks >= 1 && content_chunks <= completion,
+        "{content_chunks} chunks for {completion} tokens"
+    );
 
     // The same request without streaming gives the same text (greedy).
     let mut whole = body.clone();
     whole["stream"] = json!(false);
     whole.as_object_mut().unwrap().remove("stream_options");
-    let v: Value = client().post(format!("{}/v1/chat/completions", sched.url)).json(&whole).send().await.unwrap().json().await.unwrap();
-    assert_eq!(v["choices"][0]["message"]["content"].as_str().unwrap(), sse.text());
-    assert_eq!(v["usage"]["completion_tokens"].as_u64().unwrap(), completion);
+    let v: Value = client()
+        .post(format!("{}/v1/chat/completions", sched.url))
+        .json(&whole)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["content"].as_str().unwrap(),
+        sse.text()
+    );
+    assert_eq!(
+        v["usage"]["completion_tokens"].as_u64().unwrap(),
+        completion
+    );
 
     agent.stop().await;
     sched.stop().await;
@@ -108,8 +156,19 @@ async fn same_seed_and_greedy_give_the_same_text() {
         let c = c.clone();
         let url = format!("{}/v1/chat/completions", sched.url);
         async move {
-            let v: Value = c.post(url).json(&chat_body("tiny-llama", "Say something", extra)).send().await.unwrap().json().await.unwrap();
-            v["choices"][0]["message"]["content"].as_str().unwrap().to_owned()
+            let v: Value = c
+                .post(url)
+                .json(&chat_body("tiny-llama", "Say something", extra))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_owned()
         }
     };
     let greedy = json!({"temperature": 0, "max_tokens": 20});
@@ -155,9 +214,21 @@ async fn completions_and_models_through_the_scheduler() {
     assert!(sse.saw_done);
     assert_eq!(sse.text(), v["choices"][0]["text"].as_str().unwrap());
 
-    let models: Value = c.get(format!("{}/v1/models", sched.url)).send().await.unwrap().json().await.unwrap();
+    let models: Value = c
+        .get(format!("{}/v1/models", sched.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(models["object"], "list");
-    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["tiny-llama"]);
 
     agent.stop().await;
@@ -173,7 +244,11 @@ async fn concurrent_streams_progress_together() {
     let url = format!("{}/v1/chat/completions", sched.url);
     let long = c
         .post(&url)
-        .json(&chat_body("tiny-llama", "long", json!({"max_tokens": 400, "temperature": 0, "stream": true})))
+        .json(&chat_body(
+            "tiny-llama",
+            "long",
+            json!({"max_tokens": 400, "temperature": 0, "stream": true}),
+        ))
         .send()
         .await
         .unwrap();
@@ -185,7 +260,11 @@ async fn concurrent_streams_progress_together() {
     // A short request finishes while the long one is still open.
     let short: Value = c
         .post(&url)
-        .json(&chat_body("tiny-llama", "short", json!({"max_tokens": 3, "temperature": 0})))
+        .json(&chat_body(
+            "tiny-llama",
+            "short",
+            json!({"max_tokens": 3, "temperature": 0}),
+        ))
         .send()
         .await
         .unwrap()

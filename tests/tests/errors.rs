@@ -2,7 +2,7 @@
 
 use flotilla_e2e::*;
 use flotilla_gateway::SchedulerSection;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 async fn post_raw(url: &str, path: &str, body: Vec<u8>) -> (u16, Value) {
     let resp = client()
@@ -18,31 +18,55 @@ async fn post_raw(url: &str, path: &str, body: Vec<u8>) -> (u16, Value) {
 }
 
 fn assert_openai_error(v: &Value) {
-    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
     assert!(v["error"]["type"].is_string(), "{v}");
-    assert!(v["error"].get("param").is_some() && v["error"].get("code").is_some(), "{v}");
+    assert!(
+        v["error"].get("param").is_some() && v["error"].get("code").is_some(),
+        "{v}"
+    );
 }
 
 #[tokio::test]
 async fn bad_requests_get_openai_shaped_errors() {
-    let sched = start_scheduler(SchedulerSection { max_body_bytes: 64 * 1024, ..scheduler_section() }).await;
+    let sched = start_scheduler(SchedulerSection {
+        max_body_bytes: 64 * 1024,
+        ..scheduler_section()
+    })
+    .await;
     let agent = start_agent(&sched.url, "node-a", chat_models(load_tiny(2))).await;
     let url = sched.url.as_str();
 
     let cases: Vec<(&str, Vec<u8>, u16, Option<&str>)> = vec![
         ("/v1/chat/completions", b"{not json".to_vec(), 400, None),
         ("/v1/chat/completions", b"".to_vec(), 400, None),
-        ("/v1/chat/completions", br#"{"model":"tiny-llama"}"#.to_vec(), 400, None),
-        ("/v1/chat/completions", br#"{"model":"tiny-llama","messages":[]}"#.to_vec(), 400, Some("messages")),
         (
             "/v1/chat/completions",
-            br#"{"model":"tiny-llama","messages":[{"role":"user","content":"x"}],"temperature":5}"#.to_vec(),
+            br#"{"model":"tiny-llama"}"#.to_vec(),
+            400,
+            None,
+        ),
+        (
+            "/v1/chat/completions",
+            br#"{"model":"tiny-llama","messages":[]}"#.to_vec(),
+            400,
+            Some("messages"),
+        ),
+        (
+            "/v1/chat/completions",
+            br#"{"model":"tiny-llama","messages":[{"role":"user","content":"x"}],"temperature":5}"#
+                .to_vec(),
             400,
             Some("temperature"),
         ),
         (
             "/v1/chat/completions",
-            br#"{"model":"tiny-llama","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#.to_vec(),
+            br#"{"model":"tiny-llama","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#
+                .to_vec(),
             400,
             Some("max_tokens"),
         ),
@@ -52,9 +76,24 @@ async fn bad_requests_get_openai_shaped_errors() {
             400,
             Some("messages[0].role"),
         ),
-        ("/v1/chat/completions", br#"{"model":"no-such-model","messages":[{"role":"user","content":"x"}]}"#.to_vec(), 404, Some("model")),
-        ("/v1/completions", br#"{"model":"tiny-llama","prompt":"x","top_p":0}"#.to_vec(), 400, Some("top_p")),
-        ("/v1/embeddings", br#"{"model":"tiny-llama","input":[]}"#.to_vec(), 400, Some("input")),
+        (
+            "/v1/chat/completions",
+            br#"{"model":"no-such-model","messages":[{"role":"user","content":"x"}]}"#.to_vec(),
+            404,
+            Some("model"),
+        ),
+        (
+            "/v1/completions",
+            br#"{"model":"tiny-llama","prompt":"x","top_p":0}"#.to_vec(),
+            400,
+            Some("top_p"),
+        ),
+        (
+            "/v1/embeddings",
+            br#"{"model":"tiny-llama","input":[]}"#.to_vec(),
+            400,
+            Some("input"),
+        ),
         ("/v1/nope", b"{}".to_vec(), 404, None),
     ];
     for (path, body, status, param) in cases {
@@ -78,14 +117,20 @@ async fn bad_requests_get_openai_shaped_errors() {
     assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
 
     // Over the body limit: 413, and the server is still fine afterwards.
-    let big = serde_json::to_vec(&chat_body("tiny-llama", &"a".repeat(100 * 1024), json!({}))).unwrap();
+    let big =
+        serde_json::to_vec(&chat_body("tiny-llama", &"a".repeat(100 * 1024), json!({}))).unwrap();
     let (got, v) = post_raw(url, "/v1/chat/completions", big).await;
     assert_eq!(got, 413);
     assert_openai_error(&v);
     let (got, _) = post_raw(
         url,
         "/v1/chat/completions",
-        serde_json::to_vec(&chat_body("tiny-llama", "still there?", json!({"max_tokens": 2}))).unwrap(),
+        serde_json::to_vec(&chat_body(
+            "tiny-llama",
+            "still there?",
+            json!({"max_tokens": 2}),
+        ))
+        .unwrap(),
     )
     .await;
     assert_eq!(got, 200);

@@ -1,28 +1,42 @@
 //! Overflow to the cloud and failover between targets, with the testkit's mock upstream
 //! standing in for cloud providers.
 
-use flotilla_api::protocol::{ModelKind, NodeModel, NodeReport, HEARTBEAT_PATH, PROTOCOL_VERSION};
+use flotilla_api::protocol::{HEARTBEAT_PATH, ModelKind, NodeModel, NodeReport, PROTOCOL_VERSION};
 use flotilla_e2e::*;
 use flotilla_gateway::{ModelSection, SchedulerSection};
 use flotilla_providers::ProviderConfig;
 use flotilla_scheduler::CloudTarget;
-use flotilla_testkit::{closed_port_url, Behavior, MockUpstream};
+use flotilla_testkit::{Behavior, MockUpstream, closed_port_url};
 use futures::StreamExt;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 fn provider(name: &str, base_url: &str) -> ProviderConfig {
-    ProviderConfig { name: name.into(), base_url: base_url.into(), api_key_env: None }
+    ProviderConfig {
+        name: name.into(),
+        base_url: base_url.into(),
+        api_key_env: None,
+    }
 }
 
 /// `tiny-llama` with the given cloud targets (provider name, provider model) in order.
-fn section(max_queue_depth: u64, providers: Vec<ProviderConfig>, cloud: &[(&str, &str)]) -> SchedulerSection {
+fn section(
+    max_queue_depth: u64,
+    providers: Vec<ProviderConfig>,
+    cloud: &[(&str, &str)],
+) -> SchedulerSection {
     SchedulerSection {
         providers,
         models: vec![ModelSection {
             name: "tiny-llama".into(),
             local_model: None,
             max_queue_depth: Some(max_queue_depth),
-            cloud: cloud.iter().map(|(p, m)| CloudTarget { provider: (*p).into(), model: (*m).into() }).collect(),
+            cloud: cloud
+                .iter()
+                .map(|(p, m)| CloudTarget {
+                    provider: (*p).into(),
+                    model: (*m).into(),
+                })
+                .collect(),
         }],
         ..scheduler_section()
     }
@@ -31,26 +45,44 @@ fn section(max_queue_depth: u64, providers: Vec<ProviderConfig>, cloud: &[(&str,
 async fn chat(url: &str, stream: bool) -> reqwest::Response {
     client()
         .post(format!("{url}/v1/chat/completions"))
-        .json(&chat_body("tiny-llama", "hi", json!({"max_tokens": 4, "temperature": 0, "stream": stream})))
+        .json(&chat_body(
+            "tiny-llama",
+            "hi",
+            json!({"max_tokens": 4, "temperature": 0, "stream": stream}),
+        ))
         .send()
         .await
         .unwrap()
 }
 
 fn target(resp: &reqwest::Response) -> String {
-    resp.headers()["x-flotilla-target"].to_str().unwrap().to_owned()
+    resp.headers()["x-flotilla-target"]
+        .to_str()
+        .unwrap()
+        .to_owned()
 }
 
 #[tokio::test]
 async fn overflows_to_the_cloud_when_the_local_queue_is_full() {
-    let cloud = MockUpstream::start(Behavior::reply("from the cloud")).await.unwrap();
-    let sched = start_scheduler(section(0, vec![provider("mockcloud", &cloud.base_url())], &[("mockcloud", "cloud-model")])).await;
+    let cloud = MockUpstream::start(Behavior::reply("from the cloud"))
+        .await
+        .unwrap();
+    let sched = start_scheduler(section(
+        0,
+        vec![provider("mockcloud", &cloud.base_url())],
+        &[("mockcloud", "cloud-model")],
+    ))
+    .await;
     // One slot: while one request runs, the next would wait, which max_queue_depth 0 forbids.
     let agent = start_agent(&sched.url, "node-a", chat_models(load_tiny(1))).await;
 
     let long = client()
         .post(format!("{}/v1/chat/completions", sched.url))
-        .json(&chat_body("tiny-llama", "long", json!({"max_tokens": 500, "temperature": 0, "stream": true})))
+        .json(&chat_body(
+            "tiny-llama",
+            "long",
+            json!({"max_tokens": 500, "temperature": 0, "stream": true}),
+        ))
         .send()
         .await
         .unwrap();
@@ -74,7 +106,10 @@ async fn overflows_to_the_cloud_when_the_local_queue_is_full() {
     // The cloud got the provider's model id, not ours.
     let reqs = cloud.requests();
     assert_eq!(reqs.len(), 2);
-    assert!(reqs.iter().all(|r| r.body["model"] == "cloud-model" && r.path == "/v1/chat/completions"));
+    assert!(
+        reqs.iter()
+            .all(|r| r.body["model"] == "cloud-model" && r.path == "/v1/chat/completions")
+    );
 
     // Once the long request is gone, work returns to the local agent.
     drop(long_body);
@@ -95,10 +130,20 @@ async fn overflows_to_the_cloud_when_the_local_queue_is_full() {
 
 #[tokio::test]
 async fn with_the_agent_stopped_every_request_succeeds_through_the_cloud() {
-    let cloud = MockUpstream::start(Behavior::reply("cloud answer")).await.unwrap();
-    let sched = start_scheduler(section(8, vec![provider("mockcloud", &cloud.base_url())], &[("mockcloud", "m")])).await;
+    let cloud = MockUpstream::start(Behavior::reply("cloud answer"))
+        .await
+        .unwrap();
+    let sched = start_scheduler(section(
+        8,
+        vec![provider("mockcloud", &cloud.base_url())],
+        &[("mockcloud", "m")],
+    ))
+    .await;
     let agent = start_agent(&sched.url, "node-a", chat_models(load_tiny(2))).await;
-    assert_eq!(target(&chat(&sched.url, false).await), "local:node-a/tiny-llama");
+    assert_eq!(
+        target(&chat(&sched.url, false).await),
+        "local:node-a/tiny-llama"
+    );
     agent.stop().await;
 
     for i in 0..6 {
@@ -115,8 +160,15 @@ async fn with_the_agent_stopped_every_request_succeeds_through_the_cloud() {
 
 #[tokio::test]
 async fn an_agent_that_vanished_without_goodbye_fails_over_to_the_cloud() {
-    let cloud = MockUpstream::start(Behavior::reply("cloud answer")).await.unwrap();
-    let sched = start_scheduler(section(8, vec![provider("mockcloud", &cloud.base_url())], &[("mockcloud", "m")])).await;
+    let cloud = MockUpstream::start(Behavior::reply("cloud answer"))
+        .await
+        .unwrap();
+    let sched = start_scheduler(section(
+        8,
+        vec![provider("mockcloud", &cloud.base_url())],
+        &[("mockcloud", "m")],
+    ))
+    .await;
     // A node that registered and then died: its address refuses connections.
     let report = NodeReport {
         protocol: PROTOCOL_VERSION,
@@ -132,7 +184,12 @@ async fn an_agent_that_vanished_without_goodbye_fails_over_to_the_cloud() {
         }],
         sent_at_ms: 0,
     };
-    let r = client().post(format!("{}{HEARTBEAT_PATH}", sched.url)).json(&report).send().await.unwrap();
+    let r = client()
+        .post(format!("{}{HEARTBEAT_PATH}", sched.url))
+        .json(&report)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let resp = chat(&sched.url, false).await;
     assert_eq!(resp.status(), 200);
@@ -150,7 +207,9 @@ async fn failover_on_500_429_and_closed_port_is_invisible_to_the_client() {
     })
     .await
     .unwrap();
-    let good = MockUpstream::start(Behavior::reply("third time lucky")).await.unwrap();
+    let good = MockUpstream::start(Behavior::reply("third time lucky"))
+        .await
+        .unwrap();
     let providers = vec![
         provider("closed", &closed_port_url()),
         provider("p500", &failing_500.base_url()),
@@ -192,17 +251,27 @@ async fn the_clients_own_4xx_is_not_retried_elsewhere() {
     })
     .await
     .unwrap();
-    let other = MockUpstream::start(Behavior::reply("should not be asked")).await.unwrap();
+    let other = MockUpstream::start(Behavior::reply("should not be asked"))
+        .await
+        .unwrap();
     let sched = start_scheduler(section(
         8,
-        vec![provider("first", &bad_request.base_url()), provider("second", &other.base_url())],
+        vec![
+            provider("first", &bad_request.base_url()),
+            provider("second", &other.base_url()),
+        ],
         &[("first", "a"), ("second", "b")],
     ))
     .await;
     let resp = chat(&sched.url, false).await;
     assert_eq!(resp.status(), 400);
     let v: Value = resp.json().await.unwrap();
-    assert!(v["error"]["message"].as_str().unwrap().contains("maximum context length"));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("maximum context length")
+    );
     assert_eq!(other.hits(), 0);
     sched.stop().await;
 }
@@ -212,7 +281,10 @@ async fn every_target_failing_is_503_naming_each_attempt() {
     let down = MockUpstream::start(Behavior::status(503)).await.unwrap();
     let sched = start_scheduler(section(
         8,
-        vec![provider("down", &down.base_url()), provider("closed", &closed_port_url())],
+        vec![
+            provider("down", &down.base_url()),
+            provider("closed", &closed_port_url()),
+        ],
         &[("down", "a"), ("closed", "b")],
     ))
     .await;
@@ -220,19 +292,33 @@ async fn every_target_failing_is_503_naming_each_attempt() {
     assert_eq!(resp.status(), 503);
     let v: Value = resp.json().await.unwrap();
     let msg = v["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("cloud:down") && msg.contains("cloud:closed"), "{msg}");
+    assert!(
+        msg.contains("cloud:down") && msg.contains("cloud:closed"),
+        "{msg}"
+    );
     assert_eq!(v["error"]["code"], "no_target_available");
     sched.stop().await;
 }
 
 #[tokio::test]
 async fn a_stream_cut_mid_way_ends_with_an_error_event_not_a_clean_end() {
-    let cutting = MockUpstream::start(Behavior::StreamCut { after_chunks: 3 }).await.unwrap();
-    let sched = start_scheduler(section(8, vec![provider("cut", &cutting.base_url())], &[("cut", "a")])).await;
+    let cutting = MockUpstream::start(Behavior::StreamCut { after_chunks: 3 })
+        .await
+        .unwrap();
+    let sched = start_scheduler(section(
+        8,
+        vec![provider("cut", &cutting.base_url())],
+        &[("cut", "a")],
+    ))
+    .await;
     let resp = chat(&sched.url, true).await;
     assert_eq!(resp.status(), 200);
     let sse = read_sse(resp).await;
-    assert!(!sse.saw_done, "a broken stream must not look complete: {}", sse.raw);
+    assert!(
+        !sse.saw_done,
+        "a broken stream must not look complete: {}",
+        sse.raw
+    );
     let last = sse.events.last().unwrap();
     assert_eq!(last["error"]["code"], "stream_interrupted", "{}", sse.raw);
     assert_eq!(sse.text(), "w0 w1 w2 ");

@@ -80,11 +80,13 @@ pub struct AgentConfig {
 
 /// `~/.cache/flotilla/models`, or `./.flotilla-cache/models` without a home directory.
 pub fn default_cache_dir() -> PathBuf {
-    match std::env::var_os("XDG_CACHE_HOME").or_else(|| std::env::var_os("HOME").map(|h| {
-        let mut p = std::ffi::OsString::from(h);
-        p.push("/.cache");
-        p
-    })) {
+    match std::env::var_os("XDG_CACHE_HOME").or_else(|| {
+        std::env::var_os("HOME").map(|h| {
+            let mut p = h;
+            p.push("/.cache");
+            p
+        })
+    }) {
         Some(base) => PathBuf::from(base).join("flotilla").join("models"),
         None => PathBuf::from(".flotilla-cache").join("models"),
     }
@@ -107,11 +109,14 @@ impl AgentSection {
         if self.max_body_bytes < 1024 {
             errors.push("agent.max_body_bytes: must be at least 1024".into());
         }
-        for (key, url) in [("agent.scheduler_url", &self.scheduler_url), ("agent.advertise_url", &self.advertise_url)] {
-            if let Some(u) = url {
-                if !(u.starts_with("http://") || u.starts_with("https://")) {
-                    errors.push(format!("{key}: `{u}` must start with http:// or https://"));
-                }
+        for (key, url) in [
+            ("agent.scheduler_url", &self.scheduler_url),
+            ("agent.advertise_url", &self.advertise_url),
+        ] {
+            if let Some(u) = url
+                && !(u.starts_with("http://") || u.starts_with("https://"))
+            {
+                errors.push(format!("{key}: `{u}` must start with http:// or https://"));
             }
         }
         let mut seen = std::collections::HashSet::new();
@@ -119,7 +124,10 @@ impl AgentSection {
             if m.name.is_empty() {
                 errors.push(format!("agent.models[{i}].name: must not be empty"));
             } else if !seen.insert(m.name.as_str()) {
-                errors.push(format!("agent.models[{i}].name: `{}` is defined twice", m.name));
+                errors.push(format!(
+                    "agent.models[{i}].name: `{}` is defined twice",
+                    m.name
+                ));
             }
             if m.source.is_empty() {
                 errors.push(format!("agent.models[{i}].source: must not be empty"));
@@ -132,7 +140,11 @@ impl AgentSection {
             return Err(errors);
         }
         Ok(AgentConfig {
-            node_id: self.node_id.clone().or_else(host_name).unwrap_or_else(|| "agent".into()),
+            node_id: self
+                .node_id
+                .clone()
+                .or_else(host_name)
+                .unwrap_or_else(|| "agent".into()),
             advertise_url: self.advertise_url.clone(),
             scheduler_url: self.scheduler_url.clone(),
             heartbeat: Duration::from_millis(self.heartbeat_ms),
@@ -155,8 +167,18 @@ mod tests {
             heartbeat_ms: 0,
             scheduler_url: Some("localhost:1".into()),
             models: vec![
-                ModelSpec { name: "a".into(), source: "".into(), kind: ModelKind::Chat, max_running: Some(0) },
-                ModelSpec { name: "a".into(), source: "x".into(), kind: ModelKind::Chat, max_running: None },
+                ModelSpec {
+                    name: "a".into(),
+                    source: "".into(),
+                    kind: ModelKind::Chat,
+                    max_running: Some(0),
+                },
+                ModelSpec {
+                    name: "a".into(),
+                    source: "x".into(),
+                    kind: ModelKind::Chat,
+                    max_running: None,
+                },
             ],
             ..AgentSection::default()
         };

@@ -3,11 +3,11 @@
 
 use bytes::Bytes;
 use flotilla_api::openai::{
-    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChunkChoice, ChunkDelta, Completion,
-    CompletionChoice, Usage,
+    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChunkChoice, ChunkDelta,
+    Completion, CompletionChoice, Usage,
 };
 use flotilla_api::sse::data_event;
-use flotilla_api::{unix_now, ApiError, ErrorKind};
+use flotilla_api::{ApiError, ErrorKind, unix_now};
 use flotilla_engine::{GenerateEvent, GenerateRequest, Prompt, SamplingParams, TextEngine};
 use futures::stream::{self, BoxStream, StreamExt};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -52,9 +52,16 @@ pub(crate) fn start(
             let mut s = sampling.clone();
             s.seed = sampling.seed.map(|seed| seed.wrapping_add(u64::from(i)));
             let rx = engine
-                .generate(GenerateRequest { prompt: prompt.clone(), sampling: s })
+                .generate(GenerateRequest {
+                    prompt: prompt.clone(),
+                    sampling: s,
+                })
                 .map_err(engine_error)?;
-            seqs.push(Sequence { index: p as u32 * n + i, counts_prompt: i == 0, rx });
+            seqs.push(Sequence {
+                index: p as u32 * n + i,
+                counts_prompt: i == 0,
+                rx,
+            });
         }
     }
     Ok(seqs)
@@ -73,30 +80,48 @@ async fn collect_one(mut seq: Sequence) -> Result<Collected, ApiError> {
     while let Some(ev) = seq.rx.recv().await {
         match ev {
             GenerateEvent::Delta { text: t } => text.push_str(&t),
-            GenerateEvent::Finished { finish_reason, prompt_tokens, completion_tokens } => {
+            GenerateEvent::Finished {
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
                 return Ok(Collected {
                     index: seq.index,
                     text,
                     finish_reason: finish_reason.as_str(),
-                    prompt_tokens: if seq.counts_prompt { prompt_tokens as u64 } else { 0 },
+                    prompt_tokens: if seq.counts_prompt {
+                        prompt_tokens as u64
+                    } else {
+                        0
+                    },
                     completion_tokens: completion_tokens as u64,
                 });
             }
             GenerateEvent::Failed(e) => return Err(engine_error(e)),
         }
     }
-    Err(ApiError::new(ErrorKind::Internal, "the engine stopped before the sequence finished"))
+    Err(ApiError::new(
+        ErrorKind::Internal,
+        "the engine stopped before the sequence finished",
+    ))
 }
 
 /// Waits for every sequence and builds the whole response body.
-pub(crate) async fn respond_whole(shape: Shape, model: &str, seqs: Vec<Sequence>) -> Result<serde_json::Value, ApiError> {
+pub(crate) async fn respond_whole(
+    shape: Shape,
+    model: &str,
+    seqs: Vec<Sequence>,
+) -> Result<serde_json::Value, ApiError> {
     let results = futures::future::join_all(seqs.into_iter().map(collect_one)).await;
     let mut done = Vec::with_capacity(results.len());
     for r in results {
         done.push(r?);
     }
     done.sort_by_key(|c| c.index);
-    let usage = Usage::new(done.iter().map(|c| c.prompt_tokens).sum(), done.iter().map(|c| c.completion_tokens).sum());
+    let usage = Usage::new(
+        done.iter().map(|c| c.prompt_tokens).sum(),
+        done.iter().map(|c| c.completion_tokens).sum(),
+    );
     let id = uuid::Uuid::new_v4().simple().to_string();
     let value = match shape {
         Shape::Chat => serde_json::to_value(ChatCompletion {
@@ -108,7 +133,10 @@ pub(crate) async fn respond_whole(shape: Shape, model: &str, seqs: Vec<Sequence>
                 .into_iter()
                 .map(|c| ChatChoice {
                     index: c.index,
-                    message: AssistantMessage { role: "assistant".into(), content: Some(c.text) },
+                    message: AssistantMessage {
+                        role: "assistant".into(),
+                        content: Some(c.text),
+                    },
                     finish_reason: Some(c.finish_reason.into()),
                     logprobs: None,
                 })
@@ -143,7 +171,13 @@ struct ChunkWriter {
 }
 
 impl ChunkWriter {
-    fn chunk(&self, index: u32, role: bool, content: Option<String>, finish: Option<&str>) -> Bytes {
+    fn chunk(
+        &self,
+        index: u32,
+        role: bool,
+        content: Option<String>,
+        finish: Option<&str>,
+    ) -> Bytes {
         let json = match self.shape {
             Shape::Chat => serde_json::to_string(&ChatCompletionChunk {
                 id: self.id.clone(),
@@ -152,7 +186,10 @@ impl ChunkWriter {
                 model: self.model.clone(),
                 choices: vec![ChunkChoice {
                     index,
-                    delta: ChunkDelta { role: role.then(|| "assistant".into()), content },
+                    delta: ChunkDelta {
+                        role: role.then(|| "assistant".into()),
+                        content,
+                    },
                     finish_reason: finish.map(Into::into),
                     logprobs: None,
                 }],
@@ -199,7 +236,9 @@ impl ChunkWriter {
 }
 
 fn error_event(err: &ApiError) -> Bytes {
-    Bytes::from(data_event(&serde_json::to_string(&err.body()).unwrap_or_default()))
+    Bytes::from(data_event(
+        &serde_json::to_string(&err.body()).unwrap_or_default(),
+    ))
 }
 
 /// Streams every sequence as SSE. The work runs in its own task feeding a channel: when
@@ -211,7 +250,11 @@ pub(crate) fn respond_stream(
     seqs: Vec<Sequence>,
     include_usage: bool,
 ) -> BoxStream<'static, Result<Bytes, std::convert::Infallible>> {
-    let prefix = if shape == Shape::Chat { "chatcmpl" } else { "cmpl" };
+    let prefix = if shape == Shape::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    };
     let w = ChunkWriter {
         shape,
         id: format!("{prefix}-{}", uuid::Uuid::new_v4().simple()),
@@ -223,13 +266,20 @@ pub(crate) fn respond_stream(
     let indices: Vec<(u32, bool)> = seqs.iter().map(|s| (s.index, s.counts_prompt)).collect();
     let merged = stream::select_all(seqs.into_iter().map(|s| {
         let (index, counts) = (s.index, s.counts_prompt);
-        stream::unfold(s.rx, move |mut rx| async move { rx.recv().await.map(|ev| ((index, counts, ev), rx)) }).boxed()
+        stream::unfold(s.rx, move |mut rx| async move {
+            rx.recv().await.map(|ev| ((index, counts, ev), rx))
+        })
+        .boxed()
     }));
     tokio::spawn(async move {
         let mut merged = merged;
         if shape == Shape::Chat {
             for (index, _) in &indices {
-                if tx.send(w.chunk(*index, true, Some(String::new()), None)).await.is_err() {
+                if tx
+                    .send(w.chunk(*index, true, Some(String::new()), None))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -239,13 +289,21 @@ pub(crate) fn respond_stream(
         while let Some((index, counts_prompt, ev)) = merged.next().await {
             let out = match ev {
                 GenerateEvent::Delta { text } => w.chunk(index, false, Some(text), None),
-                GenerateEvent::Finished { finish_reason, prompt_tokens, completion_tokens } => {
+                GenerateEvent::Finished {
+                    finish_reason,
+                    prompt_tokens,
+                    completion_tokens,
+                } => {
                     finished += 1;
                     if counts_prompt {
                         usage.prompt_tokens += prompt_tokens as u64;
                     }
                     usage.completion_tokens += completion_tokens as u64;
-                    let content = if shape == Shape::Chat { None } else { Some(String::new()) };
+                    let content = if shape == Shape::Chat {
+                        None
+                    } else {
+                        Some(String::new())
+                    };
                     w.chunk(index, false, content, Some(finish_reason.as_str()))
                 }
                 GenerateEvent::Failed(e) => {
@@ -261,7 +319,10 @@ pub(crate) fn respond_stream(
             }
         }
         if finished < total {
-            let err = ApiError::new(ErrorKind::Internal, "the engine stopped before every sequence finished");
+            let err = ApiError::new(
+                ErrorKind::Internal,
+                "the engine stopped before every sequence finished",
+            );
             let _ = tx.send(error_event(&err)).await;
             return;
         }
@@ -273,5 +334,9 @@ pub(crate) fn respond_stream(
         }
         let _ = tx.send(Bytes::from(data_event("[DONE]"))).await;
     });
-    stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok(b), rx)) }).boxed()
+    stream::unfold(
+        rx,
+        |mut rx| async move { rx.recv().await.map(|b| (Ok(b), rx)) },
+    )
+    .boxed()
 }

@@ -5,7 +5,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use flotilla_api::protocol::{
-    HeartbeatAck, ModelKind, NodeModel, NodeReport, DEREGISTER_PATH, HEARTBEAT_PATH, PROTOCOL_VERSION,
+    DEREGISTER_PATH, HEARTBEAT_PATH, HeartbeatAck, ModelKind, NodeModel, NodeReport,
+    PROTOCOL_VERSION,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -51,23 +52,36 @@ pub(crate) fn report(state: &AgentState) -> NodeReport {
 }
 
 fn token(state: &AgentState) -> Option<String> {
-    state.config.cluster_token_env.as_ref().and_then(|v| std::env::var(v).ok()).filter(|t| !t.is_empty())
+    state
+        .config
+        .cluster_token_env
+        .as_ref()
+        .and_then(|v| std::env::var(v).ok())
+        .filter(|t| !t.is_empty())
 }
 
 /// One heartbeat; returns the interval the scheduler asks for.
 pub(crate) async fn send(state: &AgentState) -> Result<Option<Duration>, AgentError> {
-    let Some(base) = &state.config.scheduler_url else { return Ok(None) };
+    let Some(base) = &state.config.scheduler_url else {
+        return Ok(None);
+    };
     let url = format!("{}{}", base.trim_end_matches('/'), HEARTBEAT_PATH);
     let mut req = state.http.post(&url).json(&report(state));
     if let Some(t) = token(state) {
         req = req.bearer_auth(t);
     }
-    let err = |reason: String| AgentError::Register { url: url.clone(), reason };
+    let err = |reason: String| AgentError::Register {
+        url: url.clone(),
+        reason,
+    };
     let resp = req.send().await.map_err(|e| err(e.to_string()))?;
     if !resp.status().is_success() {
         let status = resp.status();
         let body = resp.text().await.unwrap_or_default();
-        return Err(err(format!("HTTP {status}: {}", body.chars().take(300).collect::<String>())));
+        return Err(err(format!(
+            "HTTP {status}: {}",
+            body.chars().take(300).collect::<String>()
+        )));
     }
     let ack: HeartbeatAck = resp.json().await.map_err(|e| err(e.to_string()))?;
     Ok(Some(Duration::from_millis(ack.heartbeat_ms.max(50))))
@@ -103,14 +117,21 @@ pub(crate) async fn run(state: AgentState, shutdown: CancellationToken) {
         }
     }
     if let Some(base) = &state.config.scheduler_url {
-        let url = format!("{}{}/{}", base.trim_end_matches('/'), DEREGISTER_PATH, state.config.node_id);
+        let url = format!(
+            "{}{}/{}",
+            base.trim_end_matches('/'),
+            DEREGISTER_PATH,
+            state.config.node_id
+        );
         let mut req = state.http.delete(&url);
         if let Some(t) = token(&state) {
             req = req.bearer_auth(t);
         }
         match req.send().await {
             Ok(_) => tracing::info!("deregistered from the scheduler"),
-            Err(e) => tracing::warn!(error = %e, "could not deregister; the scheduler will drop this node after its TTL"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not deregister; the scheduler will drop this node after its TTL")
+            }
         }
     }
 }

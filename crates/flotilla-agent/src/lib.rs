@@ -24,7 +24,9 @@ pub enum AgentError {
     Load { model: String, reason: String },
     #[error(transparent)]
     Engine(#[from] flotilla_engine::EngineError),
-    #[error("agent.advertise_url is required when listening on {0} (the scheduler cannot reach an unspecified address)")]
+    #[error(
+        "agent.advertise_url is required when listening on {0} (the scheduler cannot reach an unspecified address)"
+    )]
     NeedAdvertiseUrl(SocketAddr),
     #[error("registering with the scheduler at {url}: {reason}")]
     Register { url: String, reason: String },
@@ -54,7 +56,11 @@ impl Agent {
     }
 
     /// Serves already-loaded engines (tests share one engine between agents this way).
-    pub fn with_models(listener: TcpListener, config: AgentConfig, models: Models) -> Result<Agent, AgentError> {
+    pub fn with_models(
+        listener: TcpListener,
+        config: AgentConfig,
+        models: Models,
+    ) -> Result<Agent, AgentError> {
         let addr = listener.local_addr()?;
         let base_url = match &config.advertise_url {
             Some(u) => u.trim_end_matches('/').to_owned(),
@@ -64,8 +70,16 @@ impl Agent {
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(5))
             .build()
-            .map_err(|e| AgentError::Register { url: String::new(), reason: e.to_string() })?;
-        let state = AgentState { config: Arc::new(config), models, base_url: base_url.into(), http };
+            .map_err(|e| AgentError::Register {
+                url: String::new(),
+                reason: e.to_string(),
+            })?;
+        let state = AgentState {
+            config: Arc::new(config),
+            models,
+            base_url: base_url.into(),
+            http,
+        };
         Ok(Agent { listener, state })
     }
 
@@ -92,9 +106,14 @@ impl Agent {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let hb = tokio::spawn(heartbeat::run(self.state.clone(), shutdown.clone()));
         let app = routes::router(self.state);
-        let served = axum::serve(self.listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+        let served = axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
         // The heartbeat task deregisters on shutdown; give it a moment to say goodbye.
-        if tokio::time::timeout(std::time::Duration::from_secs(3), hb).await.is_err() {
+        if tokio::time::timeout(std::time::Duration::from_secs(3), hb)
+            .await
+            .is_err()
+        {
             tracing::warn!("deregistration did not finish in 3 s");
         }
         served?;

@@ -2,14 +2,14 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use flotilla_api::protocol::ModelKind;
 use flotilla_engine::{EmbeddingEngine, TextEngine, TextEngineConfig};
 
-use crate::config::ModelSpec;
 use crate::AgentError;
+use crate::config::ModelSpec;
 
 /// How many embedding requests run at once before the scheduler should look elsewhere.
 pub const EMBEDDING_SLOTS: u64 = 16;
@@ -32,7 +32,11 @@ impl Models {
             .chat
             .keys()
             .map(|n| (n.clone(), ModelKind::Chat))
-            .chain(self.embedding.keys().map(|n| (n.clone(), ModelKind::Embedding)))
+            .chain(
+                self.embedding
+                    .keys()
+                    .map(|n| (n.clone(), ModelKind::Embedding)),
+            )
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
@@ -40,16 +44,25 @@ impl Models {
 }
 
 /// Turns a configured source into a directory with the model's files.
-pub async fn resolve_source(source: &str, cache_dir: &Path, offline: bool) -> Result<PathBuf, AgentError> {
+pub async fn resolve_source(
+    source: &str,
+    cache_dir: &Path,
+    offline: bool,
+) -> Result<PathBuf, AgentError> {
     match source {
         "builtin:tiny-llama" => {
             let dir = cache_dir.join("tiny-llama");
-            if !dir.join("model.safetensors").is_file() || !dir.join("tokenizer_config.json").is_file() {
+            if !dir.join("model.safetensors").is_file()
+                || !dir.join("tokenizer_config.json").is_file()
+            {
                 tracing::info!(dir = %dir.display(), "making the built-in test model (first run)");
                 let d = dir.clone();
                 tokio::task::spawn_blocking(move || flotilla_engine::make_test_model(&d))
                     .await
-                    .map_err(|e| AgentError::Load { model: source.into(), reason: e.to_string() })??;
+                    .map_err(|e| AgentError::Load {
+                        model: source.into(),
+                        reason: e.to_string(),
+                    })??;
             }
             Ok(dir)
         }
@@ -68,7 +81,11 @@ pub async fn resolve_source(source: &str, cache_dir: &Path, offline: bool) -> Re
 }
 
 /// Loads every configured model; the first failure stops start-up with its reason.
-pub async fn load_models(specs: &[ModelSpec], cache_dir: &Path, offline: bool) -> Result<Models, AgentError> {
+pub async fn load_models(
+    specs: &[ModelSpec],
+    cache_dir: &Path,
+    offline: bool,
+) -> Result<Models, AgentError> {
     let mut models = Models::default();
     for spec in specs {
         let dir = resolve_source(&spec.source, cache_dir, offline).await?;
@@ -76,19 +93,33 @@ pub async fn load_models(specs: &[ModelSpec], cache_dir: &Path, offline: bool) -
         let name = spec.name.clone();
         match spec.kind {
             ModelKind::Chat => {
-                let cfg = TextEngineConfig { max_running: spec.max_running.unwrap_or(8) };
-                let engine = tokio::task::spawn_blocking(move || TextEngine::load(&name, &dir, cfg))
-                    .await
-                    .map_err(|e| AgentError::Load { model: spec.name.clone(), reason: e.to_string() })??;
+                let cfg = TextEngineConfig {
+                    max_running: spec.max_running.unwrap_or(8),
+                };
+                let engine =
+                    tokio::task::spawn_blocking(move || TextEngine::load(&name, &dir, cfg))
+                        .await
+                        .map_err(|e| AgentError::Load {
+                            model: spec.name.clone(),
+                            reason: e.to_string(),
+                        })??;
                 models.chat.insert(spec.name.clone(), engine);
             }
             ModelKind::Embedding => {
-                let engine = tokio::task::spawn_blocking(move || EmbeddingEngine::load(&name, &dir))
-                    .await
-                    .map_err(|e| AgentError::Load { model: spec.name.clone(), reason: e.to_string() })??;
-                models
-                    .embedding
-                    .insert(spec.name.clone(), Arc::new(EmbeddingModel { engine, in_flight: AtomicU64::new(0) }));
+                let engine =
+                    tokio::task::spawn_blocking(move || EmbeddingEngine::load(&name, &dir))
+                        .await
+                        .map_err(|e| AgentError::Load {
+                            model: spec.name.clone(),
+                            reason: e.to_string(),
+                        })??;
+                models.embedding.insert(
+                    spec.name.clone(),
+                    Arc::new(EmbeddingModel {
+                        engine,
+                        in_flight: AtomicU64::new(0),
+                    }),
+                );
             }
         }
         tracing::info!(model = %spec.name, kind = ?spec.kind, load_ms = started.elapsed().as_millis() as u64, "model loaded");

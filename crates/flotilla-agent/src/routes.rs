@@ -4,20 +4,20 @@ use std::sync::atomic::Ordering;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use flotilla_api::openai::{
-    ChatCompletionRequest, CompletionRequest, EmbeddingData, EmbeddingInput, EmbeddingRequest, EmbeddingResponse,
-    EmbeddingUsage, EmbeddingVector, ModelCard, ModelList,
-};
 use flotilla_api::body::{parse_json, read_limited};
+use flotilla_api::openai::{
+    ChatCompletionRequest, CompletionRequest, EmbeddingData, EmbeddingInput, EmbeddingRequest,
+    EmbeddingResponse, EmbeddingUsage, EmbeddingVector, ModelCard, ModelList,
+};
 use flotilla_api::{ApiError, ErrorKind};
 use flotilla_engine::{ChatMessage, Prompt, SamplingParams, TextEngine};
 
-use crate::generate::{respond_stream, respond_whole, start, Shape};
 use crate::AgentState;
+use crate::generate::{Shape, respond_stream, respond_whole, start};
 
 pub(crate) fn router(state: AgentState) -> Router {
     Router::new()
@@ -32,7 +32,10 @@ pub(crate) fn router(state: AgentState) -> Router {
         .with_state(state)
 }
 
-async fn read_body<T: serde::de::DeserializeOwned>(s: &AgentState, body: Body) -> Result<T, ApiError> {
+async fn read_body<T: serde::de::DeserializeOwned>(
+    s: &AgentState,
+    body: Body,
+) -> Result<T, ApiError> {
     parse_json(&read_limited(body, s.config.max_body_bytes).await?)
 }
 
@@ -41,7 +44,10 @@ fn chat_engine<'a>(s: &'a AgentState, model: &str) -> Result<&'a TextEngine, Api
         return Ok(e);
     }
     if s.models.embedding.contains_key(model) {
-        return Err(ApiError::invalid_param("model", format!("`{model}` is an embedding model; use /v1/embeddings")));
+        return Err(ApiError::invalid_param(
+            "model",
+            format!("`{model}` is an embedding model; use /v1/embeddings"),
+        ));
     }
     Err(ApiError::model_not_found(model))
 }
@@ -70,7 +76,10 @@ async fn chat(State(s): State<AgentState>, body: Body) -> Response {
         let engine = chat_engine(&s, &req.model)?;
         let mut messages = Vec::with_capacity(req.messages.len());
         for (i, m) in req.messages.iter().enumerate() {
-            messages.push(ChatMessage { role: m.role.clone(), content: m.text(i)? });
+            messages.push(ChatMessage {
+                role: m.role.clone(),
+                content: m.text(i)?,
+            });
         }
         let params = sampling(
             req.temperature,
@@ -81,7 +90,14 @@ async fn chat(State(s): State<AgentState>, body: Body) -> Response {
         );
         let n = req.n.unwrap_or(1) as u32;
         let seqs = start(engine, vec![Prompt::Chat(messages)], n, &params)?;
-        finish(Shape::Chat, engine, seqs, req.is_stream(), req.include_usage()).await
+        finish(
+            Shape::Chat,
+            engine,
+            seqs,
+            req.is_stream(),
+            req.include_usage(),
+        )
+        .await
     }
     .await;
     res.unwrap_or_else(IntoResponse::into_response)
@@ -101,7 +117,14 @@ async fn completions(State(s): State<AgentState>, body: Body) -> Response {
         );
         let prompts = req.prompts().into_iter().map(Prompt::Text).collect();
         let seqs = start(engine, prompts, req.n.unwrap_or(1) as u32, &params)?;
-        finish(Shape::Completion, engine, seqs, req.is_stream(), req.include_usage()).await
+        finish(
+            Shape::Completion,
+            engine,
+            seqs,
+            req.is_stream(),
+            req.include_usage(),
+        )
+        .await
     }
     .await;
     res.unwrap_or_else(IntoResponse::into_response)
@@ -118,7 +141,10 @@ async fn finish(
         let body = Body::from_stream(respond_stream(shape, engine.name(), seqs, include_usage));
         return Ok((
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")],
+            [
+                (header::CONTENT_TYPE, "text/event-stream"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
             body,
         )
             .into_response());
@@ -134,25 +160,34 @@ async fn embeddings(State(s): State<AgentState>, body: Body) -> Response {
             if s.models.chat.contains_key(&req.model) {
                 return Err(ApiError::invalid_param(
                     "model",
-                    format!("`{}` is a chat model and has no embeddings endpoint here", req.model),
+                    format!(
+                        "`{}` is a chat model and has no embeddings endpoint here",
+                        req.model
+                    ),
                 ));
             }
             return Err(ApiError::model_not_found(&req.model));
         };
         let dims = model.engine.dimensions();
-        if let Some(d) = req.dimensions {
-            if d as usize != dims {
-                return Err(ApiError::invalid_param(
-                    "dimensions",
-                    format!("`{}` produces {dims}-dimensional vectors and cannot shorten them", req.model),
-                ));
-            }
+        if let Some(d) = req.dimensions
+            && d as usize != dims
+        {
+            return Err(ApiError::invalid_param(
+                "dimensions",
+                format!(
+                    "`{}` produces {dims}-dimensional vectors and cannot shorten them",
+                    req.model
+                ),
+            ));
         }
         let inputs = match &req.input {
             EmbeddingInput::One(s) => vec![s.clone()],
             EmbeddingInput::Many(v) => v.clone(),
             EmbeddingInput::Tokens(_) | EmbeddingInput::TokenBatches(_) => {
-                return Err(ApiError::invalid_param("input", "token-id input is not supported; send strings"));
+                return Err(ApiError::invalid_param(
+                    "input",
+                    "token-id input is not supported; send strings",
+                ));
             }
         };
         model.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -178,7 +213,10 @@ async fn embeddings(State(s): State<AgentState>, body: Body) -> Response {
             object: "list".into(),
             data,
             model: req.model.clone(),
-            usage: EmbeddingUsage { prompt_tokens: tokens, total_tokens: tokens },
+            usage: EmbeddingUsage {
+                prompt_tokens: tokens,
+                total_tokens: tokens,
+            },
         })
         .into_response())
     }
@@ -189,7 +227,12 @@ async fn embeddings(State(s): State<AgentState>, body: Body) -> Response {
 async fn models(State(s): State<AgentState>) -> Json<ModelList> {
     Json(ModelList {
         object: "list".into(),
-        data: s.models.names().iter().map(|(n, _)| ModelCard::new(n, "flotilla")).collect(),
+        data: s
+            .models
+            .names()
+            .iter()
+            .map(|(n, _)| ModelCard::new(n, "flotilla"))
+            .collect(),
     })
 }
 
@@ -199,7 +242,12 @@ async fn status(State(s): State<AgentState>) -> Json<serde_json::Value> {
         .models
         .chat
         .iter()
-        .map(|(n, e)| (n.clone(), serde_json::to_value(e.status()).unwrap_or_default()))
+        .map(|(n, e)| {
+            (
+                n.clone(),
+                serde_json::to_value(e.status()).unwrap_or_default(),
+            )
+        })
         .collect();
     Json(serde_json::json!({ "node": report, "engines": engines }))
 }

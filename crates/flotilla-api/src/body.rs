@@ -1,8 +1,8 @@
 //! Reading a request body within the size limit and parsing it as JSON, with every failure
 //! mapped to an OpenAI-shaped 4xx.
 
-use axum::body::Body;
 use crate::{ApiError, ErrorKind};
+use axum::body::Body;
 use serde::de::DeserializeOwned;
 
 /// Reads at most `limit` bytes; a longer body is 413.
@@ -28,10 +28,16 @@ pub async fn read_limited(body: Body, limit: usize) -> Result<axum::body::Bytes,
 /// Parses JSON into `T`, naming the position and the problem on failure.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.is_empty() {
-        return Err(ApiError::invalid("request body is empty; expected a JSON object"));
+        return Err(ApiError::invalid(
+            "request body is empty; expected a JSON object",
+        ));
     }
     serde_json::from_slice(bytes).map_err(|e| {
-        let what = if e.is_syntax() || e.is_eof() { "malformed JSON" } else { "invalid request" };
+        let what = if e.is_syntax() || e.is_eof() {
+            "malformed JSON"
+        } else {
+            "invalid request"
+        };
         ApiError::invalid(format!("{what}: {e}"))
     })
 }

@@ -77,7 +77,12 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        ApiError { kind, message: message.into(), param: None, code: None }
+        ApiError {
+            kind,
+            message: message.into(),
+            param: None,
+            code: None,
+        }
     }
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::InvalidRequest, message)
@@ -94,9 +99,12 @@ impl ApiError {
         self
     }
     pub fn model_not_found(model: &str) -> Self {
-        ApiError::new(ErrorKind::NotFound, format!("The model `{model}` does not exist or is not served here."))
-            .with_param("model")
-            .with_code("model_not_found")
+        ApiError::new(
+            ErrorKind::NotFound,
+            format!("The model `{model}` does not exist or is not served here."),
+        )
+        .with_param("model")
+        .with_code("model_not_found")
     }
 
     pub fn body(&self) -> ErrorBody {
@@ -163,7 +171,8 @@ mod tests {
 
     #[test]
     fn numeric_codes_parse() {
-        let b: ErrorBody = serde_json::from_str(r#"{"error":{"message":"x","type":"t","code":429}}"#).unwrap();
+        let b: ErrorBody =
+            serde_json::from_str(r#"{"error":{"message":"x","type":"t","code":429}}"#).unwrap();
         assert_eq!(b.error.code.as_deref(), Some("429"));
     }
 }

@@ -58,7 +58,10 @@ impl ChatMessage {
             Some(MessageContent::Parts(parts)) => {
                 let mut out = String::new();
                 for part in parts {
-                    match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
+                    match (
+                        part.get("type").and_then(Value::as_str),
+                        part.get("text").and_then(Value::as_str),
+                    ) {
                         (Some("text"), Some(t)) => out.push_str(t),
                         (kind, _) => {
                             return Err(ApiError::invalid_param(
@@ -109,7 +112,10 @@ impl ChatCompletionRequest {
         self.stream.unwrap_or(false)
     }
     pub fn include_usage(&self) -> bool {
-        self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false)
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
     }
     /// `max_completion_tokens` supersedes the older `max_tokens`.
     pub fn max_tokens(&self) -> Option<u64> {
@@ -120,21 +126,35 @@ impl ChatCompletionRequest {
     pub fn validate(&self) -> Result<(), ApiError> {
         check_model(&self.model)?;
         if self.messages.is_empty() {
-            return Err(ApiError::invalid_param("messages", "`messages` must contain at least one message"));
+            return Err(ApiError::invalid_param(
+                "messages",
+                "`messages` must contain at least one message",
+            ));
         }
         for (i, m) in self.messages.iter().enumerate() {
-            if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool" | "function") {
+            if !matches!(
+                m.role.as_str(),
+                "system" | "developer" | "user" | "assistant" | "tool" | "function"
+            ) {
                 return Err(ApiError::invalid_param(
                     &format!("messages[{i}].role"),
                     format!("unknown role `{}`", m.role),
                 ));
             }
         }
-        check_sampling(self.temperature, self.top_p, self.max_tokens(), self.stop.as_ref())?;
-        if let Some(n) = self.n {
-            if n == 0 || n > 128 {
-                return Err(ApiError::invalid_param("n", "`n` must be between 1 and 128"));
-            }
+        check_sampling(
+            self.temperature,
+            self.top_p,
+            self.max_tokens(),
+            self.stop.as_ref(),
+        )?;
+        if let Some(n) = self.n
+            && (n == 0 || n > 128)
+        {
+            return Err(ApiError::invalid_param(
+                "n",
+                "`n` must be between 1 and 128",
+            ));
         }
         if self.stream_options.is_some() && !self.is_stream() {
             return Err(ApiError::invalid_param(
@@ -183,7 +203,10 @@ impl CompletionRequest {
         self.stream.unwrap_or(false)
     }
     pub fn include_usage(&self) -> bool {
-        self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false)
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
     }
     pub fn prompts(&self) -> Vec<String> {
         match &self.prompt {
@@ -193,16 +216,27 @@ impl CompletionRequest {
     }
     pub fn validate(&self) -> Result<(), ApiError> {
         check_model(&self.model)?;
-        if let PromptInput::Many(v) = &self.prompt {
-            if v.is_empty() {
-                return Err(ApiError::invalid_param("prompt", "`prompt` must not be an empty list"));
-            }
+        if let PromptInput::Many(v) = &self.prompt
+            && v.is_empty()
+        {
+            return Err(ApiError::invalid_param(
+                "prompt",
+                "`prompt` must not be an empty list",
+            ));
         }
-        check_sampling(self.temperature, self.top_p, self.max_tokens, self.stop.as_ref())?;
-        if let Some(n) = self.n {
-            if n == 0 || n > 128 {
-                return Err(ApiError::invalid_param("n", "`n` must be between 1 and 128"));
-            }
+        check_sampling(
+            self.temperature,
+            self.top_p,
+            self.max_tokens,
+            self.stop.as_ref(),
+        )?;
+        if let Some(n) = self.n
+            && (n == 0 || n > 128)
+        {
+            return Err(ApiError::invalid_param(
+                "n",
+                "`n` must be between 1 and 128",
+            ));
         }
         Ok(())
     }
@@ -235,10 +269,16 @@ impl EmbeddingRequest {
         check_model(&self.model)?;
         match &self.input {
             EmbeddingInput::Many(v) if v.is_empty() => {
-                return Err(ApiError::invalid_param("input", "`input` must not be an empty list"));
+                return Err(ApiError::invalid_param(
+                    "input",
+                    "`input` must not be an empty list",
+                ));
             }
             EmbeddingInput::TokenBatches(v) if v.is_empty() => {
-                return Err(ApiError::invalid_param("input", "`input` must not be an empty list"));
+                return Err(ApiError::invalid_param(
+                    "input",
+                    "`input` must not be an empty list",
+                ));
             }
             _ => {}
         }
@@ -257,7 +297,10 @@ impl EmbeddingRequest {
 
 fn check_model(model: &str) -> Result<(), ApiError> {
     if model.trim().is_empty() {
-        return Err(ApiError::invalid_param("model", "`model` must be a non-empty string"));
+        return Err(ApiError::invalid_param(
+            "model",
+            "`model` must be a non-empty string",
+        ));
     }
     Ok(())
 }
@@ -268,26 +311,41 @@ fn check_sampling(
     max_tokens: Option<u64>,
     stop: Option<&StopSpec>,
 ) -> Result<(), ApiError> {
-    if let Some(t) = temperature {
-        if !(0.0..=2.0).contains(&t) {
-            return Err(ApiError::invalid_param("temperature", format!("`temperature` must be between 0 and 2, got {t}")));
-        }
+    if let Some(t) = temperature
+        && !(0.0..=2.0).contains(&t)
+    {
+        return Err(ApiError::invalid_param(
+            "temperature",
+            format!("`temperature` must be between 0 and 2, got {t}"),
+        ));
     }
-    if let Some(p) = top_p {
-        if !(p > 0.0 && p <= 1.0) {
-            return Err(ApiError::invalid_param("top_p", format!("`top_p` must be in (0, 1], got {p}")));
-        }
+    if let Some(p) = top_p
+        && !(p > 0.0 && p <= 1.0)
+    {
+        return Err(ApiError::invalid_param(
+            "top_p",
+            format!("`top_p` must be in (0, 1], got {p}"),
+        ));
     }
     if max_tokens == Some(0) {
-        return Err(ApiError::invalid_param("max_tokens", "`max_tokens` must be at least 1"));
+        return Err(ApiError::invalid_param(
+            "max_tokens",
+            "`max_tokens` must be at least 1",
+        ));
     }
     if let Some(stop) = stop {
         let v = stop.to_vec();
         if v.len() > 4 {
-            return Err(ApiError::invalid_param("stop", "`stop` takes at most 4 sequences"));
+            return Err(ApiError::invalid_param(
+                "stop",
+                "`stop` takes at most 4 sequences",
+            ));
         }
         if v.iter().any(String::is_empty) {
-            return Err(ApiError::invalid_param("stop", "stop sequences must not be empty"));
+            return Err(ApiError::invalid_param(
+                "stop",
+                "stop sequences must not be empty",
+            ));
         }
     }
     Ok(())
@@ -303,7 +361,11 @@ pub struct Usage {
 
 impl Usage {
     pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
-        Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
     }
 }
 
@@ -418,7 +480,12 @@ pub struct ModelCard {
 
 impl ModelCard {
     pub fn new(id: &str, owned_by: &str) -> Self {
-        ModelCard { id: id.to_owned(), object: "model".into(), created: 0, owned_by: owned_by.to_owned() }
+        ModelCard {
+            id: id.to_owned(),
+            object: "model".into(),
+            created: 0,
+            owned_by: owned_by.to_owned(),
+        }
     }
 }
 
@@ -435,12 +502,24 @@ pub fn encode_f32_base64(values: &[f32]) -> String {
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         out.push(TABLE[(n >> 18) as usize & 63] as char);
         out.push(TABLE[(n >> 12) as usize & 63] as char);
-        out.push(if chunk.len() > 1 { TABLE[(n >> 6) as usize & 63] as char } else { '=' });
-        out.push(if chunk.len() > 2 { TABLE[n as usize & 63] as char } else { '=' });
+        out.push(if chunk.len() > 1 {
+            TABLE[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if chunk.len() > 2 {
+            TABLE[n as usize & 63] as char
+        } else {
+            '='
+        });
     }
     out
 }
@@ -462,23 +541,33 @@ mod tests {
     #[test]
     fn validation_names_the_parameter() {
         let mut req: ChatCompletionRequest =
-            serde_json::from_str(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#).unwrap();
+            serde_json::from_str(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#)
+                .unwrap();
         assert!(req.validate().is_ok());
         req.temperature = Some(3.0);
-        assert_eq!(req.validate().unwrap_err().param.as_deref(), Some("temperature"));
+        assert_eq!(
+            req.validate().unwrap_err().param.as_deref(),
+            Some("temperature")
+        );
         req.temperature = None;
         req.messages.clear();
-        assert_eq!(req.validate().unwrap_err().param.as_deref(), Some("messages"));
+        assert_eq!(
+            req.validate().unwrap_err().param.as_deref(),
+            Some("messages")
+        );
     }
 
     #[test]
     fn content_parts_join_as_text() {
-        let m: ChatMessage =
-            serde_json::from_str(r#"{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}"#)
-                .unwrap();
+        let m: ChatMessage = serde_json::from_str(
+            r#"{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}"#,
+        )
+        .unwrap();
         assert_eq!(m.text(0).unwrap(), "ab");
-        let img: ChatMessage =
-            serde_json::from_str(r#"{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}"#).unwrap();
+        let img: ChatMessage = serde_json::from_str(
+            r#"{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}"#,
+        )
+        .unwrap();
         assert!(img.text(0).is_err());
     }
 

@@ -39,7 +39,10 @@ impl SseDecoder {
             let line = String::from_utf8_lossy(&line).into_owned();
             if line.is_empty() {
                 if !self.data.is_empty() {
-                    out.push(SseEvent { event: self.event.take(), data: self.data.join("\n") });
+                    out.push(SseEvent {
+                        event: self.event.take(),
+                        data: self.data.join("\n"),
+                    });
                     self.data.clear();
                 }
                 self.event = None;
@@ -98,7 +101,13 @@ mod tests {
     fn comments_and_event_names() {
         let mut d = SseDecoder::new();
         let ev = d.feed(b": keep-alive\n\nevent: error\ndata: x\ndata: y\n\n");
-        assert_eq!(ev, vec![SseEvent { event: Some("error".into()), data: "x\ny".into() }]);
+        assert_eq!(
+            ev,
+            vec![SseEvent {
+                event: Some("error".into()),
+                data: "x\ny".into()
+            }]
+        );
     }
 
     #[test]

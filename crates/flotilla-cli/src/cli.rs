@@ -6,10 +6,19 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "flotilla", version, about = "Self-hosted GPU fleet scheduler with local inference and cloud overflow")]
+#[command(
+    name = "flotilla",
+    version,
+    about = "Self-hosted GPU fleet scheduler with local inference and cloud overflow"
+)]
 pub struct Cli {
     /// Log format on stderr.
-    #[arg(long, global = true, env = "FLOTILLA_LOG_FORMAT", default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_LOG_FORMAT",
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,

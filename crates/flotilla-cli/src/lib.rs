@@ -25,7 +25,9 @@ fn announce(addr: SocketAddr) -> anyhow::Result<()> {
 }
 
 async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))
 }
 
 /// Cancels `token` on Ctrl-C or SIGTERM.
@@ -34,15 +36,16 @@ pub fn cancel_on_signal(token: CancellationToken) {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                    let _ = ctrl_c.await;
-                    token.cancel();
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        token.cancel();
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}
@@ -55,7 +58,14 @@ pub fn cancel_on_signal(token: CancellationToken) {
     });
 }
 
-fn load_config(args: &ServerArgs, need_agent: bool) -> anyhow::Result<(flotilla_gateway::SchedulerConfig, Option<AgentConfig>, config::FileConfig)> {
+fn load_config(
+    args: &ServerArgs,
+    need_agent: bool,
+) -> anyhow::Result<(
+    flotilla_gateway::SchedulerConfig,
+    Option<AgentConfig>,
+    config::FileConfig,
+)> {
     let file = config::load(args.config.as_deref())?;
     let (s, a) = config::resolve(&file, need_agent)?;
     Ok((s, a, file))
@@ -94,7 +104,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         agent_section.cache_dir = Some(dir);
     }
     agent_section.node_id.get_or_insert_with(|| "local".into());
-    let listen = args.server.listen.clone().unwrap_or_else(|| file.scheduler.listen.clone());
+    let listen = args
+        .server
+        .listen
+        .clone()
+        .unwrap_or_else(|| file.scheduler.listen.clone());
     let listener = bind(&listen).await?;
     let addr = listener.local_addr()?;
     agent_section.scheduler_url = Some(format!("http://{addr}"));
@@ -105,20 +119,50 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         return Ok(());
     }
 
+    // The agent stops first so it can deregister while the scheduler still listens.
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
+    let sched_stop = CancellationToken::new();
     let scheduler = Scheduler::new(listener, sched_cfg)?;
-    let sched_task = tokio::spawn(scheduler.run(shutdown.clone()));
+    let sched_task = tokio::spawn(scheduler.run(sched_stop.clone()));
 
     let agent = Agent::load(bind("127.0.0.1:0").await?, agent_cfg).await?;
     agent.register().await?;
     let agent_task = tokio::spawn(agent.run(shutdown.clone()));
     announce(addr)?;
 
-    let (a, s) = tokio::join!(agent_task, sched_task);
-    a??;
-    s??;
+    drained(agent_task, &shutdown).await?;
+    sched_stop.cancel();
+    drained(sched_task, &sched_stop).await?;
     Ok(())
+}
+
+/// How long a shutdown waits for in-flight requests before giving up on them.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Waits for a server task: its own end, or, once `shutdown` fires, its drain for at most
+/// [`DRAIN_TIMEOUT`].
+async fn drained<E>(
+    mut task: tokio::task::JoinHandle<Result<(), E>>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    tokio::select! {
+        joined = &mut task => return Ok(joined??),
+        _ = shutdown.cancelled() => {}
+    }
+    match tokio::time::timeout(DRAIN_TIMEOUT, task).await {
+        Ok(joined) => Ok(joined??),
+        Err(_) => {
+            tracing::warn!(
+                timeout_s = DRAIN_TIMEOUT.as_secs(),
+                "in-flight requests did not finish; exiting anyway"
+            );
+            Ok(())
+        }
+    }
 }
 
 pub async fn scheduler(args: ServerArgs) -> anyhow::Result<()> {
@@ -132,8 +176,7 @@ pub async fn scheduler(args: ServerArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
     announce(scheduler.local_addr()?)?;
-    scheduler.run(shutdown).await?;
-    Ok(())
+    drained(tokio::spawn(scheduler.run(shutdown.clone())), &shutdown).await
 }
 
 pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
@@ -167,12 +210,12 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
     announce(agent.local_addr()?)?;
-    agent.run(shutdown).await?;
-    Ok(())
+    drained(tokio::spawn(agent.run(shutdown.clone())), &shutdown).await
 }
 
 pub fn make_test_model(dir: &std::path::Path) -> anyhow::Result<()> {
-    flotilla_engine::make_test_model(dir).with_context(|| format!("writing the test model to {}", dir.display()))?;
+    flotilla_engine::make_test_model(dir)
+        .with_context(|| format!("writing the test model to {}", dir.display()))?;
     println!("wrote the tiny-llama test model to {}", dir.display());
     Ok(())
 }
@@ -182,7 +225,9 @@ pub fn init_tracing(format: cli::LogFormat) {
     let filter = EnvFilter::try_from_env("FLOTILLA_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         cli::LogFormat::Text => builder.init(),
         cli::LogFormat::Json => builder.json().init(),

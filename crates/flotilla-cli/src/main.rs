@@ -9,7 +9,9 @@ async fn main() -> std::process::ExitCode {
         Command::Up(args) => flotilla_cli::up(args).await,
         Command::Scheduler(args) => flotilla_cli::scheduler(args).await,
         Command::Agent(args) => flotilla_cli::agent(args).await,
-        Command::Models { command: ModelsCommand::MakeTest { dir } } => flotilla_cli::make_test_model(&dir),
+        Command::Models {
+            command: ModelsCommand::MakeTest { dir },
+        } => flotilla_cli::make_test_model(&dir),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -85,7 +85,10 @@ impl SchedulerSection {
             ("scheduler.node_ttl_ms", self.node_ttl_ms),
             ("scheduler.heartbeat_ms", self.heartbeat_ms),
             ("scheduler.connect_timeout_ms", self.connect_timeout_ms),
-            ("scheduler.first_byte_timeout_ms", self.first_byte_timeout_ms),
+            (
+                "scheduler.first_byte_timeout_ms",
+                self.first_byte_timeout_ms,
+            ),
             ("scheduler.request_timeout_ms", self.request_timeout_ms),
         ] {
             if v == 0 {
@@ -106,7 +109,10 @@ impl SchedulerSection {
             if p.name.is_empty() {
                 errors.push(format!("scheduler.providers[{i}].name: must not be empty"));
             } else if !names.insert(p.name.as_str()) {
-                errors.push(format!("scheduler.providers[{i}].name: `{}` is defined twice", p.name));
+                errors.push(format!(
+                    "scheduler.providers[{i}].name: `{}` is defined twice",
+                    p.name
+                ));
             }
             if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
                 errors.push(format!(
@@ -136,7 +142,10 @@ impl SchedulerSection {
                 cloud: m.cloud.clone(),
             };
             if groups.insert(m.name.clone(), group).is_some() {
-                errors.push(format!("scheduler.models[{i}].name: `{}` is defined twice", m.name));
+                errors.push(format!(
+                    "scheduler.models[{i}].name: `{}` is defined twice",
+                    m.name
+                ));
             }
         }
         if !errors.is_empty() {
@@ -168,12 +177,19 @@ mod tests {
         let s = SchedulerSection {
             node_ttl_ms: 500,
             heartbeat_ms: 1000,
-            providers: vec![ProviderConfig { name: "a".into(), base_url: "ftp://x".into(), api_key_env: None }],
+            providers: vec![ProviderConfig {
+                name: "a".into(),
+                base_url: "ftp://x".into(),
+                api_key_env: None,
+            }],
             models: vec![ModelSection {
                 name: "m".into(),
                 local_model: None,
                 max_queue_depth: None,
-                cloud: vec![CloudTarget { provider: "nope".into(), model: "x".into() }],
+                cloud: vec![CloudTarget {
+                    provider: "nope".into(),
+                    model: "x".into(),
+                }],
             }],
             ..SchedulerSection::default()
         };

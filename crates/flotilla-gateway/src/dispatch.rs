@@ -3,16 +3,16 @@
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use flotilla_api::protocol::ModelKind;
-use flotilla_api::{headers, ApiError, ErrorKind};
+use flotilla_api::{ApiError, ErrorKind, headers};
 use flotilla_providers::{ProviderError, Upstream};
-use flotilla_scheduler::{plan_route, ModelGroup, Target};
+use flotilla_scheduler::{ModelGroup, Target, plan_route};
 use serde_json::Value;
 
-use crate::stream::relay_sse;
 use crate::AppState;
+use crate::stream::relay_sse;
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Endpoint {
@@ -42,14 +42,20 @@ fn resolve_group(s: &AppState, model: &str, kind: ModelKind) -> Result<ModelGrou
         return Ok(g.clone());
     }
     if s.inner.fleet.knows_model(model, Some(kind)) {
-        return Ok(ModelGroup::implicit(model, s.inner.config.default_max_queue_depth));
+        return Ok(ModelGroup::implicit(
+            model,
+            s.inner.config.default_max_queue_depth,
+        ));
     }
     if s.inner.fleet.knows_model(model, None) {
         let what = match kind {
             ModelKind::Chat => "text generation",
             ModelKind::Embedding => "embeddings",
         };
-        return Err(ApiError::invalid_param("model", format!("`{model}` is served here, but not for {what}")));
+        return Err(ApiError::invalid_param(
+            "model",
+            format!("`{model}` is served here, but not for {what}"),
+        ));
     }
     Err(ApiError::model_not_found(model))
 }
@@ -68,25 +74,42 @@ pub(crate) async fn dispatch(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let group = resolve_group(s, model, ep.kind())?;
-    let candidates = s.inner.fleet.candidates(&group.local_model, ep.kind(), started);
+    let candidates = s
+        .inner
+        .fleet
+        .candidates(&group.local_model, ep.kind(), started);
     let plan = plan_route(&group, &candidates)?;
     let mut failures: Vec<ProviderError> = Vec::new();
 
     for target in &plan.targets {
         let label = target.label();
         let (upstream, guard) = match target {
-            Target::Local { node_id, base_url, model } => (
-                s.inner.pool.upstream(&label, &format!("{}/v1", base_url.trim_end_matches('/')), None),
+            Target::Local {
+                node_id,
+                base_url,
+                model,
+            } => (
+                s.inner.pool.upstream(
+                    &label,
+                    &format!("{}/v1", base_url.trim_end_matches('/')),
+                    None,
+                ),
                 Some(s.inner.fleet.acquire(node_id, model)),
             ),
             Target::Cloud { provider, .. } => match s.inner.providers.get(provider) {
                 Some(Ok(up)) => (up.clone(), None),
                 Some(Err(reason)) => {
-                    failures.push(ProviderError::Connect { target: label, reason: reason.clone() });
+                    failures.push(ProviderError::Connect {
+                        target: label,
+                        reason: reason.clone(),
+                    });
                     continue;
                 }
                 None => {
-                    failures.push(ProviderError::Connect { target: label, reason: "provider not configured".into() });
+                    failures.push(ProviderError::Connect {
+                        target: label,
+                        reason: "provider not configured".into(),
+                    });
                     continue;
                 }
             },
@@ -112,7 +135,8 @@ pub(crate) async fn dispatch(
                 return Ok(respond(answer, &upstream, &label, request_id, s, guard));
             }
             Err(e) => {
-                if let (Target::Local { node_id, .. }, ProviderError::Connect { .. }) = (target, &e) {
+                if let (Target::Local { node_id, .. }, ProviderError::Connect { .. }) = (target, &e)
+                {
                     s.inner.fleet.mark_unreachable(node_id);
                 }
                 if !e.is_retryable() {
@@ -125,7 +149,12 @@ pub(crate) async fn dispatch(
         }
     }
 
-    tracing::warn!(request_id, model, attempts = failures.len(), "every target failed");
+    tracing::warn!(
+        request_id,
+        model,
+        attempts = failures.len(),
+        "every target failed"
+    );
     Err(all_failed(model, &failures))
 }
 
@@ -144,16 +173,29 @@ fn respond(
 ) -> Response {
     let builder = Response::builder()
         .status(StatusCode::OK)
-        .header(headers::TARGET, HeaderValue::from_str(label).unwrap_or(HeaderValue::from_static("unknown")))
-        .header(headers::REQUEST_ID, HeaderValue::from_str(request_id).unwrap_or(HeaderValue::from_static("")));
+        .header(
+            headers::TARGET,
+            HeaderValue::from_str(label).unwrap_or(HeaderValue::from_static("unknown")),
+        )
+        .header(
+            headers::REQUEST_ID,
+            HeaderValue::from_str(request_id).unwrap_or(HeaderValue::from_static("")),
+        );
     let built = match answer {
         Answer::Stream(resp) => builder
             .header(header::CONTENT_TYPE, "text/event-stream")
             .header(header::CACHE_CONTROL, "no-cache")
-            .body(relay_sse(resp, upstream.label().to_owned(), s.inner.config.timeouts.first_byte, guard)),
+            .body(relay_sse(
+                resp,
+                upstream.label().to_owned(),
+                s.inner.config.timeouts.first_byte,
+                guard,
+            )),
         Answer::Json(v) => {
             drop(guard);
-            builder.header(header::CONTENT_TYPE, "application/json").body(Body::from(v.to_string()))
+            builder
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(v.to_string()))
         }
     };
     built.unwrap_or_else(|e| ApiError::new(ErrorKind::Internal, e.to_string()).into_response())
@@ -163,12 +205,25 @@ fn respond(
 /// (e.g. every target rate-limited: 429).
 fn all_failed(model: &str, failures: &[ProviderError]) -> ApiError {
     if failures.is_empty() {
-        return ApiError::new(ErrorKind::Unavailable, format!("no target available for model `{model}`"))
-            .with_code("no_target_available");
+        return ApiError::new(
+            ErrorKind::Unavailable,
+            format!("no target available for model `{model}`"),
+        )
+        .with_code("no_target_available");
     }
     let detail: Vec<String> = failures.iter().map(ToString::to_string).collect();
     let all_rate_limited = failures.iter().all(|f| f.kind() == ErrorKind::RateLimited);
-    let kind = if all_rate_limited { ErrorKind::RateLimited } else { ErrorKind::Unavailable };
-    ApiError::new(kind, format!("every target for model `{model}` failed: {}", detail.join("; ")))
-        .with_code("no_target_available")
+    let kind = if all_rate_limited {
+        ErrorKind::RateLimited
+    } else {
+        ErrorKind::Unavailable
+    };
+    ApiError::new(
+        kind,
+        format!(
+            "every target for model `{model}` failed: {}",
+            detail.join("; ")
+        ),
+    )
+    .with_code("no_target_available")
 }

@@ -34,7 +34,10 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(listener: TcpListener, config: SchedulerConfig) -> Result<Self, GatewayError> {
-        Ok(Scheduler { listener, state: AppState::new(config)? })
+        Ok(Scheduler {
+            listener,
+            state: AppState::new(config)?,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -48,7 +51,9 @@ impl Scheduler {
     /// Serves until `shutdown` is cancelled, then lets in-flight requests finish.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), GatewayError> {
         let app = routes::router(self.state);
-        axum::serve(self.listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await?;
         Ok(())
     }
 }

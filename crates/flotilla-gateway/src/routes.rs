@@ -11,12 +11,14 @@ use axum::{Json, Router};
 use flotilla_api::openai::{
     ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelCard, ModelList,
 };
-use flotilla_api::protocol::{HeartbeatAck, NodeReport, DEREGISTER_PATH, HEARTBEAT_PATH, PROTOCOL_VERSION};
-use flotilla_api::{headers, ApiError, ErrorKind};
+use flotilla_api::protocol::{
+    DEREGISTER_PATH, HEARTBEAT_PATH, HeartbeatAck, NodeReport, PROTOCOL_VERSION,
+};
+use flotilla_api::{ApiError, ErrorKind, headers};
 
-use flotilla_api::body::{parse_json, read_limited};
-use crate::dispatch::{dispatch, Endpoint};
 use crate::AppState;
+use crate::dispatch::{Endpoint, dispatch};
+use flotilla_api::body::{parse_json, read_limited};
 
 pub(crate) fn router(state: AppState) -> Router {
     Router::new()
@@ -27,8 +29,13 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/health", get(|| async { "ok" }))
         .route("/status", get(status))
         .route(HEARTBEAT_PATH, post(heartbeat))
-        .route(&format!("{DEREGISTER_PATH}/{{node_id}}"), delete(deregister))
-        .fallback(|| async { ApiError::new(ErrorKind::NotFound, "no such endpoint").into_response() })
+        .route(
+            &format!("{DEREGISTER_PATH}/{{node_id}}"),
+            delete(deregister),
+        )
+        .fallback(|| async {
+            ApiError::new(ErrorKind::NotFound, "no such endpoint").into_response()
+        })
         // Bodies are read by `read_limited` with the configured limit instead.
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
@@ -66,7 +73,15 @@ async fn completions(State(s): State<AppState>, body: Body) -> Response {
         let req: CompletionRequest = parse_json(&bytes)?;
         req.validate()?;
         let value = serde_json::to_value(&req).map_err(|e| ApiError::invalid(e.to_string()))?;
-        dispatch(&s, Endpoint::Completions, &req.model, req.is_stream(), value, &id).await
+        dispatch(
+            &s,
+            Endpoint::Completions,
+            &req.model,
+            req.is_stream(),
+            value,
+            &id,
+        )
+        .await
     }
     .await;
     res.unwrap_or_else(|e| error_response(e, &id))
@@ -87,10 +102,22 @@ async fn embeddings(State(s): State<AppState>, body: Body) -> Response {
 
 async fn models(State(s): State<AppState>) -> Json<ModelList> {
     let mut names: Vec<String> = s.inner.config.groups.keys().cloned().collect();
-    names.extend(s.inner.fleet.served_models(Instant::now()).into_iter().map(|(n, _)| n));
+    names.extend(
+        s.inner
+            .fleet
+            .served_models(Instant::now())
+            .into_iter()
+            .map(|(n, _)| n),
+    );
     names.sort();
     names.dedup();
-    Json(ModelList { object: "list".into(), data: names.iter().map(|n| ModelCard::new(n, "flotilla")).collect() })
+    Json(ModelList {
+        object: "list".into(),
+        data: names
+            .iter()
+            .map(|n| ModelCard::new(n, "flotilla"))
+            .collect(),
+    })
 }
 
 async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
@@ -111,7 +138,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn check_cluster_token(s: &AppState, h: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = &s.inner.cluster_token else { return Ok(()) };
+    let Some(expected) = &s.inner.cluster_token else {
+        return Ok(());
+    };
     let given = h
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -120,7 +149,10 @@ fn check_cluster_token(s: &AppState, h: &HeaderMap) -> Result<(), ApiError> {
     if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
         Ok(())
     } else {
-        Err(ApiError::new(ErrorKind::Unauthorized, "missing or wrong cluster token"))
+        Err(ApiError::new(
+            ErrorKind::Unauthorized,
+            "missing or wrong cluster token",
+        ))
     }
 }
 
@@ -143,13 +175,20 @@ async fn heartbeat(State(s): State<AppState>, h: HeaderMap, body: Body) -> Respo
         if s.inner.fleet.upsert(report, Instant::now()) {
             tracing::info!(node_id = %node_id, models = ?models, "node joined");
         }
-        Ok(Json(HeartbeatAck { heartbeat_ms: s.inner.config.heartbeat.as_millis() as u64 }).into_response())
+        Ok(Json(HeartbeatAck {
+            heartbeat_ms: s.inner.config.heartbeat.as_millis() as u64,
+        })
+        .into_response())
     }
     .await;
     res.unwrap_or_else(|e: ApiError| e.into_response())
 }
 
-async fn deregister(State(s): State<AppState>, h: HeaderMap, Path(node_id): Path<String>) -> Response {
+async fn deregister(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Path(node_id): Path<String>,
+) -> Response {
     if let Err(e) = check_cluster_token(&s, &h) {
         return e.into_response();
     }
@@ -157,7 +196,11 @@ async fn deregister(State(s): State<AppState>, h: HeaderMap, Path(node_id): Path
         tracing::info!(node_id = %node_id, "node left");
         StatusCode::NO_CONTENT.into_response()
     } else {
-        ApiError::new(ErrorKind::NotFound, format!("node `{node_id}` is not registered")).into_response()
+        ApiError::new(
+            ErrorKind::NotFound,
+            format!("node `{node_id}` is not registered"),
+        )
+        .into_response()
     }
 }
 

@@ -38,10 +38,20 @@ impl AppState {
             .and_then(|var| std::env::var(var).ok())
             .filter(|t| !t.is_empty());
         if config.cluster_token_env.is_some() && cluster_token.is_none() {
-            tracing::warn!("cluster_token_env is set but the variable is empty: agents are not authenticated");
+            tracing::warn!(
+                "cluster_token_env is set but the variable is empty: agents are not authenticated"
+            );
         }
         let fleet = Fleet::new(config.node_ttl);
-        Ok(AppState { inner: Arc::new(Inner { config, fleet, pool, providers, cluster_token }) })
+        Ok(AppState {
+            inner: Arc::new(Inner {
+                config,
+                fleet,
+                pool,
+                providers,
+                cluster_token,
+            }),
+        })
     }
 
     pub fn fleet(&self) -> &Arc<Fleet> {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
-use flotilla_api::sse::{data_event, SseDecoder};
+use flotilla_api::sse::{SseDecoder, data_event};
 use flotilla_scheduler::InFlightGuard;
 use futures::stream::{BoxStream, StreamExt};
 
@@ -34,7 +34,12 @@ fn error_event(label: &str, message: &str) -> Bytes {
     Bytes::from(data_event(&body.to_string()))
 }
 
-pub(crate) fn relay_sse(resp: reqwest::Response, label: String, idle: Duration, guard: Option<InFlightGuard>) -> Body {
+pub(crate) fn relay_sse(
+    resp: reqwest::Response,
+    label: String,
+    idle: Duration,
+    guard: Option<InFlightGuard>,
+) -> Body {
     let state = Relay {
         upstream: resp.bytes_stream().boxed(),
         decoder: SseDecoder::new(),
@@ -65,7 +70,13 @@ pub(crate) fn relay_sse(resp: reqwest::Response, label: String, idle: Duration, 
             Ok(None) => {
                 st.ended = true;
                 tracing::warn!(upstream = %st.label, "stream ended without [DONE]");
-                Some((Ok(error_event(&st.label, "the upstream ended the stream before it was complete")), st))
+                Some((
+                    Ok(error_event(
+                        &st.label,
+                        "the upstream ended the stream before it was complete",
+                    )),
+                    st,
+                ))
             }
             Err(_) => {
                 st.ended = true;

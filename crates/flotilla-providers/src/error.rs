@@ -16,7 +16,7 @@ pub enum ProviderError {
         status: u16,
         message: String,
         /// The upstream's own OpenAI-shaped body, passed to the client for 4xx answers.
-        body: Option<ErrorBody>,
+        body: Option<Box<ErrorBody>>,
         retry_after: Option<Duration>,
     },
     #[error("{target}: reading the response failed: {reason}")]
@@ -48,7 +48,9 @@ impl ProviderError {
     /// failures (our key, not the client's) are; other 4xx answers are the client's to see.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ProviderError::Status { status, .. } => matches!(*status, 401 | 403 | 404 | 408 | 409 | 429 | 500..=599),
+            ProviderError::Status { status, .. } => {
+                matches!(*status, 401 | 403 | 404 | 408 | 409 | 429 | 500..=599)
+            }
             _ => true,
         }
     }
@@ -66,15 +68,19 @@ impl ProviderError {
     /// What the client sees when this is the final answer: a non-retryable 4xx keeps the
     /// upstream's message, type, param and code.
     pub fn to_api_error(&self) -> ApiError {
-        if let ProviderError::Status { body: Some(body), status, .. } = self {
-            if (400..500).contains(status) {
-                return ApiError {
-                    kind: self.kind(),
-                    message: body.error.message.clone(),
-                    param: body.error.param.clone(),
-                    code: body.error.code.clone(),
-                };
-            }
+        if let ProviderError::Status {
+            body: Some(body),
+            status,
+            ..
+        } = self
+            && (400..500).contains(status)
+        {
+            return ApiError {
+                kind: self.kind(),
+                message: body.error.message.clone(),
+                param: body.error.param.clone(),
+                code: body.error.code.clone(),
+            };
         }
         ApiError::new(self.kind(), self.to_string())
     }

@@ -51,7 +51,11 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Timeouts { connect: Duration::from_secs(5), first_byte: Duration::from_secs(60), total: Duration::from_secs(600) }
+        Timeouts {
+            connect: Duration::from_secs(5),
+            first_byte: Duration::from_secs(60),
+            total: Duration::from_secs(600),
+        }
     }
 }
 
@@ -69,7 +73,10 @@ impl UpstreamPool {
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
             .build()
-            .map_err(|e| ProviderError::Connect { target: "client".into(), reason: e.to_string() })?;
+            .map_err(|e| ProviderError::Connect {
+                target: "client".into(),
+                reason: e.to_string(),
+            })?;
         Ok(UpstreamPool { client, timeouts })
     }
 
@@ -95,7 +102,10 @@ impl UpstreamPool {
             Some(var) => match std::env::var(var) {
                 Ok(v) if !v.is_empty() => Some(Secret::new(v)),
                 _ => {
-                    return Err(ProviderError::MissingKey { target: format!("cloud:{}", cfg.name), var: var.clone() });
+                    return Err(ProviderError::MissingKey {
+                        target: format!("cloud:{}", cfg.name),
+                        var: var.clone(),
+                    });
                 }
             },
         };
@@ -118,7 +128,10 @@ pub struct Upstream {
 
 impl fmt::Debug for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Upstream").field("label", &self.label).field("base_url", &self.base_url).finish()
+        f.debug_struct("Upstream")
+            .field("label", &self.label)
+            .field("base_url", &self.base_url)
+            .finish()
     }
 }
 
@@ -130,14 +143,23 @@ impl Upstream {
     /// POSTs `body` as JSON to `base_url + path` and returns the response once its headers
     /// arrived with a 2xx status. Anything else becomes a classified [`ProviderError`]:
     /// the caller decides from `is_retryable` whether to try the next target.
-    pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> Result<reqwest::Response, ProviderError> {
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<reqwest::Response, ProviderError> {
         let url = format!("{}{}", self.base_url, path);
         let mut req = self.client.post(&url).json(body);
         if let Some(key) = &self.key {
             req = req.bearer_auth(key.expose());
         }
         let resp = match tokio::time::timeout(self.timeouts.first_byte, req.send()).await {
-            Err(_) => return Err(ProviderError::Timeout { target: self.label.clone(), after: self.timeouts.first_byte }),
+            Err(_) => {
+                return Err(ProviderError::Timeout {
+                    target: self.label.clone(),
+                    after: self.timeouts.first_byte,
+                });
+            }
             Ok(Err(e)) => return Err(self.transport_error(&e)),
             Ok(Ok(r)) => r,
         };
@@ -152,21 +174,40 @@ impl Upstream {
             .and_then(|s| s.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
         // An error body is small; bound the wait for it like the headers.
-        let text = tokio::time::timeout(self.timeouts.first_byte, resp.text()).await.ok().and_then(Result::ok);
-        let body: Option<ErrorBody> = text.as_deref().and_then(|t| serde_json::from_str(t).ok());
+        let text = tokio::time::timeout(self.timeouts.first_byte, resp.text())
+            .await
+            .ok()
+            .and_then(Result::ok);
+        let body: Option<Box<ErrorBody>> =
+            text.as_deref().and_then(|t| serde_json::from_str(t).ok());
         let message = match (&body, &text) {
             (Some(b), _) => b.error.message.clone(),
             (None, Some(t)) => t.chars().take(300).collect(),
             (None, None) => String::new(),
         };
-        Err(ProviderError::Status { target: self.label.clone(), status: status.as_u16(), message, body, retry_after })
+        Err(ProviderError::Status {
+            target: self.label.clone(),
+            status: status.as_u16(),
+            message,
+            body,
+            retry_after,
+        })
     }
 
     /// Reads a whole non-streaming body within the total timeout.
-    pub async fn read_json(&self, resp: reqwest::Response) -> Result<serde_json::Value, ProviderError> {
+    pub async fn read_json(
+        &self,
+        resp: reqwest::Response,
+    ) -> Result<serde_json::Value, ProviderError> {
         match tokio::time::timeout(self.timeouts.total, resp.bytes()).await {
-            Err(_) => Err(ProviderError::Timeout { target: self.label.clone(), after: self.timeouts.total }),
-            Ok(Err(e)) => Err(ProviderError::Body { target: self.label.clone(), reason: e.to_string() }),
+            Err(_) => Err(ProviderError::Timeout {
+                target: self.label.clone(),
+                after: self.timeouts.total,
+            }),
+            Ok(Err(e)) => Err(ProviderError::Body {
+                target: self.label.clone(),
+                reason: e.to_string(),
+            }),
             Ok(Ok(bytes)) => serde_json::from_slice(&bytes).map_err(|e| ProviderError::Body {
                 target: self.label.clone(),
                 reason: format!("invalid JSON: {e}"),
@@ -183,7 +224,10 @@ impl Upstream {
             reason.push_str(&s.to_string());
             src = s.source();
         }
-        ProviderError::Connect { target: self.label.clone(), reason }
+        ProviderError::Connect {
+            target: self.label.clone(),
+            reason,
+        }
     }
 }
 
@@ -217,7 +261,10 @@ mod tests {
         };
         let pool = UpstreamPool::new(Timeouts::default()).unwrap();
         let up = pool.upstream("cloud:x", &format!("http://127.0.0.1:{port}/v1"), None);
-        let err = up.post_json("/chat/completions", &serde_json::json!({})).await.unwrap_err();
+        let err = up
+            .post_json("/chat/completions", &serde_json::json!({}))
+            .await
+            .unwrap_err();
         assert!(matches!(err, ProviderError::Connect { .. }), "{err}");
         assert!(err.is_retryable());
     }

@@ -2,7 +2,9 @@ use flotilla_api::{ApiError, ErrorKind};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SchedulerError {
-    #[error("no target can serve model `{model}`: no healthy agent serves it and it has no cloud target")]
+    #[error(
+        "no target can serve model `{model}`: no healthy agent serves it and it has no cloud target"
+    )]
     NoTarget { model: String },
 }
 

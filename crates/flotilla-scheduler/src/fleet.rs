@@ -38,7 +38,10 @@ pub struct Fleet {
 impl Fleet {
     /// `ttl`: a node whose last heartbeat is older than this is not routed to.
     pub fn new(ttl: Duration) -> Arc<Self> {
-        Arc::new(Fleet { nodes: Mutex::new(HashMap::new()), ttl })
+        Arc::new(Fleet {
+            nodes: Mutex::new(HashMap::new()),
+            ttl,
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, NodeEntry>> {
@@ -59,7 +62,15 @@ impl Fleet {
             }
             None => {
                 let id = report.node_id.clone();
-                nodes.insert(id, NodeEntry { report, last_seen: now, in_flight: HashMap::new(), suspect: false });
+                nodes.insert(
+                    id,
+                    NodeEntry {
+                        report,
+                        last_seen: now,
+                        in_flight: HashMap::new(),
+                        suspect: false,
+                    },
+                );
                 true
             }
         }
@@ -88,7 +99,12 @@ impl Fleet {
             if !self.is_healthy(e, now) {
                 continue;
             }
-            if let Some(m) = e.report.models.iter().find(|m| m.name == model && m.kind == kind) {
+            if let Some(m) = e
+                .report
+                .models
+                .iter()
+                .find(|m| m.name == model && m.kind == kind)
+            {
                 out.push(LocalCandidate {
                     node_id: e.report.node_id.clone(),
                     base_url: e.report.base_url.clone(),
@@ -119,9 +135,12 @@ impl Fleet {
     /// known (503 while its nodes are down) rather than unknown (404).
     /// With `kind`, only a deployment of that kind counts.
     pub fn knows_model(&self, model: &str, kind: Option<ModelKind>) -> bool {
-        self.lock()
-            .values()
-            .any(|e| e.report.models.iter().any(|m| m.name == model && kind.is_none_or(|k| k == m.kind)))
+        self.lock().values().any(|e| {
+            e.report
+                .models
+                .iter()
+                .any(|m| m.name == model && kind.is_none_or(|k| k == m.kind))
+        })
     }
 
     pub fn snapshot(&self, now: Instant) -> Vec<NodeSnapshot> {
@@ -146,7 +165,11 @@ impl Fleet {
         if let Some(e) = self.lock().get_mut(node_id) {
             *e.in_flight.entry(model.to_owned()).or_insert(0) += 1;
         }
-        InFlightGuard { fleet: Arc::clone(self), node_id: node_id.to_owned(), model: model.to_owned() }
+        InFlightGuard {
+            fleet: Arc::clone(self),
+            node_id: node_id.to_owned(),
+            model: model.to_owned(),
+        }
     }
 }
 
@@ -160,10 +183,10 @@ pub struct InFlightGuard {
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        if let Some(e) = self.fleet.lock().get_mut(&self.node_id) {
-            if let Some(n) = e.in_flight.get_mut(&self.model) {
-                *n = n.saturating_sub(1);
-            }
+        if let Some(e) = self.fleet.lock().get_mut(&self.node_id)
+            && let Some(n) = e.in_flight.get_mut(&self.model)
+        {
+            *n = n.saturating_sub(1);
         }
     }
 }
@@ -198,7 +221,11 @@ mod tests {
         assert!(!fleet.upsert(report("a"), t0));
         assert_eq!(fleet.candidates("m", ModelKind::Chat, t0).len(), 1);
         assert!(fleet.candidates("m", ModelKind::Embedding, t0).is_empty());
-        assert!(fleet.candidates("m", ModelKind::Chat, t0 + Duration::from_secs(6)).is_empty());
+        assert!(
+            fleet
+                .candidates("m", ModelKind::Chat, t0 + Duration::from_secs(6))
+                .is_empty()
+        );
         fleet.mark_unreachable("a");
         assert!(fleet.candidates("m", ModelKind::Chat, t0).is_empty());
         fleet.upsert(report("a"), t0);

@@ -11,4 +11,6 @@ pub mod policy;
 
 pub use error::SchedulerError;
 pub use fleet::{Fleet, InFlightGuard};
-pub use policy::{plan_route, CloudTarget, LocalCandidate, ModelGroup, RoutePlan, RouteReason, Target};
+pub use policy::{
+    CloudTarget, LocalCandidate, ModelGroup, RoutePlan, RouteReason, Target, plan_route,
+};

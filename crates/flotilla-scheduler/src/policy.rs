@@ -29,7 +29,12 @@ pub struct ModelGroup {
 impl ModelGroup {
     /// A model that agents serve but the config does not name: local only.
     pub fn implicit(name: &str, max_queue_depth: u64) -> Self {
-        ModelGroup { name: name.to_owned(), local_model: name.to_owned(), max_queue_depth, cloud: Vec::new() }
+        ModelGroup {
+            name: name.to_owned(),
+            local_model: name.to_owned(),
+            max_queue_depth,
+            cloud: Vec::new(),
+        }
     }
 }
 
@@ -54,8 +59,15 @@ impl LocalCandidate {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
-    Local { node_id: String, base_url: String, model: String },
-    Cloud { provider: String, model: String },
+    Local {
+        node_id: String,
+        base_url: String,
+        model: String,
+    },
+    Cloud {
+        provider: String,
+        model: String,
+    },
 }
 
 impl Target {
@@ -112,7 +124,10 @@ pub struct RoutePlan {
 ///
 /// The local queue position is the number of requests that would be ahead of this one
 /// once every local slot is taken: `sum(load) + 1 - sum(max_running)`, floored at 0.
-pub fn plan_route(group: &ModelGroup, local: &[LocalCandidate]) -> Result<RoutePlan, SchedulerError> {
+pub fn plan_route(
+    group: &ModelGroup,
+    local: &[LocalCandidate],
+) -> Result<RoutePlan, SchedulerError> {
     let mut locals: Vec<&LocalCandidate> = local.iter().collect();
     // Least loaded first, relative to capacity; node id breaks ties so the order is stable.
     locals.sort_by(|a, b| {
@@ -122,19 +137,31 @@ pub fn plan_route(group: &ModelGroup, local: &[LocalCandidate]) -> Result<RouteP
     });
     let local_targets: Vec<Target> = locals
         .iter()
-        .map(|c| Target::Local { node_id: c.node_id.clone(), base_url: c.base_url.clone(), model: c.model.clone() })
+        .map(|c| Target::Local {
+            node_id: c.node_id.clone(),
+            base_url: c.base_url.clone(),
+            model: c.model.clone(),
+        })
         .collect();
     let cloud_targets: Vec<Target> = group
         .cloud
         .iter()
-        .map(|c| Target::Cloud { provider: c.provider.clone(), model: c.model.clone() })
+        .map(|c| Target::Cloud {
+            provider: c.provider.clone(),
+            model: c.model.clone(),
+        })
         .collect();
 
     if local_targets.is_empty() {
         if cloud_targets.is_empty() {
-            return Err(SchedulerError::NoTarget { model: group.name.clone() });
+            return Err(SchedulerError::NoTarget {
+                model: group.name.clone(),
+            });
         }
-        return Ok(RoutePlan { targets: cloud_targets, reason: RouteReason::NoHealthyAgent });
+        return Ok(RoutePlan {
+            targets: cloud_targets,
+            reason: RouteReason::NoHealthyAgent,
+        });
     }
 
     let load: u64 = locals.iter().map(|c| c.load()).sum();
@@ -146,10 +173,17 @@ pub fn plan_route(group: &ModelGroup, local: &[LocalCandidate]) -> Result<RouteP
         targets.extend(local_targets);
         return Ok(RoutePlan {
             targets,
-            reason: RouteReason::QueueDepthExceeded { position, max: group.max_queue_depth },
+            reason: RouteReason::QueueDepthExceeded {
+                position,
+                max: group.max_queue_depth,
+            },
         });
     }
-    let reason = if position == 0 { RouteReason::LocalCapacity } else { RouteReason::LocalQueue { position } };
+    let reason = if position == 0 {
+        RouteReason::LocalCapacity
+    } else {
+        RouteReason::LocalQueue { position }
+    };
     let mut targets = local_targets;
     targets.extend(cloud_targets);
     Ok(RoutePlan { targets, reason })
@@ -164,7 +198,14 @@ mod tests {
             name: "m".into(),
             local_model: "m".into(),
             max_queue_depth,
-            cloud: if cloud { vec![CloudTarget { provider: "p".into(), model: "pm".into() }] } else { vec![] },
+            cloud: if cloud {
+                vec![CloudTarget {
+                    provider: "p".into(),
+                    model: "pm".into(),
+                }]
+            } else {
+                vec![]
+            },
         }
     }
 
@@ -191,7 +232,13 @@ mod tests {
     fn overflows_when_queue_would_exceed_depth() {
         // One slot, one request running: the next would be first in the queue.
         let p = plan_route(&group(0, true), &[node("a", 1, 1)]).unwrap();
-        assert_eq!(p.reason, RouteReason::QueueDepthExceeded { position: 1, max: 0 });
+        assert_eq!(
+            p.reason,
+            RouteReason::QueueDepthExceeded {
+                position: 1,
+                max: 0
+            }
+        );
         assert_eq!(p.targets[0].label(), "cloud:p");
         assert_eq!(p.targets[1].label(), "local:a/m");
         // A deeper limit keeps it local.
@@ -211,12 +258,22 @@ mod tests {
         let mut n = node("a", 0, 1);
         n.reported_load = 3;
         let p = plan_route(&group(1, true), &[n]).unwrap();
-        assert_eq!(p.reason, RouteReason::QueueDepthExceeded { position: 3, max: 1 });
+        assert_eq!(
+            p.reason,
+            RouteReason::QueueDepthExceeded {
+                position: 3,
+                max: 1
+            }
+        );
     }
 
     #[test]
     fn least_loaded_agent_first() {
-        let p = plan_route(&group(8, false), &[node("a", 3, 4), node("b", 1, 4), node("c", 1, 4)]).unwrap();
+        let p = plan_route(
+            &group(8, false),
+            &[node("a", 3, 4), node("b", 1, 4), node("c", 1, 4)],
+        )
+        .unwrap();
         let labels: Vec<String> = p.targets.iter().map(Target::label).collect();
         assert_eq!(labels, ["local:b/m", "local:c/m", "local:a/m"]);
     }
@@ -225,6 +282,9 @@ mod tests {
     fn no_agent_goes_to_cloud_or_fails() {
         let p = plan_route(&group(0, true), &[]).unwrap();
         assert_eq!(p.reason, RouteReason::NoHealthyAgent);
-        assert!(matches!(plan_route(&group(0, false), &[]), Err(SchedulerError::NoTarget { .. })));
+        assert!(matches!(
+            plan_route(&group(0, false), &[]),
+            Err(SchedulerError::NoTarget { .. })
+        ));
     }
 }

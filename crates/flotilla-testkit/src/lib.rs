@@ -4,4 +4,4 @@
 
 mod mock;
 
-pub use mock::{closed_port_url, Behavior, MockUpstream, Recorded};
+pub use mock::{Behavior, MockUpstream, Recorded, closed_port_url};

@@ -3,14 +3,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::Router;
 use flotilla_api::sse::data_event;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 /// What the mock does with one request.
 #[derive(Debug, Clone)]
@@ -19,7 +19,11 @@ pub enum Behavior {
     /// completions answer `text`; embeddings answer 8-dimensional vectors.
     Reply { text: String, latency: Duration },
     /// Answer with this status and an OpenAI-shaped error body.
-    Status { code: u16, retry_after_s: Option<u64>, message: String },
+    Status {
+        code: u16,
+        retry_after_s: Option<u64>,
+        message: String,
+    },
     /// Stream `after_chunks` content chunks, then drop the connection without `[DONE]`.
     StreamCut { after_chunks: usize },
     /// Accept the request and never answer.
@@ -28,10 +32,17 @@ pub enum Behavior {
 
 impl Behavior {
     pub fn reply(text: &str) -> Self {
-        Behavior::Reply { text: text.to_owned(), latency: Duration::ZERO }
+        Behavior::Reply {
+            text: text.to_owned(),
+            latency: Duration::ZERO,
+        }
     }
     pub fn status(code: u16) -> Self {
-        Behavior::Status { code, retry_after_s: None, message: format!("mock upstream says {code}") }
+        Behavior::Status {
+            code,
+            retry_after_s: None,
+            message: format!("mock upstream says {code}"),
+        }
     }
 }
 
@@ -112,37 +123,60 @@ impl MockUpstream {
 
 /// A URL on which nothing listens: connections are refused.
 pub fn closed_port_url() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(9);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(9);
     format!("http://127.0.0.1:{port}/v1")
 }
 
-async fn handle(State(state): State<Arc<MockState>>, uri: axum::http::Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    State(state): State<Arc<MockState>>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let path = uri.path().to_owned();
     lock(&state.requests).push(Recorded {
         path: path.clone(),
-        authorization: headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned),
+        authorization: headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
         body: body.clone(),
     });
-    let behavior = lock(&state.script).pop_front().unwrap_or_else(|| lock(&state.default).clone());
-    let model = body.get("model").and_then(Value::as_str).unwrap_or("mock").to_owned();
+    let behavior = lock(&state.script)
+        .pop_front()
+        .unwrap_or_else(|| lock(&state.default).clone());
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock")
+        .to_owned();
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let include_usage =
-        body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = body
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let chat = path.ends_with("/chat/completions");
     match behavior {
         Behavior::Hang => {
             futures::future::pending::<()>().await;
             StatusCode::OK.into_response()
         }
-        Behavior::Status { code, retry_after_s, message } => {
+        Behavior::Status {
+            code,
+            retry_after_s,
+            message,
+        } => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let body = json!({"error": {"message": message, "type": "mock_error", "param": null, "code": code.to_string()}});
             let mut resp = (status, axum::Json(body)).into_response();
-            if let Some(s) = retry_after_s {
-                if let Ok(v) = s.to_string().parse() {
-                    resp.headers_mut().insert("retry-after", v);
-                }
+            if let Some(s) = retry_after_s
+                && let Ok(v) = s.to_string().parse()
+            {
+                resp.headers_mut().insert("retry-after", v);
             }
             resp
         }
@@ -160,7 +194,13 @@ async fn handle(State(state): State<Arc<MockState>>, uri: axum::http::Uri, heade
         }
         Behavior::StreamCut { after_chunks } => {
             let words: Vec<String> = (0..after_chunks + 5).map(|i| format!("w{i} ")).collect();
-            sse(stream_chunks(chat, &model, &words, include_usage, Some(after_chunks)))
+            sse(stream_chunks(
+                chat,
+                &model,
+                &words,
+                include_usage,
+                Some(after_chunks),
+            ))
         }
     }
 }
@@ -191,7 +231,13 @@ fn embeddings(model: &str, body: &Value) -> Value {
 
 /// The SSE events of a streamed answer; with `cut_after`, only that many content chunks
 /// and then a broken connection.
-fn stream_chunks(chat: bool, model: &str, words: &[String], include_usage: bool, cut_after: Option<usize>) -> Vec<Result<Bytes, std::io::Error>> {
+fn stream_chunks(
+    chat: bool,
+    model: &str,
+    words: &[String],
+    include_usage: bool,
+    cut_after: Option<usize>,
+) -> Vec<Result<Bytes, std::io::Error>> {
     let chunk = |content: Option<&str>, finish: Option<&str>| -> Value {
         if chat {
             let delta = match content {
@@ -215,12 +261,19 @@ fn stream_chunks(chat: bool, model: &str, words: &[String], include_usage: bool,
     }
     for (i, w) in words.iter().enumerate() {
         if cut_after == Some(i) {
-            out.push(Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "mock cut the stream")));
+            out.push(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "mock cut the stream",
+            )));
             return out;
         }
-        out.push(Ok(Bytes::from(data_event(&chunk(Some(w), None).to_string()))));
+        out.push(Ok(Bytes::from(data_event(
+            &chunk(Some(w), None).to_string(),
+        ))));
     }
-    out.push(Ok(Bytes::from(data_event(&chunk(None, Some("stop")).to_string()))));
+    out.push(Ok(Bytes::from(data_event(
+        &chunk(None, Some("stop")).to_string(),
+    ))));
     if include_usage {
         let usage = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [],
                            "usage": {"prompt_tokens": 5, "completion_tokens": words.len(), "total_tokens": 5 + words.len()}});

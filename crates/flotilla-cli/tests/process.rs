@@ -1,0 +1,246 @@
+//! The built binary as users run it: spawned, its `listening on` line read from stdout.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
+
+/// Kills the child when the test ends, whatever happens.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Spawns `flotilla ARGS` and returns it with the address from its one stdout line.
+fn spawn(args: &[&str]) -> (Proc, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("FLOTILLA_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn flotilla");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let first = lines.next().and_then(Result::ok);
+        let _ = tx.send(first);
+        // Anything more on stdout breaks the one-line contract.
+        for line in lines.map_while(Result::ok) {
+            panic!("unexpected second stdout line: {line}");
+        }
+    });
+    let proc = Proc(child);
+    let line = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("no listening line in 120 s")
+        .expect("stdout closed");
+    let url = line
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+        .to_owned();
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    (proc, url)
+}
+
+#[tokio::test]
+async fn up_serves_chat_from_the_binary() {
+    let cache = tempfile::tempdir().unwrap();
+    let (mut proc, url) = spawn(&[
+        "up",
+        "--listen",
+        "127.0.0.1:0",
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+    ]);
+    // The built-in model was made on first run.
+    assert!(
+        cache
+            .path()
+            .join("tiny-llama")
+            .join("model.safetensors")
+            .is_file()
+    );
+
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let resp = c
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&json!({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["x-flotilla-target"],
+        "local:local/tiny-llama"
+    );
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+
+    // SIGTERM drains and exits cleanly.
+    let pid = proc.0.id().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(code) = proc.0.try_wait().unwrap() {
+            assert!(code.success(), "exit status {code}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test]
+async fn scheduler_and_agent_as_separate_processes() {
+    let cache = tempfile::tempdir().unwrap();
+    let (_sched, sched_url) = spawn(&["scheduler", "--listen", "127.0.0.1:0"]);
+    let (_agent, agent_url) = spawn(&[
+        "agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--scheduler-url",
+        &sched_url,
+        "--node-id",
+        "gpu-1",
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+    ]);
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    // The agent answers directly too.
+    let models: Value = c
+        .get(format!("{agent_url}/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == "tiny-llama")
+    );
+    let resp = c
+        .post(format!("{sched_url}/v1/chat/completions"))
+        .json(&json!({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["x-flotilla-target"],
+        "local:gpu-1/tiny-llama"
+    );
+    assert!(resp.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+}
+
+#[test]
+fn bad_config_reports_every_problem_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[scheduler]\nnode_ttl_ms = 10\ntypo_key = 1\n[[scheduler.models]]\nname = \"m\"\ncloud = [{ provider = \"ghost\", model = \"x\" }]\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "scheduler",
+            "--check-config",
+            "--config",
+            path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("scheduler.typo_key: unknown key"), "{err}");
+    // Unknown keys are reported first; a second run without the typo shows the value errors together.
+    std::fs::write(
+        &path,
+        "[scheduler]\nnode_ttl_ms = 10\n[[scheduler.models]]\nname = \"m\"\ncloud = [{ provider = \"ghost\", model = \"x\" }]\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "scheduler",
+            "--check-config",
+            "--config",
+            path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("node_ttl_ms") && err.contains("`ghost`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_example_config_is_valid() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/flotilla.toml");
+    let out = Command::new(BIN)
+        .args(["up", "--check-config", "--config", example])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "configuration is valid"
+    );
+}
+
+#[test]
+fn make_test_is_deterministic() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    for d in [&a, &b] {
+        let out = Command::new(BIN)
+            .args(["models", "make-test", d.path().to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        let x = std::fs::read(a.path().join(f)).unwrap();
+        let y = std::fs::read(b.path().join(f)).unwrap();
+        assert!(!x.is_empty());
+        assert!(x == y, "{f} differs between two runs");
+    }
+}
