@@ -23,6 +23,9 @@ pub struct AgentSection {
     pub cluster_token_env: Option<String>,
     /// Where `builtin:` models are made and Hugging Face downloads are cached.
     pub cache_dir: Option<PathBuf>,
+    /// Hugging Face hub cache; defaults to the standard one ($HF_HOME/hub or
+    /// ~/.cache/huggingface/hub), so models downloaded by other tools are found.
+    pub hf_cache_dir: Option<PathBuf>,
     /// Resolve Hugging Face models from the cache only.
     pub offline: bool,
     pub models: Vec<ModelSpec>,
@@ -39,6 +42,7 @@ impl Default for AgentSection {
             max_body_bytes: 4 * 1024 * 1024,
             cluster_token_env: None,
             cache_dir: None,
+            hf_cache_dir: None,
             offline: false,
             models: Vec::new(),
         }
@@ -74,6 +78,7 @@ pub struct AgentConfig {
     pub max_body_bytes: usize,
     pub cluster_token_env: Option<String>,
     pub cache_dir: PathBuf,
+    pub hf_cache_dir: PathBuf,
     pub offline: bool,
     pub models: Vec<ModelSpec>,
 }
@@ -89,6 +94,26 @@ pub fn default_cache_dir() -> PathBuf {
     }) {
         Some(base) => PathBuf::from(base).join("flotilla").join("models"),
         None => PathBuf::from(".flotilla-cache").join("models"),
+    }
+}
+
+/// The standard Hugging Face hub cache: `$HF_HUB_CACHE`, `$HF_HOME/hub`, or
+/// `~/.cache/huggingface/hub`.
+pub fn default_hf_cache_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("HF_HUB_CACHE") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("HF_HOME") {
+        return PathBuf::from(p).join("hub");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h)
+            .join(".cache")
+            .join("huggingface")
+            .join("hub"),
+        None => PathBuf::from(".flotilla-cache")
+            .join("huggingface")
+            .join("hub"),
     }
 }
 
@@ -151,6 +176,10 @@ impl AgentSection {
             max_body_bytes: self.max_body_bytes,
             cluster_token_env: self.cluster_token_env.clone(),
             cache_dir: self.cache_dir.clone().unwrap_or_else(default_cache_dir),
+            hf_cache_dir: self
+                .hf_cache_dir
+                .clone()
+                .unwrap_or_else(default_hf_cache_dir),
             offline: self.offline,
             models: self.models.clone(),
         })

@@ -170,7 +170,58 @@ struct ChunkWriter {
     model: String,
 }
 
+/// One choice's part of a chunk: its index, whether it opens with the role, its new text
+/// and its finish reason.
+struct ChoicePart<'a> {
+    index: u32,
+    role: bool,
+    content: Option<String>,
+    finish: Option<&'a str>,
+}
+
 impl ChunkWriter {
+    /// One SSE event: a chunk for one choice, or (with `part` None) the usage-only chunk.
+    fn event(&self, part: Option<ChoicePart<'_>>, usage: Option<Usage>) -> Bytes {
+        let json = match self.shape {
+            Shape::Chat => serde_json::to_string(&ChatCompletionChunk {
+                id: self.id.clone(),
+                object: "chat.completion.chunk".into(),
+                created: self.created,
+                model: self.model.clone(),
+                choices: part
+                    .map(|p| ChunkChoice {
+                        index: p.index,
+                        delta: ChunkDelta {
+                            role: p.role.then(|| "assistant".into()),
+                            content: p.content,
+                        },
+                        finish_reason: p.finish.map(Into::into),
+                        logprobs: None,
+                    })
+                    .into_iter()
+                    .collect(),
+                usage,
+            }),
+            Shape::Completion => serde_json::to_string(&Completion {
+                id: self.id.clone(),
+                object: "text_completion".into(),
+                created: self.created,
+                model: self.model.clone(),
+                choices: part
+                    .map(|p| CompletionChoice {
+                        index: p.index,
+                        text: p.content.unwrap_or_default(),
+                        finish_reason: p.finish.map(Into::into),
+                        logprobs: None,
+                    })
+                    .into_iter()
+                    .collect(),
+                usage,
+            }),
+        };
+        Bytes::from(data_event(&json.unwrap_or_default()))
+    }
+
     fn chunk(
         &self,
         index: u32,
@@ -178,60 +229,19 @@ impl ChunkWriter {
         content: Option<String>,
         finish: Option<&str>,
     ) -> Bytes {
-        let json = match self.shape {
-            Shape::Chat => serde_json::to_string(&ChatCompletionChunk {
-                id: self.id.clone(),
-                object: "chat.completion.chunk".into(),
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![ChunkChoice {
-                    index,
-                    delta: ChunkDelta {
-                        role: role.then(|| "assistant".into()),
-                        content,
-                    },
-                    finish_reason: finish.map(Into::into),
-                    logprobs: None,
-                }],
-                usage: None,
+        self.event(
+            Some(ChoicePart {
+                index,
+                role,
+                content,
+                finish,
             }),
-            Shape::Completion => serde_json::to_string(&Completion {
-                id: self.id.clone(),
-                object: "text_completion".into(),
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![CompletionChoice {
-                    index,
-                    text: content.unwrap_or_default(),
-                    finish_reason: finish.map(Into::into),
-                    logprobs: None,
-                }],
-                usage: None,
-            }),
-        };
-        Bytes::from(data_event(&json.unwrap_or_default()))
+            None,
+        )
     }
 
     fn usage(&self, usage: Usage) -> Bytes {
-        let json = match self.shape {
-            Shape::Chat => serde_json::to_string(&ChatCompletionChunk {
-                id: self.id.clone(),
-                object: "chat.completion.chunk".into(),
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![],
-                usage: Some(usage),
-            }),
-            Shape::Completion => serde_json::to_string(&Completion {
-                id: self.id.clone(),
-                object: "text_completion".into(),
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![],
-                usage: Some(usage),
-            }),
-        };
-        Bytes::from(data_event(&json.unwrap_or_default()))
+        self.event(None, Some(usage))
     }
 }
 

@@ -51,7 +51,7 @@ pub struct Agent {
 impl Agent {
     /// Loads every configured model (on the engines' threads) and prepares to serve.
     pub async fn load(listener: TcpListener, config: AgentConfig) -> Result<Agent, AgentError> {
-        let models = models::load_models(&config.models, &config.cache_dir, config.offline).await?;
+        let models = models::load_models(&config).await?;
         Agent::with_models(listener, config, models)
     }
 

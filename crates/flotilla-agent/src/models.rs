@@ -9,7 +9,7 @@ use flotilla_api::protocol::ModelKind;
 use flotilla_engine::{EmbeddingEngine, TextEngine, TextEngineConfig};
 
 use crate::AgentError;
-use crate::config::ModelSpec;
+use crate::config::AgentConfig;
 
 /// How many embedding requests run at once before the scheduler should look elsewhere.
 pub const EMBEDDING_SLOTS: u64 = 16;
@@ -47,6 +47,7 @@ impl Models {
 pub async fn resolve_source(
     source: &str,
     cache_dir: &Path,
+    hf_cache_dir: &Path,
     offline: bool,
 ) -> Result<PathBuf, AgentError> {
     match source {
@@ -74,21 +75,17 @@ pub async fn resolve_source(
         }),
         other if Path::new(other).is_dir() => Ok(PathBuf::from(other)),
         other => {
-            let hub_cache = cache_dir.join("hub");
-            Ok(flotilla_engine::resolve_model_source(other, Some(&hub_cache), offline).await?)
+            Ok(flotilla_engine::resolve_model_source(other, Some(hf_cache_dir), offline).await?)
         }
     }
 }
 
 /// Loads every configured model; the first failure stops start-up with its reason.
-pub async fn load_models(
-    specs: &[ModelSpec],
-    cache_dir: &Path,
-    offline: bool,
-) -> Result<Models, AgentError> {
+pub async fn load_models(cfg: &AgentConfig) -> Result<Models, AgentError> {
     let mut models = Models::default();
-    for spec in specs {
-        let dir = resolve_source(&spec.source, cache_dir, offline).await?;
+    for spec in &cfg.models {
+        let dir =
+            resolve_source(&spec.source, &cfg.cache_dir, &cfg.hf_cache_dir, cfg.offline).await?;
         let started = std::time::Instant::now();
         let name = spec.name.clone();
         match spec.kind {

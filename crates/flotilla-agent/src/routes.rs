@@ -8,7 +8,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use flotilla_api::body::{parse_json, read_limited};
+use flotilla_api::body::{BODY_READ_TIMEOUT, parse_json, read_limited};
 use flotilla_api::openai::{
     ChatCompletionRequest, CompletionRequest, EmbeddingData, EmbeddingInput, EmbeddingRequest,
     EmbeddingResponse, EmbeddingUsage, EmbeddingVector, ModelCard, ModelList,
@@ -36,7 +36,7 @@ async fn read_body<T: serde::de::DeserializeOwned>(
     s: &AgentState,
     body: Body,
 ) -> Result<T, ApiError> {
-    parse_json(&read_limited(body, s.config.max_body_bytes).await?)
+    parse_json(&read_limited(body, s.config.max_body_bytes, BODY_READ_TIMEOUT).await?)
 }
 
 fn chat_engine<'a>(s: &'a AgentState, model: &str) -> Result<&'a TextEngine, ApiError> {

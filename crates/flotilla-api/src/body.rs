@@ -5,9 +5,27 @@ use crate::{ApiError, ErrorKind};
 use axum::body::Body;
 use serde::de::DeserializeOwned;
 
-/// Reads at most `limit` bytes; a longer body is 413.
-pub async fn read_limited(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+/// The default for how long a client may take to send its whole body. A slower one gets
+/// 408 and the server task back, instead of holding it forever.
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads at most `limit` bytes within `timeout`; a longer body is 413, a slower one 408.
+pub async fn read_limited(
+    body: Body,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<axum::body::Bytes, ApiError> {
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit));
+    let Ok(result) = read.await else {
+        return Err(ApiError::new(
+            ErrorKind::RequestTimeout,
+            format!(
+                "request body not received within {} ms",
+                timeout.as_millis()
+            ),
+        ));
+    };
+    result.map_err(|e| {
         // to_bytes reports the limit as http-body-util's LengthLimitError ("length limit
         // exceeded") somewhere in the source chain.
         let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);

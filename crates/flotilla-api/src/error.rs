@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     InvalidRequest,
+    /// The client did not send its request in time.
+    RequestTimeout,
     PayloadTooLarge,
     Unauthorized,
     NotFound,
@@ -25,6 +27,7 @@ impl ErrorKind {
             ErrorKind::InvalidRequest => 400,
             ErrorKind::Unauthorized => 401,
             ErrorKind::NotFound => 404,
+            ErrorKind::RequestTimeout => 408,
             ErrorKind::PayloadTooLarge => 413,
             ErrorKind::RateLimited => 429,
             ErrorKind::Internal => 500,
@@ -37,9 +40,10 @@ impl ErrorKind {
     /// The `error.type` string OpenAI clients expect.
     pub fn openai_type(self) -> &'static str {
         match self {
-            ErrorKind::InvalidRequest | ErrorKind::PayloadTooLarge | ErrorKind::NotFound => {
-                "invalid_request_error"
-            }
+            ErrorKind::InvalidRequest
+            | ErrorKind::RequestTimeout
+            | ErrorKind::PayloadTooLarge
+            | ErrorKind::NotFound => "invalid_request_error",
             ErrorKind::Unauthorized => "authentication_error",
             ErrorKind::RateLimited => "rate_limit_error",
             ErrorKind::CapacityExhausted | ErrorKind::Unavailable => "service_unavailable",
@@ -52,6 +56,7 @@ impl ErrorKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorKind::InvalidRequest => "invalid_request",
+            ErrorKind::RequestTimeout => "request_timeout",
             ErrorKind::PayloadTooLarge => "payload_too_large",
             ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::NotFound => "not_found",

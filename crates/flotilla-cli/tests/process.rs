@@ -2,6 +2,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -9,7 +10,14 @@ use serde_json::{Value, json};
 const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
 
 /// Kills the child when the test ends, whatever happens.
-struct Proc(Child);
+struct Proc(Child, Arc<Mutex<Vec<String>>>);
+
+impl Proc {
+    /// Lines printed on stdout after the `listening on` line (there must be none).
+    fn extra_stdout(&self) -> Vec<String> {
+        self.1.lock().unwrap().clone()
+    }
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -29,16 +37,18 @@ fn spawn(args: &[&str]) -> (Proc, String) {
         .expect("spawn flotilla");
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel();
+    let extra = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&extra);
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
         let first = lines.next().and_then(Result::ok);
         let _ = tx.send(first);
-        // Anything more on stdout breaks the one-line contract.
+        // Anything more on stdout breaks the one-line contract; the tests check.
         for line in lines.map_while(Result::ok) {
-            panic!("unexpected second stdout line: {line}");
+            sink.lock().unwrap().push(line);
         }
     });
-    let proc = Proc(child);
+    let proc = Proc(child, extra);
     let line = rx
         .recv_timeout(Duration::from_secs(120))
         .expect("no listening line in 120 s")
@@ -88,6 +98,8 @@ async fn up_serves_chat_from_the_binary() {
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["usage"]["completion_tokens"], 4);
 
+    assert!(proc.extra_stdout().is_empty(), "{:?}", proc.extra_stdout());
+
     // SIGTERM drains and exits cleanly.
     let pid = proc.0.id().to_string();
     let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
@@ -98,6 +110,7 @@ async fn up_serves_chat_from_the_binary() {
             assert!(code.success(), "exit status {code}");
             break;
         }
+        // (checked again below once the process has gone)
         assert!(
             std::time::Instant::now() < deadline,
             "did not exit after SIGTERM"

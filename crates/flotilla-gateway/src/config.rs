@@ -15,6 +15,8 @@ pub struct SchedulerSection {
     pub listen: String,
     /// Largest request body accepted; larger ones get 413.
     pub max_body_bytes: usize,
+    /// How long a client may take to send its request body; slower ones get 408.
+    pub body_timeout_ms: u64,
     /// Queue depth limit for models whose entry does not set one.
     pub default_max_queue_depth: u64,
     /// An agent silent for longer than this is not routed to.
@@ -37,6 +39,7 @@ impl Default for SchedulerSection {
         SchedulerSection {
             listen: "127.0.0.1:8080".into(),
             max_body_bytes: 4 * 1024 * 1024,
+            body_timeout_ms: 30_000,
             default_max_queue_depth: 16,
             node_ttl_ms: 3_000,
             heartbeat_ms: 1_000,
@@ -68,6 +71,7 @@ pub struct ModelSection {
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
     pub max_body_bytes: usize,
+    pub body_timeout: Duration,
     pub default_max_queue_depth: u64,
     pub node_ttl: Duration,
     pub heartbeat: Duration,
@@ -83,6 +87,7 @@ impl SchedulerSection {
         let mut errors = Vec::new();
         for (key, v) in [
             ("scheduler.node_ttl_ms", self.node_ttl_ms),
+            ("scheduler.body_timeout_ms", self.body_timeout_ms),
             ("scheduler.heartbeat_ms", self.heartbeat_ms),
             ("scheduler.connect_timeout_ms", self.connect_timeout_ms),
             (
@@ -153,6 +158,7 @@ impl SchedulerSection {
         }
         Ok(SchedulerConfig {
             max_body_bytes: self.max_body_bytes,
+            body_timeout: Duration::from_millis(self.body_timeout_ms),
             default_max_queue_depth: self.default_max_queue_depth,
             node_ttl: Duration::from_millis(self.node_ttl_ms),
             heartbeat: Duration::from_millis(self.heartbeat_ms),

@@ -56,7 +56,12 @@ pub(crate) fn error_response(err: ApiError, request_id: &str) -> Response {
 async fn chat(State(s): State<AppState>, body: Body) -> Response {
     let id = new_request_id();
     let res = async {
-        let bytes = read_limited(body, s.inner.config.max_body_bytes).await?;
+        let bytes = read_limited(
+            body,
+            s.inner.config.max_body_bytes,
+            s.inner.config.body_timeout,
+        )
+        .await?;
         let req: ChatCompletionRequest = parse_json(&bytes)?;
         req.validate()?;
         let value = serde_json::to_value(&req).map_err(|e| ApiError::invalid(e.to_string()))?;
@@ -69,7 +74,12 @@ async fn chat(State(s): State<AppState>, body: Body) -> Response {
 async fn completions(State(s): State<AppState>, body: Body) -> Response {
     let id = new_request_id();
     let res = async {
-        let bytes = read_limited(body, s.inner.config.max_body_bytes).await?;
+        let bytes = read_limited(
+            body,
+            s.inner.config.max_body_bytes,
+            s.inner.config.body_timeout,
+        )
+        .await?;
         let req: CompletionRequest = parse_json(&bytes)?;
         req.validate()?;
         let value = serde_json::to_value(&req).map_err(|e| ApiError::invalid(e.to_string()))?;
@@ -90,7 +100,12 @@ async fn completions(State(s): State<AppState>, body: Body) -> Response {
 async fn embeddings(State(s): State<AppState>, body: Body) -> Response {
     let id = new_request_id();
     let res = async {
-        let bytes = read_limited(body, s.inner.config.max_body_bytes).await?;
+        let bytes = read_limited(
+            body,
+            s.inner.config.max_body_bytes,
+            s.inner.config.body_timeout,
+        )
+        .await?;
         let req: EmbeddingRequest = parse_json(&bytes)?;
         req.validate()?;
         let value = serde_json::to_value(&req).map_err(|e| ApiError::invalid(e.to_string()))?;
@@ -159,7 +174,12 @@ fn check_cluster_token(s: &AppState, h: &HeaderMap) -> Result<(), ApiError> {
 async fn heartbeat(State(s): State<AppState>, h: HeaderMap, body: Body) -> Response {
     let res = async {
         check_cluster_token(&s, &h)?;
-        let bytes = read_limited(body, s.inner.config.max_body_bytes).await?;
+        let bytes = read_limited(
+            body,
+            s.inner.config.max_body_bytes,
+            s.inner.config.body_timeout,
+        )
+        .await?;
         let report: NodeReport = parse_json(&bytes)?;
         if report.protocol != PROTOCOL_VERSION {
             return Err(ApiError::invalid(format!(
