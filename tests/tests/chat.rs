@@ -235,6 +235,35 @@ async fn completions_and_models_through_the_scheduler() {
     sched.stop().await;
 }
 
+async fn agent_running(agent_url: &str) -> u64 {
+    let status: Value = client()
+        .get(format!("{agent_url}/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    status["engines"]["tiny-llama"]["running"].as_u64().unwrap()
+}
+
+async fn scheduler_in_flight(sched_url: &str) -> u64 {
+    let status: Value = client()
+        .get(format!("{sched_url}/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["in_flight"].as_u64().unwrap())
+        .sum()
+}
+
 #[tokio::test]
 async fn concurrent_streams_progress_together() {
     // Two slots: a long stream must not hold back a short one.
@@ -247,7 +276,7 @@ async fn concurrent_streams_progress_together() {
         .json(&chat_body(
             "tiny-llama",
             "long",
-            json!({"max_tokens": 400, "temperature": 0, "stream": true}),
+            json!({"max_tokens": 2000, "temperature": 0, "stream": true}),
         ))
         .send()
         .await
@@ -257,7 +286,7 @@ async fn concurrent_streams_progress_together() {
     // The long stream has started producing.
     let first = long_body.next().await.unwrap().unwrap();
     assert!(!first.is_empty());
-    // A short request finishes while the long one is still open.
+    // A short request finishes while the long one is still running on the engine.
     let short: Value = c
         .post(&url)
         .json(&chat_body(
@@ -272,11 +301,180 @@ async fn concurrent_streams_progress_together() {
         .await
         .unwrap();
     assert_eq!(short["object"], "chat.completion");
-    let mut rest = String::new();
+    // The engine reports Finished a moment before it frees the slot: wait for the short
+    // sequence to leave, then the long one must still be there.
+    let mut running = agent_running(&agent.url).await;
+    for _ in 0..100 {
+        if running < 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        running = agent_running(&agent.url).await;
+    }
+    assert_eq!(running, 1, "the long sequence is still decoding");
+    let mut rest = String::from_utf8_lossy(&first).into_owned();
     while let Some(chunk) = long_body.next().await {
         rest.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
     }
-    assert!(rest.contains("[DONE]"), "the long stream still completes");
+    assert!(
+        rest.ends_with("data: [DONE]\n\n"),
+        "the long stream still completes"
+    );
+
+    agent.stop().await;
+    sched.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_frees_its_slot_and_in_flight_count() {
+    let sched = start_scheduler(scheduler_section()).await;
+    let agent = start_agent(&sched.url, "node-a", chat_models(load_tiny(1))).await;
+    let resp = client()
+        .post(format!("{}/v1/chat/completions", sched.url))
+        .json(&chat_body(
+            "tiny-llama",
+            "long",
+            json!({"max_tokens": 2000, "temperature": 0, "stream": true}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    use futures::StreamExt;
+    assert!(body.next().await.is_some());
+    assert_eq!(scheduler_in_flight(&sched.url).await, 1);
+    drop(body);
+    // The scheduler drops its upstream request, the agent its sequence.
+    let mut freed = false;
+    for _ in 0..250 {
+        if agent_running(&agent.url).await == 0 && scheduler_in_flight(&sched.url).await == 0 {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        freed,
+        "slot and in-flight count are released after the client left"
+    );
+    let status: Value = client()
+        .get(format!("{}/status", agent.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let generated = status["engines"]["tiny-llama"]["generated_tokens_total"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        generated < 2000,
+        "generation stopped early ({generated} tokens)"
+    );
+
+    agent.stop().await;
+    sched.stop().await;
+}
+
+#[tokio::test]
+async fn stop_strings_and_n_choices_follow_openai_semantics() {
+    let sched = start_scheduler(scheduler_section()).await;
+    let engine = load_tiny(4);
+    let agent = start_agent(&sched.url, "node-a", chat_models(engine.clone())).await;
+    let c = client();
+    let url = format!("{}/v1/chat/completions", sched.url);
+    let ask = |extra: Value| {
+        let c = c.clone();
+        let url = url.clone();
+        async move {
+            let v: Value = c
+                .post(url)
+                .json(&chat_body("tiny-llama", "Say something long", extra))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v
+        }
+    };
+    let full = ask(json!({"temperature": 0, "max_tokens": 40})).await;
+    let text = full["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // A stop string taken from the middle of the greedy answer cuts it right there.
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() > 12, "greedy text too short to cut: {text:?}");
+    let stop: String = chars[8..11].iter().collect();
+    let cut_at = text.find(&stop).unwrap();
+    for stream in [false, true] {
+        let body =
+            json!({"temperature": 0, "max_tokens": 40, "stop": [stop.clone()], "stream": stream});
+        let (got, finish) = if stream {
+            let resp = c
+                .post(&url)
+                .json(&chat_body("tiny-llama", "Say something long", body))
+                .send()
+                .await
+                .unwrap();
+            let sse = read_sse(resp).await;
+            let finish = sse
+                .events
+                .iter()
+                .filter_map(|e| {
+                    e.pointer("/choices/0/finish_reason")
+                        .and_then(Value::as_str)
+                })
+                .next_back()
+                .unwrap()
+                .to_owned();
+            (sse.text(), finish)
+        } else {
+            let v = ask(body).await;
+            (
+                v["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+                v["choices"][0]["finish_reason"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            )
+        };
+        assert_eq!(got, text[..cut_at], "stream={stream}");
+        assert_eq!(finish, "stop");
+    }
+
+    // n = 3: three choices indexed 0..3, the prompt counted once in usage.
+    let v = ask(json!({"temperature": 1.0, "seed": 5, "max_tokens": 6, "n": 3})).await;
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    let idx: Vec<u64> = choices
+        .iter()
+        .map(|c| c["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(idx, [0, 1, 2]);
+    let prompt = Prompt::Chat(vec![ChatMessage {
+        role: "user".into(),
+        content: "Say something long".into(),
+    }]);
+    assert_eq!(
+        v["usage"]["prompt_tokens"].as_u64().unwrap(),
+        engine.count_prompt_tokens(&prompt).unwrap() as u64
+    );
+    assert_eq!(v["usage"]["completion_tokens"].as_u64().unwrap(), 18);
+    let texts: std::collections::HashSet<&str> = choices
+        .iter()
+        .map(|c| c["message"]["content"].as_str().unwrap())
+        .collect();
+    assert!(
+        texts.len() > 1,
+        "different seeds per choice give different texts"
+    );
 
     agent.stop().await;
     sched.stop().await;

@@ -95,6 +95,14 @@ async fn bad_requests_get_openai_shaped_errors() {
             Some("input"),
         ),
         ("/v1/nope", b"{}".to_vec(), 404, None),
+        (
+            "/v1/chat/completions",
+            br#"{"model":"tiny-llama","messages":[{"role":"user","content":"x"}],"max_tokens":18446744073709551615}"#
+                .to_vec(),
+            400,
+            None,
+        ),
+        ("/v1/completions", br#"{"model":"tiny-llama","prompt":["a","b","c"],"n":128}"#.to_vec(), 400, None),
     ];
     for (path, body, status, param) in cases {
         let shown = String::from_utf8_lossy(&body).into_owned();

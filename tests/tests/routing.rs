@@ -62,6 +62,32 @@ fn target(resp: &reqwest::Response) -> String {
         .to_owned()
 }
 
+/// Registers a node with one slot for `tiny-llama` whose OpenAI API is `base_url` (without
+/// `/v1`), as an agent's heartbeat would.
+async fn register_node(sched_url: &str, node_id: &str, base_url: &str, max_running: u64) {
+    let report = NodeReport {
+        protocol: PROTOCOL_VERSION,
+        node_id: node_id.into(),
+        base_url: base_url.into(),
+        models: vec![NodeModel {
+            name: "tiny-llama".into(),
+            kind: ModelKind::Chat,
+            context_length: 2048,
+            running: 0,
+            waiting: 0,
+            max_running,
+        }],
+        sent_at_ms: 0,
+    };
+    let r = client()
+        .post(format!("{sched_url}{HEARTBEAT_PATH}"))
+        .json(&report)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
 #[tokio::test]
 async fn overflows_to_the_cloud_when_the_local_queue_is_full() {
     let cloud = MockUpstream::start(Behavior::reply("from the cloud"))
@@ -73,23 +99,33 @@ async fn overflows_to_the_cloud_when_the_local_queue_is_full() {
         &[("mockcloud", "cloud-model")],
     ))
     .await;
-    // One slot: while one request runs, the next would wait, which max_queue_depth 0 forbids.
-    let agent = start_agent(&sched.url, "node-a", chat_models(load_tiny(1))).await;
-
-    let long = client()
-        .post(format!("{}/v1/chat/completions", sched.url))
-        .json(&chat_body(
-            "tiny-llama",
-            "long",
-            json!({"max_tokens": 500, "temperature": 0, "stream": true}),
-        ))
-        .send()
+    // A local node with one slot whose first request never finishes: it holds the slot for
+    // as long as the test wants, however fast the machine. (A real agent's generation could
+    // finish before the next request arrives; the agent-backed paths are tested elsewhere.)
+    let local = MockUpstream::start(Behavior::reply("from the local node"))
         .await
         .unwrap();
-    assert_eq!(target(&long), "local:node-a/tiny-llama");
-    let mut long_body = long.bytes_stream();
-    assert!(long_body.next().await.is_some());
+    local.push(Behavior::Hang);
+    let local_base = local.base_url().trim_end_matches("/v1").to_owned();
+    register_node(&sched.url, "node-a", &local_base, 1).await;
 
+    let c = client();
+    let url = format!("{}/v1/chat/completions", sched.url);
+    let body = chat_body("tiny-llama", "long", json!({"max_tokens": 4}));
+    let hanging = tokio::spawn({
+        let (c, url, body) = (c.clone(), url.clone(), body.clone());
+        async move { c.post(url).json(&body).send().await }
+    });
+    // Wait until the local node holds the request.
+    for _ in 0..200 {
+        if local.hits() == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(local.hits(), 1);
+
+    // max_queue_depth 0: the next requests would wait, so they go to the cloud.
     for stream in [false, true] {
         let resp = chat(&sched.url, stream).await;
         assert_eq!(resp.status(), 200);
@@ -110,20 +146,72 @@ async fn overflows_to_the_cloud_when_the_local_queue_is_full() {
         reqs.iter()
             .all(|r| r.body["model"] == "cloud-model" && r.path == "/v1/chat/completions")
     );
+    assert_eq!(local.hits(), 1, "nothing else was queued locally");
 
-    // Once the long request is gone, work returns to the local agent.
-    drop(long_body);
+    // The client gives up on the hanging request: its slot is released and work returns
+    // to the local node.
+    hanging.abort();
+    let _ = hanging.await;
+    register_node(&sched.url, "node-a", &local_base, 1).await;
     let mut back_local = false;
-    for _ in 0..50 {
+    for _ in 0..100 {
         let resp = chat(&sched.url, false).await;
         if target(&resp) == "local:node-a/tiny-llama" {
+            let v: Value = resp.json().await.unwrap();
+            assert_eq!(v["choices"][0]["message"]["content"], "from the local node");
             back_local = true;
             break;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(back_local, "requests go local again once the slot is free");
+    sched.stop().await;
+}
 
+#[tokio::test]
+async fn a_real_agent_with_a_full_queue_overflows() {
+    // The same through a real agent: a long generation holds its only slot while a
+    // request with a deadline of zero queueing goes to the cloud. Whether the long one is
+    // still running when the second arrives depends on the machine, so the test checks the
+    // scheduler's choice against the agent's state it saw.
+    let cloud = MockUpstream::start(Behavior::reply("from the cloud"))
+        .await
+        .unwrap();
+    let sched = start_scheduler(section(
+        0,
+        vec![provider("mockcloud", &cloud.base_url())],
+        &[("mockcloud", "m")],
+    ))
+    .await;
+    let agent = start_agent(&sched.url, "node-a", chat_models(load_tiny(1))).await;
+    let long = client()
+        .post(format!("{}/v1/chat/completions", sched.url))
+        .json(&chat_body(
+            "tiny-llama",
+            "long",
+            json!({"max_tokens": 2000, "temperature": 0, "stream": true}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(target(&long), "local:node-a/tiny-llama");
+    let mut long_body = long.bytes_stream();
+    assert!(long_body.next().await.is_some());
+    let resp = chat(&sched.url, false).await;
+    assert_eq!(resp.status(), 200);
+    let status: Value = client()
+        .get(format!("{}/status", agent.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let still_running = status["engines"]["tiny-llama"]["running"].as_u64().unwrap() == 1;
+    if still_running {
+        assert_eq!(target(&resp), "cloud:mockcloud");
+    }
+    drop(long_body);
     agent.stop().await;
     sched.stop().await;
 }
@@ -170,27 +258,13 @@ async fn an_agent_that_vanished_without_goodbye_fails_over_to_the_cloud() {
     ))
     .await;
     // A node that registered and then died: its address refuses connections.
-    let report = NodeReport {
-        protocol: PROTOCOL_VERSION,
-        node_id: "ghost".into(),
-        base_url: closed_port_url().trim_end_matches("/v1").to_owned(),
-        models: vec![NodeModel {
-            name: "tiny-llama".into(),
-            kind: ModelKind::Chat,
-            context_length: 2048,
-            running: 0,
-            waiting: 0,
-            max_running: 4,
-        }],
-        sent_at_ms: 0,
-    };
-    let r = client()
-        .post(format!("{}{HEARTBEAT_PATH}", sched.url))
-        .json(&report)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    register_node(
+        &sched.url,
+        "ghost",
+        closed_port_url().trim_end_matches("/v1"),
+        4,
+    )
+    .await;
     let resp = chat(&sched.url, false).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(target(&resp), "cloud:mockcloud");

@@ -40,7 +40,32 @@ pub(crate) fn engine_error(e: flotilla_engine::EngineError) -> ApiError {
 
 /// Starts `n` sequences per prompt, seeds offset by the choice number so `n` choices differ
 /// but each stays reproducible.
-pub(crate) fn start(
+/// Most sequences (prompts x `n`) one request may start.
+pub(crate) const MAX_SEQUENCES: usize = 256;
+
+/// Starts the sequences. Templating and tokenising a long prompt `n` times is CPU work, so it
+/// runs on the blocking pool, not on a runtime worker other streams need.
+pub(crate) async fn start(
+    engine: &TextEngine,
+    prompts: Vec<Prompt>,
+    n: u32,
+    sampling: &SamplingParams,
+) -> Result<Vec<Sequence>, ApiError> {
+    let total = prompts.len().saturating_mul(n as usize);
+    if total > MAX_SEQUENCES {
+        return Err(ApiError::invalid(format!(
+            "{} prompts x n={n} asks for {total} sequences; at most {MAX_SEQUENCES} per request",
+            prompts.len()
+        )));
+    }
+    let engine = engine.clone();
+    let sampling = sampling.clone();
+    tokio::task::spawn_blocking(move || start_blocking(&engine, prompts, n, &sampling))
+        .await
+        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
+}
+
+fn start_blocking(
     engine: &TextEngine,
     prompts: Vec<Prompt>,
     n: u32,
@@ -254,6 +279,9 @@ fn error_event(err: &ApiError) -> Bytes {
 /// Streams every sequence as SSE. The work runs in its own task feeding a channel: when
 /// the client goes away the channel closes, the task ends and drops the engine receivers,
 /// which cancels the sequences and frees their slots.
+/// Silence after which a stream gets an SSE comment line.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub(crate) fn respond_stream(
     shape: Shape,
     model: &str,
@@ -296,7 +324,28 @@ pub(crate) fn respond_stream(
         }
         let mut finished = 0usize;
         let mut usage = Usage::default();
-        while let Some((index, counts_prompt, ev)) = merged.next().await {
+        let mut keepalive = tokio::time::interval(KEEPALIVE);
+        keepalive.tick().await;
+        loop {
+            let next = tokio::select! {
+                // The client left: dropping the receivers cancels the sequences, also
+                // those still waiting for a slot.
+                _ = tx.closed() => return,
+                // Queued behind long generations, a stream can be silent for a while; a
+                // comment line keeps proxies' idle timers (and the scheduler's) from
+                // cutting it.
+                _ = keepalive.tick() => {
+                    if tx.send(Bytes::from_static(b": keep-alive\n\n")).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                next = merged.next() => next,
+            };
+            let Some((index, counts_prompt, ev)) = next else {
+                break;
+            };
+            keepalive.reset();
             let out = match ev {
                 GenerateEvent::Delta { text } => w.chunk(index, false, Some(text), None),
                 GenerateEvent::Finished {

@@ -64,7 +64,8 @@ fn sampling(
         top_p: top_p.unwrap_or(1.0),
         // Negative seeds are valid in the OpenAI API; reinterpret the bits.
         seed: seed.map(|s| s as u64),
-        max_tokens: max_tokens.map(|m| m as usize),
+        // Beyond usize it cannot fit any context; saturate and let the engine say so.
+        max_tokens: max_tokens.map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
         stop,
     }
 }
@@ -89,7 +90,7 @@ async fn chat(State(s): State<AgentState>, body: Body) -> Response {
             req.stop.as_ref().map(|s| s.to_vec()).unwrap_or_default(),
         );
         let n = req.n.unwrap_or(1) as u32;
-        let seqs = start(engine, vec![Prompt::Chat(messages)], n, &params)?;
+        let seqs = start(engine, vec![Prompt::Chat(messages)], n, &params).await?;
         finish(
             Shape::Chat,
             engine,
@@ -116,7 +117,7 @@ async fn completions(State(s): State<AgentState>, body: Body) -> Response {
             req.stop.as_ref().map(|s| s.to_vec()).unwrap_or_default(),
         );
         let prompts = req.prompts().into_iter().map(Prompt::Text).collect();
-        let seqs = start(engine, prompts, req.n.unwrap_or(1) as u32, &params)?;
+        let seqs = start(engine, prompts, req.n.unwrap_or(1) as u32, &params).await?;
         finish(
             Shape::Completion,
             engine,
@@ -190,10 +191,11 @@ async fn embeddings(State(s): State<AgentState>, body: Body) -> Response {
                 ));
             }
         };
-        model.in_flight.fetch_add(1, Ordering::Relaxed);
-        let out = model.engine.embed(inputs).await;
-        model.in_flight.fetch_sub(1, Ordering::Relaxed);
-        let out = out.map_err(crate::generate::engine_error)?;
+        let out = {
+            let _in_flight = InFlight::new(&model.in_flight);
+            model.engine.embed(inputs).await
+        }
+        .map_err(crate::generate::engine_error)?;
         let data = out
             .vectors
             .into_iter()
@@ -222,6 +224,23 @@ async fn embeddings(State(s): State<AgentState>, body: Body) -> Response {
     }
     .await;
     res.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Counts one request in flight until dropped, also when the client goes away mid-request
+/// and the handler future is dropped.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn new(counter: &'a std::sync::atomic::AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 async fn models(State(s): State<AgentState>) -> Json<ModelList> {

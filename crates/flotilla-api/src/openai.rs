@@ -264,6 +264,9 @@ pub struct EmbeddingRequest {
     pub extra: Map<String, Value>,
 }
 
+/// OpenAI's limit on inputs per embeddings request.
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+
 impl EmbeddingRequest {
     pub fn validate(&self) -> Result<(), ApiError> {
         check_model(&self.model)?;
@@ -278,6 +281,18 @@ impl EmbeddingRequest {
                 return Err(ApiError::invalid_param(
                     "input",
                     "`input` must not be an empty list",
+                ));
+            }
+            EmbeddingInput::Many(v) if v.len() > MAX_EMBEDDING_INPUTS => {
+                return Err(ApiError::invalid_param(
+                    "input",
+                    format!("`input` takes at most {MAX_EMBEDDING_INPUTS} items"),
+                ));
+            }
+            EmbeddingInput::TokenBatches(v) if v.len() > MAX_EMBEDDING_INPUTS => {
+                return Err(ApiError::invalid_param(
+                    "input",
+                    format!("`input` takes at most {MAX_EMBEDDING_INPUTS} items"),
                 ));
             }
             _ => {}

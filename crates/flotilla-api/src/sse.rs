@@ -14,9 +14,16 @@ impl SseEvent {
     }
 }
 
+/// Longest line kept; a longer one (no newline in 1 MiB) is dropped, not buffered forever.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
 #[derive(Debug, Default)]
 pub struct SseDecoder {
     buf: Vec<u8>,
+    /// How far `buf` is known to hold no newline, so each byte is scanned once.
+    scanned: usize,
+    /// Inside a line longer than [`MAX_LINE_BYTES`], skipping to its end.
+    skipping: bool,
     event: Option<String>,
     data: Vec<String>,
 }
@@ -30,8 +37,22 @@ impl SseDecoder {
     pub fn feed(&mut self, bytes: &[u8]) -> Vec<SseEvent> {
         self.buf.extend_from_slice(bytes);
         let mut out = Vec::new();
-        while let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+        loop {
+            let Some(rel) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') else {
+                self.scanned = self.buf.len();
+                if self.buf.len() > MAX_LINE_BYTES {
+                    self.buf.clear();
+                    self.scanned = 0;
+                    self.skipping = true;
+                }
+                break;
+            };
+            let pos = self.scanned + rel;
             let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
+            self.scanned = 0;
+            if std::mem::take(&mut self.skipping) {
+                continue;
+            }
             line.pop();
             if line.last() == Some(&b'\r') {
                 line.pop();
@@ -95,6 +116,19 @@ mod tests {
         assert_eq!(ev[0].data, "{\"a\":1}");
         assert!(ev[1].is_done());
         assert!(!d.has_partial());
+    }
+
+    #[test]
+    fn an_endless_line_is_dropped_not_buffered() {
+        let mut d = SseDecoder::new();
+        let junk = vec![b'x'; 64 * 1024];
+        for _ in 0..20 {
+            assert!(d.feed(&junk).is_empty());
+        }
+        assert!(d.buf.len() <= MAX_LINE_BYTES);
+        let ev = d.feed(b"tail of the junk\ndata: ok\n\n");
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].data, "ok");
     }
 
     #[test]

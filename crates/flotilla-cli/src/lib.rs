@@ -104,6 +104,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         agent_section.cache_dir = Some(dir);
     }
     agent_section.node_id.get_or_insert_with(|| "local".into());
+    // The built-in agent presents the token its own scheduler asks for.
+    if agent_section.cluster_token_env.is_none() {
+        agent_section.cluster_token_env = file.scheduler.cluster_token_env.clone();
+    }
     let listen = args
         .server
         .listen

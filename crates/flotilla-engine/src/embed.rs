@@ -84,7 +84,18 @@ impl EmbeddingEngine {
                 Ok((loaded, hidden)) => {
                     if ready_tx.send(Ok((hidden, loaded.max_input_tokens))).is_ok() {
                         while let Ok(job) = rx.recv() {
-                            let result = loaded.embed(&job.inputs);
+                            // A client that left does not need its vectors computed.
+                            if job.reply.is_closed() {
+                                continue;
+                            }
+                            // A panic fails this job only, not the thread.
+                            let result =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    loaded.embed(&job.inputs)
+                                }))
+                                .unwrap_or_else(|p| {
+                                    Err(EngineError::Panicked(crate::textmodel::panic_message(&p)))
+                                });
                             let _ = job.reply.send(result);
                         }
                     }
@@ -140,6 +151,9 @@ impl EmbeddingEngine {
     }
 }
 
+/// Inputs per forward pass.
+const EMBED_BATCH: usize = 32;
+
 impl Loaded {
     fn embed(&self, inputs: &[String]) -> Result<Embeddings, EngineError> {
         let mut rows = Vec::with_capacity(inputs.len());
@@ -162,6 +176,20 @@ impl Loaded {
             rows.push(ids);
         }
         let prompt_tokens = rows.iter().map(Vec::len).sum();
+        // Padded batches of bounded size: memory stays O(EMBED_BATCH * longest input)
+        // however many inputs a request carries.
+        let mut vectors = Vec::with_capacity(rows.len());
+        for chunk in rows.chunks(EMBED_BATCH) {
+            vectors.extend(self.embed_batch(chunk)?);
+        }
+        Ok(Embeddings {
+            vectors,
+            prompt_tokens,
+        })
+    }
+
+    /// One padded forward pass over `rows` (token ids), mean-pooled and L2-normalised.
+    fn embed_batch(&self, rows: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EngineError> {
         let width = rows.iter().map(Vec::len).max().unwrap_or(0);
         let n = rows.len();
         let mut ids = vec![0u32; n * width];
@@ -185,11 +213,7 @@ impl Loaded {
             .sum_keepdim(1)?
             .sqrt()?
             .clamp(1e-12, f64::INFINITY)?;
-        let vectors = mean.broadcast_div(&norm)?.to_vec2::<f32>()?;
-        Ok(Embeddings {
-            vectors,
-            prompt_tokens,
-        })
+        Ok(mean.broadcast_div(&norm)?.to_vec2::<f32>()?)
     }
 }
 

@@ -69,7 +69,13 @@ impl Sequence {
         if self.is_cancelled() {
             return StepOutcome::Done;
         }
-        match self.try_step(model, tok, counters) {
+        // A panic anywhere in the step (sampler, detokeniser, forward) fails this sequence
+        // only; the engine thread and every other sequence go on.
+        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.try_step(model, tok, counters)
+        }))
+        .unwrap_or_else(|p| Err(EngineError::Panicked(panic_message(&p))));
+        match stepped {
             Ok(outcome) => outcome,
             Err(e) => {
                 tracing::warn!(error = %e, "sequence failed");

@@ -127,7 +127,11 @@ impl TextEngine {
         let context_length = self.context_length();
         let room = context_length.saturating_sub(prompt_ids.len());
         let max_tokens = req.sampling.max_tokens.unwrap_or(room);
-        if prompt_ids.len() + max_tokens > context_length || max_tokens == 0 {
+        let fits = prompt_ids
+            .len()
+            .checked_add(max_tokens)
+            .is_some_and(|t| t <= context_length);
+        if !fits || max_tokens == 0 {
             return Err(EngineError::ContextLengthExceeded {
                 prompt_tokens: prompt_ids.len(),
                 max_tokens,

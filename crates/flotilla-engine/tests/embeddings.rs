@@ -77,3 +77,19 @@ async fn invalid_inputs_are_rejected() {
     assert!(err.is_invalid_request());
     assert!(err.to_string().contains("512"), "{err}");
 }
+
+#[tokio::test]
+async fn more_inputs_than_one_forward_batch_keep_their_order() {
+    let e = minilm();
+    // 70 inputs span three internal batches of 32; each vector must still belong to its input.
+    let inputs: Vec<String> = (0..70)
+        .map(|i| format!("sentence number {i} about the fleet"))
+        .collect();
+    let all = e.embed(inputs.clone()).await.unwrap();
+    assert_eq!(all.vectors.len(), 70);
+    for i in [0usize, 31, 32, 33, 64, 69] {
+        let one = e.embed(vec![inputs[i].clone()]).await.unwrap();
+        let sim = cos(&one.vectors[0], &all.vectors[i]);
+        assert!(sim > 0.9999, "input {i}: cosine {sim}");
+    }
+}

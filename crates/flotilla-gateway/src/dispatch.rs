@@ -116,7 +116,7 @@ pub(crate) async fn dispatch(
         };
         body["model"] = Value::String(target.model().to_owned());
 
-        let result = match upstream.post_json(ep.path(), &body).await {
+        let result = match upstream.post_json(ep.path(), &body, stream).await {
             Ok(resp) if stream => Ok(Answer::Stream(resp)),
             Ok(resp) => upstream.read_json(resp).await.map(Answer::Json),
             Err(e) => Err(e),
@@ -135,7 +135,12 @@ pub(crate) async fn dispatch(
                 return Ok(respond(answer, &upstream, &label, request_id, s, guard));
             }
             Err(e) => {
-                if let (Target::Local { node_id, .. }, ProviderError::Connect { .. }) = (target, &e)
+                // An agent that refuses connections or does not answer in time gets no
+                // more work until its next heartbeat says it is alive.
+                if let (
+                    Target::Local { node_id, .. },
+                    ProviderError::Connect { .. } | ProviderError::Timeout { .. },
+                ) = (target, &e)
                 {
                     s.inner.fleet.mark_unreachable(node_id);
                 }

@@ -34,10 +34,16 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(listener: TcpListener, config: SchedulerConfig) -> Result<Self, GatewayError> {
-        Ok(Scheduler {
-            listener,
-            state: AppState::new(config)?,
-        })
+        let state = AppState::new(config)?;
+        if state.inner.cluster_token.is_none()
+            && listener.local_addr().is_ok_and(|a| !a.ip().is_loopback())
+        {
+            tracing::warn!(
+                "listening beyond loopback without a cluster token: anyone who reaches this port \
+                 can register an agent; set scheduler.cluster_token_env"
+            );
+        }
+        Ok(Scheduler { listener, state })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {

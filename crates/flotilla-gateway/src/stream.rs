@@ -22,6 +22,20 @@ struct Relay {
     _guard: Option<InFlightGuard>,
 }
 
+impl Relay {
+    /// The error event, on a line of its own even when the upstream broke off mid-line.
+    fn error_event(&self, message: &str) -> Bytes {
+        let ev = error_event(&self.label, message);
+        if self.decoder.has_partial() {
+            let mut b = b"\n\n".to_vec();
+            b.extend_from_slice(&ev);
+            Bytes::from(b)
+        } else {
+            ev
+        }
+    }
+}
+
 fn error_event(label: &str, message: &str) -> Bytes {
     let body = serde_json::json!({
         "error": {
@@ -50,7 +64,9 @@ pub(crate) fn relay_sse(
         _guard: guard,
     };
     let stream = futures::stream::unfold(state, |mut st| async move {
-        if st.ended {
+        // After [DONE] the answer is complete: whatever the upstream does next (stall,
+        // reset) is not the client's concern.
+        if st.ended || st.saw_done {
             return None;
         }
         match tokio::time::timeout(st.idle, st.upstream.next()).await {
@@ -63,26 +79,20 @@ pub(crate) fn relay_sse(
             Ok(Some(Err(e))) => {
                 st.ended = true;
                 tracing::warn!(upstream = %st.label, error = %e, "stream broke mid-way");
-                let ev = error_event(&st.label, &format!("the upstream stream broke: {e}"));
-                Some((Ok(ev), st))
+                let msg = format!("the upstream stream broke: {e}");
+                Some((Ok(st.error_event(&msg)), st))
             }
-            Ok(None) if st.saw_done => None,
             Ok(None) => {
                 st.ended = true;
                 tracing::warn!(upstream = %st.label, "stream ended without [DONE]");
-                Some((
-                    Ok(error_event(
-                        &st.label,
-                        "the upstream ended the stream before it was complete",
-                    )),
-                    st,
-                ))
+                let ev = st.error_event("the upstream ended the stream before it was complete");
+                Some((Ok(ev), st))
             }
             Err(_) => {
                 st.ended = true;
                 tracing::warn!(upstream = %st.label, idle_ms = st.idle.as_millis() as u64, "stream stalled");
                 let msg = format!("no data from the upstream for {} ms", st.idle.as_millis());
-                Some((Ok(error_event(&st.label, &msg)), st))
+                Some((Ok(st.error_event(&msg)), st))
             }
         }
     });

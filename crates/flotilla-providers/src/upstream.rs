@@ -143,21 +143,31 @@ impl Upstream {
     /// POSTs `body` as JSON to `base_url + path` and returns the response once its headers
     /// arrived with a 2xx status. Anything else becomes a classified [`ProviderError`]:
     /// the caller decides from `is_retryable` whether to try the next target.
+    ///
+    /// A streaming answer sends its headers at once, so they must arrive within
+    /// `first_byte`; a non-streaming one only when the whole answer is ready, so it gets
+    /// the `total` limit.
     pub async fn post_json(
         &self,
         path: &str,
         body: &serde_json::Value,
+        stream: bool,
     ) -> Result<reqwest::Response, ProviderError> {
+        let header_limit = if stream {
+            self.timeouts.first_byte
+        } else {
+            self.timeouts.total
+        };
         let url = format!("{}{}", self.base_url, path);
         let mut req = self.client.post(&url).json(body);
         if let Some(key) = &self.key {
             req = req.bearer_auth(key.expose());
         }
-        let resp = match tokio::time::timeout(self.timeouts.first_byte, req.send()).await {
+        let resp = match tokio::time::timeout(header_limit, req.send()).await {
             Err(_) => {
                 return Err(ProviderError::Timeout {
                     target: self.label.clone(),
-                    after: self.timeouts.first_byte,
+                    after: header_limit,
                 });
             }
             Ok(Err(e)) => return Err(self.transport_error(&e)),
@@ -262,7 +272,7 @@ mod tests {
         let pool = UpstreamPool::new(Timeouts::default()).unwrap();
         let up = pool.upstream("cloud:x", &format!("http://127.0.0.1:{port}/v1"), None);
         let err = up
-            .post_json("/chat/completions", &serde_json::json!({}))
+            .post_json("/chat/completions", &serde_json::json!({}), true)
             .await
             .unwrap_err();
         assert!(matches!(err, ProviderError::Connect { .. }), "{err}");

@@ -10,6 +10,7 @@ use serde_json::json;
 fn pool(first_byte: Duration) -> UpstreamPool {
     UpstreamPool::new(Timeouts {
         first_byte,
+        total: first_byte * 2,
         ..Timeouts::default()
     })
     .unwrap()
@@ -24,7 +25,11 @@ async fn sends_the_key_as_bearer_and_reads_the_answer() {
         Some(Secret::new("sk-test-123".into())),
     );
     let resp = up
-        .post_json("/chat/completions", &json!({"model": "x", "messages": []}))
+        .post_json(
+            "/chat/completions",
+            &json!({"model": "x", "messages": []}),
+            false,
+        )
         .await
         .unwrap();
     let v = up.read_json(resp).await.unwrap();
@@ -60,7 +65,7 @@ async fn classifies_statuses() {
     for (behavior, code, retryable) in cases {
         mock.push(behavior);
         let err = up
-            .post_json("/chat/completions", &json!({}))
+            .post_json("/chat/completions", &json!({}), false)
             .await
             .unwrap_err();
         match &err {
@@ -87,7 +92,7 @@ async fn classifies_statuses() {
         message: "bad tool schema".into(),
     });
     let err = up
-        .post_json("/chat/completions", &json!({}))
+        .post_json("/chat/completions", &json!({}), false)
         .await
         .unwrap_err();
     let api = err.to_api_error();
@@ -99,10 +104,21 @@ async fn classifies_statuses() {
 async fn no_headers_within_the_first_byte_timeout_is_a_retryable_timeout() {
     let mock = MockUpstream::start(Behavior::Hang).await.unwrap();
     let up = pool(Duration::from_millis(200)).upstream("cloud:m", &mock.base_url(), None);
-    let err = up
-        .post_json("/chat/completions", &json!({}))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, ProviderError::Timeout { .. }), "{err}");
-    assert!(err.is_retryable());
+    for stream in [true, false] {
+        let t = std::time::Instant::now();
+        let err = up
+            .post_json("/chat/completions", &json!({}), stream)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProviderError::Timeout { .. }), "{err}");
+        assert!(err.is_retryable());
+        // Streams must show headers within first_byte (200 ms); whole answers, which send
+        // headers only when done, get the total limit (400 ms).
+        let waited = t.elapsed();
+        if stream {
+            assert!(waited < Duration::from_millis(390), "{waited:?}");
+        } else {
+            assert!(waited >= Duration::from_millis(400), "{waited:?}");
+        }
+    }
 }

@@ -110,7 +110,7 @@ impl Fleet {
                     base_url: e.report.base_url.clone(),
                     model: m.name.clone(),
                     in_flight: e.in_flight.get(model).copied().unwrap_or(0),
-                    reported_load: m.running + m.waiting,
+                    reported_load: m.running.saturating_add(m.waiting),
                     max_running: m.max_running,
                 });
             }

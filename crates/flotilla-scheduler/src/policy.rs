@@ -164,9 +164,14 @@ pub fn plan_route(
         });
     }
 
-    let load: u64 = locals.iter().map(|c| c.load()).sum();
-    let slots: u64 = locals.iter().map(|c| c.max_running).sum();
-    let position = (load + 1).saturating_sub(slots);
+    // Reports come over the network: saturate rather than trust them not to overflow.
+    let load = locals
+        .iter()
+        .fold(0u64, |acc, c| acc.saturating_add(c.load()));
+    let slots = locals
+        .iter()
+        .fold(0u64, |acc, c| acc.saturating_add(c.max_running));
+    let position = load.saturating_add(1).saturating_sub(slots);
 
     if position > group.max_queue_depth && !cloud_targets.is_empty() {
         let mut targets = cloud_targets;
@@ -276,6 +281,14 @@ mod tests {
         .unwrap();
         let labels: Vec<String> = p.targets.iter().map(Target::label).collect();
         assert_eq!(labels, ["local:b/m", "local:c/m", "local:a/m"]);
+    }
+
+    #[test]
+    fn absurd_reported_numbers_do_not_overflow() {
+        let mut n = node("a", 0, u64::MAX);
+        n.reported_load = u64::MAX;
+        let p = plan_route(&group(0, true), &[n.clone(), n]).unwrap();
+        assert_eq!(p.reason, RouteReason::LocalCapacity);
     }
 
     #[test]
