@@ -103,6 +103,18 @@ async fn bad_requests_get_openai_shaped_errors() {
             None,
         ),
         ("/v1/completions", br#"{"model":"tiny-llama","prompt":["a","b","c"],"n":128}"#.to_vec(), 400, None),
+        (
+            "/v1/chat/completions",
+            br#"{"model":"tiny-llama","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}]}"#.to_vec(),
+            400,
+            Some("tools"),
+        ),
+        (
+            "/v1/chat/completions",
+            br#"{"model":"tiny-llama","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#.to_vec(),
+            400,
+            Some("response_format"),
+        ),
     ];
     for (path, body, status, param) in cases {
         let shown = String::from_utf8_lossy(&body).into_owned();

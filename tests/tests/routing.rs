@@ -398,3 +398,58 @@ async fn a_stream_cut_mid_way_ends_with_an_error_event_not_a_clean_end() {
     assert_eq!(sse.text(), "w0 w1 w2 ");
     sched.stop().await;
 }
+
+#[tokio::test]
+async fn heartbeats_need_the_cluster_token_when_one_is_set() {
+    use flotilla_agent::{Agent, AgentSection};
+    use flotilla_api::Secret;
+    let mut cfg = scheduler_section().validate().unwrap();
+    cfg.cluster_token = Some(Secret::new("cluster-s3cret".into()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let scheduler = flotilla_gateway::Scheduler::new(listener, cfg).unwrap();
+    let sched_url = format!("http://{}", scheduler.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(scheduler.run(stop.clone()));
+
+    let agent_with = |token: Option<&str>| {
+        let section = AgentSection {
+            node_id: Some("node-t".into()),
+            scheduler_url: Some(sched_url.clone()),
+            ..AgentSection::default()
+        };
+        let mut cfg = section.validate().unwrap();
+        cfg.cluster_token = token.map(|t| Secret::new(t.into()));
+        cfg
+    };
+    for (token, ok) in [
+        (None, false),
+        (Some("wrong"), false),
+        (Some("cluster-s3cret"), true),
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let agent =
+            Agent::with_models(listener, agent_with(token), chat_models(load_tiny(1))).unwrap();
+        let result = agent.register().await;
+        assert_eq!(result.is_ok(), ok, "token {token:?}: {result:?}");
+        if let Err(e) = result {
+            let msg = e.to_string();
+            assert!(msg.contains("401"), "{msg}");
+            assert!(
+                !msg.contains("cluster-s3cret"),
+                "the token never appears in errors"
+            );
+        }
+    }
+    // Only the authenticated node is known.
+    let status: Value = client()
+        .get(format!("{sched_url}/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["nodes"].as_array().unwrap().len(), 1);
+    stop.cancel();
+    let _ = task.await;
+}

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use flotilla_api::Secret;
 use flotilla_api::protocol::ModelKind;
 use serde::{Deserialize, Serialize};
 
@@ -76,7 +77,8 @@ pub struct AgentConfig {
     pub scheduler_url: Option<String>,
     pub heartbeat: Duration,
     pub max_body_bytes: usize,
-    pub cluster_token_env: Option<String>,
+    /// Sent with heartbeats when the scheduler requires one.
+    pub cluster_token: Option<Secret>,
     pub cache_dir: PathBuf,
     pub hf_cache_dir: PathBuf,
     pub offline: bool,
@@ -128,6 +130,12 @@ fn host_name() -> Option<String> {
 impl AgentSection {
     pub fn validate(&self) -> Result<AgentConfig, Vec<String>> {
         let mut errors = Vec::new();
+        let cluster_token = match &self.cluster_token_env {
+            None => None,
+            Some(var) => Secret::from_env(var)
+                .map_err(|e| errors.push(format!("agent.cluster_token_env: {e}")))
+                .ok(),
+        };
         if self.heartbeat_ms == 0 {
             errors.push("agent.heartbeat_ms: must be greater than 0".into());
         }
@@ -174,7 +182,7 @@ impl AgentSection {
             scheduler_url: self.scheduler_url.clone(),
             heartbeat: Duration::from_millis(self.heartbeat_ms),
             max_body_bytes: self.max_body_bytes,
-            cluster_token_env: self.cluster_token_env.clone(),
+            cluster_token,
             cache_dir: self.cache_dir.clone().unwrap_or_else(default_cache_dir),
             hf_cache_dir: self
                 .hf_cache_dir

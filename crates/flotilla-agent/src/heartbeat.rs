@@ -51,15 +51,6 @@ pub(crate) fn report(state: &AgentState) -> NodeReport {
     }
 }
 
-fn token(state: &AgentState) -> Option<String> {
-    state
-        .config
-        .cluster_token_env
-        .as_ref()
-        .and_then(|v| std::env::var(v).ok())
-        .filter(|t| !t.is_empty())
-}
-
 /// One heartbeat; returns the interval the scheduler asks for.
 pub(crate) async fn send(state: &AgentState) -> Result<Option<Duration>, AgentError> {
     let Some(base) = &state.config.scheduler_url else {
@@ -67,8 +58,8 @@ pub(crate) async fn send(state: &AgentState) -> Result<Option<Duration>, AgentEr
     };
     let url = format!("{}{}", base.trim_end_matches('/'), HEARTBEAT_PATH);
     let mut req = state.http.post(&url).json(&report(state));
-    if let Some(t) = token(state) {
-        req = req.bearer_auth(t);
+    if let Some(t) = &state.config.cluster_token {
+        req = req.bearer_auth(t.expose());
     }
     let err = |reason: String| AgentError::Register {
         url: url.clone(),
@@ -124,8 +115,8 @@ pub(crate) async fn run(state: AgentState, shutdown: CancellationToken) {
             state.config.node_id
         );
         let mut req = state.http.delete(&url);
-        if let Some(t) = token(&state) {
-            req = req.bearer_auth(t);
+        if let Some(t) = &state.config.cluster_token {
+            req = req.bearer_auth(t.expose());
         }
         match req.send().await {
             Ok(_) => tracing::info!("deregistered from the scheduler"),

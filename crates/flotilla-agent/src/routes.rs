@@ -75,6 +75,7 @@ async fn chat(State(s): State<AgentState>, body: Body) -> Response {
         let req: ChatCompletionRequest = read_body(&s, body).await?;
         req.validate()?;
         let engine = chat_engine(&s, &req.model)?;
+        reject_unsupported(&req.extra)?;
         let mut messages = Vec::with_capacity(req.messages.len());
         for (i, m) in req.messages.iter().enumerate() {
             messages.push(ChatMessage {
@@ -104,11 +105,46 @@ async fn chat(State(s): State<AgentState>, body: Body) -> Response {
     res.unwrap_or_else(IntoResponse::into_response)
 }
 
+/// Features the local engine cannot honour yet are refused, not silently ignored: an answer
+/// that ignored `tools` or a JSON schema would look valid and be wrong.
+fn reject_unsupported(extra: &serde_json::Map<String, serde_json::Value>) -> Result<(), ApiError> {
+    use serde_json::Value;
+    let unsupported = |param: &str, what: &str| {
+        Err(ApiError::invalid_param(
+            param,
+            format!("{what} is not supported by local models yet"),
+        )
+        .with_code("unsupported_parameter"))
+    };
+    match extra.get("tools") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(a)) if a.is_empty() => {}
+        Some(_) => return unsupported("tools", "tool calling"),
+    }
+    if let Some(rf) = extra.get("response_format") {
+        match rf.get("type").and_then(Value::as_str) {
+            None | Some("text") => {}
+            Some(_) => return unsupported("response_format", "structured output"),
+        }
+    }
+    if extra.get("logprobs").and_then(Value::as_bool) == Some(true) {
+        return unsupported("logprobs", "logprobs");
+    }
+    Ok(())
+}
+
 async fn completions(State(s): State<AgentState>, body: Body) -> Response {
     let res = async {
         let req: CompletionRequest = read_body(&s, body).await?;
         req.validate()?;
         let engine = chat_engine(&s, &req.model)?;
+        if req.extra.get("logprobs").is_some_and(|v| !v.is_null()) {
+            return Err(ApiError::invalid_param(
+                "logprobs",
+                "logprobs is not supported by local models yet",
+            )
+            .with_code("unsupported_parameter"));
+        }
         let params = sampling(
             req.temperature,
             req.top_p,

@@ -11,9 +11,11 @@ pub mod error;
 pub mod headers;
 pub mod openai;
 pub mod protocol;
+pub mod secret;
 pub mod sse;
 
 pub use error::{ApiError, ErrorKind};
+pub use secret::Secret;
 
 /// Seconds since the Unix epoch, as OpenAI's `created` fields carry.
 pub fn unix_now() -> u64 {

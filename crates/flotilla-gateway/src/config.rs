@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use flotilla_providers::{ProviderConfig, Timeouts};
+use flotilla_providers::{ProviderConfig, Secret, Timeouts};
 use flotilla_scheduler::{CloudTarget, ModelGroup};
 use serde::{Deserialize, Serialize};
 
@@ -76,7 +76,8 @@ pub struct SchedulerConfig {
     pub node_ttl: Duration,
     pub heartbeat: Duration,
     pub timeouts: Timeouts,
-    pub cluster_token_env: Option<String>,
+    /// The token agents must present on heartbeats; None = no check.
+    pub cluster_token: Option<Secret>,
     pub providers: Vec<ProviderConfig>,
     pub groups: HashMap<String, ModelGroup>,
 }
@@ -85,6 +86,12 @@ impl SchedulerSection {
     /// Resolves the section, or returns every problem found (each prefixed with its key).
     pub fn validate(&self) -> Result<SchedulerConfig, Vec<String>> {
         let mut errors = Vec::new();
+        let cluster_token = match &self.cluster_token_env {
+            None => None,
+            Some(var) => Secret::from_env(var)
+                .map_err(|e| errors.push(format!("scheduler.cluster_token_env: {e}")))
+                .ok(),
+        };
         for (key, v) in [
             ("scheduler.node_ttl_ms", self.node_ttl_ms),
             ("scheduler.body_timeout_ms", self.body_timeout_ms),
@@ -167,7 +174,7 @@ impl SchedulerSection {
                 first_byte: Duration::from_millis(self.first_byte_timeout_ms),
                 total: Duration::from_millis(self.request_timeout_ms),
             },
-            cluster_token_env: self.cluster_token_env.clone(),
+            cluster_token,
             providers: self.providers.clone(),
             groups,
         })

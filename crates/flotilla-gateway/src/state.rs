@@ -18,7 +18,7 @@ pub(crate) struct Inner {
     pub pool: UpstreamPool,
     /// Configured providers; the error of one whose key is missing, reported on use.
     pub providers: HashMap<String, Result<Upstream, String>>,
-    pub cluster_token: Option<String>,
+    pub cluster_token: Option<flotilla_providers::Secret>,
 }
 
 impl AppState {
@@ -32,16 +32,7 @@ impl AppState {
             });
             providers.insert(p.name.clone(), up);
         }
-        let cluster_token = config
-            .cluster_token_env
-            .as_ref()
-            .and_then(|var| std::env::var(var).ok())
-            .filter(|t| !t.is_empty());
-        if config.cluster_token_env.is_some() && cluster_token.is_none() {
-            tracing::warn!(
-                "cluster_token_env is set but the variable is empty: agents are not authenticated"
-            );
-        }
+        let cluster_token = config.cluster_token.clone();
         let fleet = Fleet::new(config.node_ttl);
         Ok(AppState {
             inner: Arc::new(Inner {

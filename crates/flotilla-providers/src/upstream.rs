@@ -7,26 +7,7 @@ use flotilla_api::error::ErrorBody;
 use serde::{Deserialize, Serialize};
 
 use crate::ProviderError;
-
-/// A credential. Its `Debug` and `Display` never show the value, so it cannot leak into
-/// logs or error messages by formatting.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: String) -> Self {
-        Secret(value)
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
+pub use flotilla_api::Secret;
 
 /// A cloud provider as configured.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -244,12 +225,6 @@ impl Upstream {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn secrets_do_not_format() {
-        let s = Secret::new("sk-very-secret".into());
-        assert!(!format!("{s:?}").contains("sk-"));
-    }
 
     #[test]
     fn missing_key_variable_is_reported_by_name() {
