@@ -106,7 +106,11 @@ impl Agent {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let hb = tokio::spawn(heartbeat::run(self.state.clone(), shutdown.clone()));
         let app = routes::router(self.state);
-        let served = axum::serve(self.listener, app)
+        // Tokens are small writes that must leave at once: no Nagle delay.
+        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let served = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await;
         // The heartbeat task deregisters on shutdown; give it a moment to say goodbye.

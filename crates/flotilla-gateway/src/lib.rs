@@ -57,7 +57,11 @@ impl Scheduler {
     /// Serves until `shutdown` is cancelled, then lets in-flight requests finish.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), GatewayError> {
         let app = routes::router(self.state);
-        axum::serve(self.listener, app)
+        // Stream chunks are small writes that must leave at once: no Nagle delay.
+        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await?;
         Ok(())

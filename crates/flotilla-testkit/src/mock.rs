@@ -93,6 +93,10 @@ impl MockUpstream {
             .route("/v1/embeddings", post(handle))
             .with_state(Arc::clone(&state));
         let task = tokio::spawn(async move {
+            // Chunks go out as written, as a real provider's do.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let _ = axum::serve(listener, app).await;
         });
         Ok(MockUpstream { addr, state, task })
