@@ -175,3 +175,32 @@ pub async fn read_sse(resp: reqwest::Response) -> SseRead {
     }
     out
 }
+
+/// POSTs `body` as JSON to `url`.
+pub async fn post(url: &str, body: &Value) -> reqwest::Response {
+    client().post(url).json(body).send().await.expect("send")
+}
+
+/// POSTs `body` and parses the answer as JSON, whatever its status.
+pub async fn post_json(url: &str, body: &Value) -> Value {
+    post(url, body).await.json().await.expect("JSON answer")
+}
+
+pub async fn get_json(url: &str) -> Value {
+    client()
+        .get(url)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("JSON answer")
+}
+
+/// Sequences decoding now on an agent's `tiny-llama` engine, from its `/status`.
+pub async fn engine_running(agent_url: &str) -> u64 {
+    let status = get_json(&format!("{agent_url}/status")).await;
+    status["engines"]["tiny-llama"]["running"]
+        .as_u64()
+        .expect("running")
+}

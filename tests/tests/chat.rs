@@ -10,16 +10,15 @@ async fn chat_non_streaming_has_openai_shape_and_exact_usage() {
     let sched = start_scheduler(scheduler_section()).await;
     let agent = start_agent(&sched.url, "node-a", chat_models(engine.clone())).await;
 
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", sched.url))
-        .json(&chat_body(
+    let resp = post(
+        &format!("{}/v1/chat/completions", sched.url),
+        &chat_body(
             "tiny-llama",
             "Hello there, how are you?",
             json!({"max_tokens": 12, "temperature": 0}),
-        ))
-        .send()
-        .await
-        .unwrap();
+        ),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(
         resp.headers()["x-flotilla-target"],
@@ -69,12 +68,7 @@ async fn chat_streaming_frames_sse_and_ends_with_done() {
         "Tell me a story",
         json!({"max_tokens": 16, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}}),
     );
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", sched.url))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&format!("{}/v1/chat/completions", sched.url), &body).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     assert_eq!(
@@ -125,15 +119,7 @@ async fn chat_streaming_frames_sse_and_ends_with_done() {
     let mut whole = body.clone();
     whole["stream"] = json!(false);
     whole.as_object_mut().unwrap().remove("stream_options");
-    let v: Value = client()
-        .post(format!("{}/v1/chat/completions", sched.url))
-        .json(&whole)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = post_json(&format!("{}/v1/chat/completions", sched.url), &whole).await;
     assert_eq!(
         v["choices"][0]["message"]["content"].as_str().unwrap(),
         sse.text()
@@ -151,20 +137,10 @@ async fn chat_streaming_frames_sse_and_ends_with_done() {
 async fn same_seed_and_greedy_give_the_same_text() {
     let sched = start_scheduler(scheduler_section()).await;
     let agent = start_agent(&sched.url, "node-a", chat_models(load_tiny(4))).await;
-    let c = client();
     let ask = |extra: Value| {
-        let c = c.clone();
         let url = format!("{}/v1/chat/completions", sched.url);
         async move {
-            let v: Value = c
-                .post(url)
-                .json(&chat_body("tiny-llama", "Say something", extra))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let v: Value = post_json(&url, &chat_body("tiny-llama", "Say something", extra)).await;
             v["choices"][0]["message"]["content"]
                 .as_str()
                 .unwrap()
@@ -189,39 +165,22 @@ async fn same_seed_and_greedy_give_the_same_text() {
 async fn completions_and_models_through_the_scheduler() {
     let sched = start_scheduler(scheduler_section()).await;
     let agent = start_agent(&sched.url, "node-a", chat_models(load_tiny(4))).await;
-    let c = client();
 
-    let v: Value = c
-        .post(format!("{}/v1/completions", sched.url))
-        .json(&json!({"model": "tiny-llama", "prompt": "Once upon", "max_tokens": 8, "temperature": 0}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = post_json(
+        &format!("{}/v1/completions", sched.url),
+        &json!({"model": "tiny-llama", "prompt": "Once upon", "max_tokens": 8, "temperature": 0}),
+    )
+    .await;
     assert_eq!(v["object"], "text_completion");
     assert!(v["choices"][0]["text"].is_string());
     assert!(v["usage"]["completion_tokens"].as_u64().unwrap() <= 8);
 
-    let resp = c
-        .post(format!("{}/v1/completions", sched.url))
-        .json(&json!({"model": "tiny-llama", "prompt": "Once upon", "max_tokens": 8, "temperature": 0, "stream": true}))
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&format!("{}/v1/completions", sched.url), &json!({"model": "tiny-llama", "prompt": "Once upon", "max_tokens": 8, "temperature": 0, "stream": true})).await;
     let sse = read_sse(resp).await;
     assert!(sse.saw_done);
     assert_eq!(sse.text(), v["choices"][0]["text"].as_str().unwrap());
 
-    let models: Value = c
-        .get(format!("{}/v1/models", sched.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = get_json(&format!("{}/v1/models", sched.url)).await;
     assert_eq!(models["object"], "list");
     let ids: Vec<&str> = models["data"]
         .as_array()
@@ -235,27 +194,8 @@ async fn completions_and_models_through_the_scheduler() {
     sched.stop().await;
 }
 
-async fn agent_running(agent_url: &str) -> u64 {
-    let status: Value = client()
-        .get(format!("{agent_url}/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    status["engines"]["tiny-llama"]["running"].as_u64().unwrap()
-}
-
 async fn scheduler_in_flight(sched_url: &str) -> u64 {
-    let status: Value = client()
-        .get(format!("{sched_url}/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = get_json(&format!("{sched_url}/status")).await;
     status["nodes"]
         .as_array()
         .unwrap()
@@ -269,47 +209,41 @@ async fn concurrent_streams_progress_together() {
     // Two slots: a long stream must not hold back a short one.
     let sched = start_scheduler(scheduler_section()).await;
     let agent = start_agent(&sched.url, "node-a", chat_models(load_tiny(2))).await;
-    let c = client();
     let url = format!("{}/v1/chat/completions", sched.url);
-    let long = c
-        .post(&url)
-        .json(&chat_body(
+    let long = post(
+        &url,
+        &chat_body(
             "tiny-llama",
             "long",
             json!({"max_tokens": 2000, "temperature": 0, "stream": true}),
-        ))
-        .send()
-        .await
-        .unwrap();
+        ),
+    )
+    .await;
     let mut long_body = long.bytes_stream();
     use futures::StreamExt;
     // The long stream has started producing.
     let first = long_body.next().await.unwrap().unwrap();
     assert!(!first.is_empty());
     // A short request finishes while the long one is still running on the engine.
-    let short: Value = c
-        .post(&url)
-        .json(&chat_body(
+    let short: Value = post_json(
+        &url,
+        &chat_body(
             "tiny-llama",
             "short",
             json!({"max_tokens": 3, "temperature": 0}),
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        ),
+    )
+    .await;
     assert_eq!(short["object"], "chat.completion");
     // The engine reports Finished a moment before it frees the slot: wait for the short
     // sequence to leave, then the long one must still be there.
-    let mut running = agent_running(&agent.url).await;
+    let mut running = engine_running(&agent.url).await;
     for _ in 0..100 {
         if running < 2 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        running = agent_running(&agent.url).await;
+        running = engine_running(&agent.url).await;
     }
     assert_eq!(running, 1, "the long sequence is still decoding");
     let mut rest = String::from_utf8_lossy(&first).into_owned();
@@ -329,16 +263,15 @@ async fn concurrent_streams_progress_together() {
 async fn a_client_that_disconnects_frees_its_slot_and_in_flight_count() {
     let sched = start_scheduler(scheduler_section()).await;
     let agent = start_agent(&sched.url, "node-a", chat_models(load_tiny(1))).await;
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", sched.url))
-        .json(&chat_body(
+    let resp = post(
+        &format!("{}/v1/chat/completions", sched.url),
+        &chat_body(
             "tiny-llama",
             "long",
             json!({"max_tokens": 2000, "temperature": 0, "stream": true}),
-        ))
-        .send()
-        .await
-        .unwrap();
+        ),
+    )
+    .await;
     let mut body = resp.bytes_stream();
     use futures::StreamExt;
     assert!(body.next().await.is_some());
@@ -347,7 +280,7 @@ async fn a_client_that_disconnects_frees_its_slot_and_in_flight_count() {
     // The scheduler drops its upstream request, the agent its sequence.
     let mut freed = false;
     for _ in 0..250 {
-        if agent_running(&agent.url).await == 0 && scheduler_in_flight(&sched.url).await == 0 {
+        if engine_running(&agent.url).await == 0 && scheduler_in_flight(&sched.url).await == 0 {
             freed = true;
             break;
         }
@@ -357,14 +290,7 @@ async fn a_client_that_disconnects_frees_its_slot_and_in_flight_count() {
         freed,
         "slot and in-flight count are released after the client left"
     );
-    let status: Value = client()
-        .get(format!("{}/status", agent.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: Value = get_json(&format!("{}/status", agent.url)).await;
     let generated = status["engines"]["tiny-llama"]["generated_tokens_total"]
         .as_u64()
         .unwrap();
@@ -382,21 +308,12 @@ async fn stop_strings_and_n_choices_follow_openai_semantics() {
     let sched = start_scheduler(scheduler_section()).await;
     let engine = load_tiny(4);
     let agent = start_agent(&sched.url, "node-a", chat_models(engine.clone())).await;
-    let c = client();
     let url = format!("{}/v1/chat/completions", sched.url);
     let ask = |extra: Value| {
-        let c = c.clone();
         let url = url.clone();
         async move {
-            let v: Value = c
-                .post(url)
-                .json(&chat_body("tiny-llama", "Say something long", extra))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let v: Value =
+                post_json(&url, &chat_body("tiny-llama", "Say something long", extra)).await;
             v
         }
     };
@@ -414,12 +331,7 @@ async fn stop_strings_and_n_choices_follow_openai_semantics() {
         let body =
             json!({"temperature": 0, "max_tokens": 40, "stop": [stop.clone()], "stream": stream});
         let (got, finish) = if stream {
-            let resp = c
-                .post(&url)
-                .json(&chat_body("tiny-llama", "Say something long", body))
-                .send()
-                .await
-                .unwrap();
+            let resp = post(&url, &chat_body("tiny-llama", "Say something long", body)).await;
             let sse = read_sse(resp).await;
             let finish = sse
                 .events

@@ -30,15 +30,9 @@ fn cosine(a: &[f64], b: &[f64]) -> f64 {
 async fn embeddings_are_384_unit_vectors_in_float_and_base64() {
     let sched = start_scheduler(scheduler_section()).await;
     let agent = start_agent(&sched.url, "node-a", minilm_models()).await;
-    let c = client();
     let url = format!("{}/v1/embeddings", sched.url);
 
-    let resp = c
-        .post(&url)
-        .json(&json!({"model": "minilm", "input": ["A man is eating food.", "A man is eating a piece of bread."]}))
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&url, &json!({"model": "minilm", "input": ["A man is eating food.", "A man is eating a piece of bread."]})).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-flotilla-target"], "local:node-a/minilm");
     let v: Value = resp.json().await.unwrap();
@@ -65,18 +59,9 @@ async fn embeddings_are_384_unit_vectors_in_float_and_base64() {
 
     // base64, as the official SDKs request by default: the same f32 bits.
     let one = |format: &'static str| {
-        let c = c.clone();
         let url = url.clone();
         async move {
-            let v: Value = c
-                .post(url)
-                .json(&json!({"model": "minilm", "input": "A man is eating food.", "encoding_format": format}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let v: Value = post_json(&url, &json!({"model": "minilm", "input": "A man is eating food.", "encoding_format": format})).await;
             v["data"][0]["embedding"].clone()
         }
     };
@@ -94,12 +79,7 @@ async fn embeddings_are_384_unit_vectors_in_float_and_base64() {
     );
 
     // A chat model on the embeddings endpoint is the client's mistake.
-    let r = c
-        .post(&url)
-        .json(&json!({"model": "tiny-llama", "input": "x"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post(&url, &json!({"model": "tiny-llama", "input": "x"})).await;
     assert_eq!(
         r.status(),
         400,

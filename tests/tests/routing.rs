@@ -43,16 +43,15 @@ fn section(
 }
 
 async fn chat(url: &str, stream: bool) -> reqwest::Response {
-    client()
-        .post(format!("{url}/v1/chat/completions"))
-        .json(&chat_body(
+    post(
+        &format!("{url}/v1/chat/completions"),
+        &chat_body(
             "tiny-llama",
             "hi",
             json!({"max_tokens": 4, "temperature": 0, "stream": stream}),
-        ))
-        .send()
-        .await
-        .unwrap()
+        ),
+    )
+    .await
 }
 
 fn target(resp: &reqwest::Response) -> String {
@@ -184,30 +183,21 @@ async fn a_real_agent_with_a_full_queue_overflows() {
     ))
     .await;
     let agent = start_agent(&sched.url, "node-a", chat_models(load_tiny(1))).await;
-    let long = client()
-        .post(format!("{}/v1/chat/completions", sched.url))
-        .json(&chat_body(
+    let long = post(
+        &format!("{}/v1/chat/completions", sched.url),
+        &chat_body(
             "tiny-llama",
             "long",
             json!({"max_tokens": 2000, "temperature": 0, "stream": true}),
-        ))
-        .send()
-        .await
-        .unwrap();
+        ),
+    )
+    .await;
     assert_eq!(target(&long), "local:node-a/tiny-llama");
     let mut long_body = long.bytes_stream();
     assert!(long_body.next().await.is_some());
     let resp = chat(&sched.url, false).await;
     assert_eq!(resp.status(), 200);
-    let status: Value = client()
-        .get(format!("{}/status", agent.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let still_running = status["engines"]["tiny-llama"]["running"].as_u64().unwrap() == 1;
+    let still_running = engine_running(&agent.url).await == 1;
     if still_running {
         assert_eq!(target(&resp), "cloud:mockcloud");
     }
@@ -441,14 +431,7 @@ async fn heartbeats_need_the_cluster_token_when_one_is_set() {
         }
     }
     // Only the authenticated node is known.
-    let status: Value = client()
-        .get(format!("{sched_url}/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: Value = get_json(&format!("{sched_url}/status")).await;
     assert_eq!(status["nodes"].as_array().unwrap().len(), 1);
     stop.cancel();
     let _ = task.await;

@@ -6,6 +6,35 @@ use serde_json::{Map, Value};
 
 use crate::ApiError;
 
+/// What the scheduler needs of any OpenAI request to route it.
+pub trait OpenAiRequest: serde::de::DeserializeOwned + Serialize {
+    fn model(&self) -> &str;
+    fn is_stream(&self) -> bool;
+    /// Checks that hold for every target, local or cloud.
+    fn validate(&self) -> Result<(), ApiError>;
+}
+
+macro_rules! openai_request {
+    ($t:ty, stream: $stream:expr) => {
+        impl OpenAiRequest for $t {
+            fn model(&self) -> &str {
+                &self.model
+            }
+            fn is_stream(&self) -> bool {
+                let stream: fn(&$t) -> bool = $stream;
+                stream(self)
+            }
+            fn validate(&self) -> Result<(), ApiError> {
+                <$t>::validate(self)
+            }
+        }
+    };
+}
+
+openai_request!(ChatCompletionRequest, stream: |r| r.stream.unwrap_or(false));
+openai_request!(CompletionRequest, stream: |r| r.stream.unwrap_or(false));
+openai_request!(EmbeddingRequest, stream: |_| false);
+
 /// `stop`: a string or a list of up to four strings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(untagged)]

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use flotilla_api::openai::{
-    ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelCard, ModelList,
+    ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelCard, ModelList, OpenAiRequest,
 };
 use flotilla_api::protocol::{
     DEREGISTER_PATH, HEARTBEAT_PATH, HeartbeatAck, NodeReport, PROTOCOL_VERSION,
@@ -54,62 +54,28 @@ pub(crate) fn error_response(err: ApiError, request_id: &str) -> Response {
 }
 
 async fn chat(State(s): State<AppState>, body: Body) -> Response {
-    let id = new_request_id();
-    let res = async {
-        let bytes = read_limited(
-            body,
-            s.inner.config.max_body_bytes,
-            s.inner.config.body_timeout,
-        )
-        .await?;
-        let req: ChatCompletionRequest = parse_json(&bytes)?;
-        req.validate()?;
-        let value = serde_json::to_value(&req).map_err(|e| ApiError::invalid(e.to_string()))?;
-        dispatch(&s, Endpoint::Chat, &req.model, req.is_stream(), value, &id).await
-    }
-    .await;
-    res.unwrap_or_else(|e| error_response(e, &id))
+    handle::<ChatCompletionRequest>(&s, Endpoint::Chat, body).await
 }
 
 async fn completions(State(s): State<AppState>, body: Body) -> Response {
-    let id = new_request_id();
-    let res = async {
-        let bytes = read_limited(
-            body,
-            s.inner.config.max_body_bytes,
-            s.inner.config.body_timeout,
-        )
-        .await?;
-        let req: CompletionRequest = parse_json(&bytes)?;
-        req.validate()?;
-        let value = serde_json::to_value(&req).map_err(|e| ApiError::invalid(e.to_string()))?;
-        dispatch(
-            &s,
-            Endpoint::Completions,
-            &req.model,
-            req.is_stream(),
-            value,
-            &id,
-        )
-        .await
-    }
-    .await;
-    res.unwrap_or_else(|e| error_response(e, &id))
+    handle::<CompletionRequest>(&s, Endpoint::Completions, body).await
 }
 
 async fn embeddings(State(s): State<AppState>, body: Body) -> Response {
+    handle::<EmbeddingRequest>(&s, Endpoint::Embeddings, body).await
+}
+
+/// Read, parse and validate one OpenAI request, then hand it to the failover loop. Errors
+/// carry the request id like answers do.
+async fn handle<R: OpenAiRequest>(s: &AppState, ep: Endpoint, body: Body) -> Response {
     let id = new_request_id();
+    let cfg = &s.inner.config;
     let res = async {
-        let bytes = read_limited(
-            body,
-            s.inner.config.max_body_bytes,
-            s.inner.config.body_timeout,
-        )
-        .await?;
-        let req: EmbeddingRequest = parse_json(&bytes)?;
+        let bytes = read_limited(body, cfg.max_body_bytes, cfg.body_timeout).await?;
+        let req: R = parse_json(&bytes)?;
         req.validate()?;
         let value = serde_json::to_value(&req).map_err(|e| ApiError::invalid(e.to_string()))?;
-        dispatch(&s, Endpoint::Embeddings, &req.model, false, value, &id).await
+        dispatch(s, ep, req.model(), req.is_stream(), value, &id).await
     }
     .await;
     res.unwrap_or_else(|e| error_response(e, &id))
