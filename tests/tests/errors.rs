@@ -126,6 +126,31 @@ async fn bad_requests_get_openai_shaped_errors() {
         }
     }
 
+    // A role the model's chat template refuses is the client's error; `developer` is read as
+    // `system`.
+    let tool_msg = json!({"model": "tiny-llama", "max_tokens": 2,
+        "messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]});
+    let (got, v) = post_raw(
+        url,
+        "/v1/chat/completions",
+        serde_json::to_vec(&tool_msg).unwrap(),
+    )
+    .await;
+    assert_eq!(got, 400, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("tool"),
+        "{v}"
+    );
+    let dev_msg = json!({"model": "tiny-llama", "max_tokens": 2,
+        "messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]});
+    let (got, v) = post_raw(
+        url,
+        "/v1/chat/completions",
+        serde_json::to_vec(&dev_msg).unwrap(),
+    )
+    .await;
+    assert_eq!(got, 200, "{v}");
+
     // Too long for the model's context: the agent's 400 reaches the client with its code.
     let (got, v) = post_raw(
         url,

@@ -79,7 +79,12 @@ async fn chat(State(s): State<AgentState>, body: Body) -> Response {
         let mut messages = Vec::with_capacity(req.messages.len());
         for (i, m) in req.messages.iter().enumerate() {
             messages.push(ChatMessage {
-                role: m.role.clone(),
+                // OpenAI's newer name for the system role; chat templates know `system`.
+                role: if m.role == "developer" {
+                    "system".into()
+                } else {
+                    m.role.clone()
+                },
                 content: m.text(i)?,
             });
         }
