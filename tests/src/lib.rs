@@ -204,3 +204,14 @@ pub async fn engine_running(agent_url: &str) -> u64 {
         .as_u64()
         .expect("running")
 }
+
+/// Starts a streamed greedy chat of up to 2000 tokens through the scheduler at `sched_url`:
+/// long enough to hold an engine slot while a test does something else.
+pub async fn start_long_stream(sched_url: &str) -> reqwest::Response {
+    let body = chat_body(
+        "tiny-llama",
+        "long",
+        serde_json::json!({"max_tokens": 2000, "temperature": 0, "stream": true}),
+    );
+    post(&format!("{sched_url}/v1/chat/completions"), &body).await
+}

@@ -263,15 +263,7 @@ async fn concurrent_streams_progress_together() {
 async fn a_client_that_disconnects_frees_its_slot_and_in_flight_count() {
     let sched = start_scheduler(scheduler_section()).await;
     let agent = start_agent(&sched.url, "node-a", chat_models(load_tiny(1))).await;
-    let resp = post(
-        &format!("{}/v1/chat/completions", sched.url),
-        &chat_body(
-            "tiny-llama",
-            "long",
-            json!({"max_tokens": 2000, "temperature": 0, "stream": true}),
-        ),
-    )
-    .await;
+    let resp = start_long_stream(&sched.url).await;
     let mut body = resp.bytes_stream();
     use futures::StreamExt;
     assert!(body.next().await.is_some());

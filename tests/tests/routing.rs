@@ -183,15 +183,7 @@ async fn a_real_agent_with_a_full_queue_overflows() {
     ))
     .await;
     let agent = start_agent(&sched.url, "node-a", chat_models(load_tiny(1))).await;
-    let long = post(
-        &format!("{}/v1/chat/completions", sched.url),
-        &chat_body(
-            "tiny-llama",
-            "long",
-            json!({"max_tokens": 2000, "temperature": 0, "stream": true}),
-        ),
-    )
-    .await;
+    let long = start_long_stream(&sched.url).await;
     assert_eq!(target(&long), "local:node-a/tiny-llama");
     let mut long_body = long.bytes_stream();
     assert!(long_body.next().await.is_some());

@@ -177,14 +177,7 @@ impl ChatCompletionRequest {
             self.max_tokens(),
             self.stop.as_ref(),
         )?;
-        if let Some(n) = self.n
-            && (n == 0 || n > 128)
-        {
-            return Err(ApiError::invalid_param(
-                "n",
-                "`n` must be between 1 and 128",
-            ));
-        }
+        check_n(self.n)?;
         if self.stream_options.is_some() && !self.is_stream() {
             return Err(ApiError::invalid_param(
                 "stream_options",
@@ -259,14 +252,7 @@ impl CompletionRequest {
             self.max_tokens,
             self.stop.as_ref(),
         )?;
-        if let Some(n) = self.n
-            && (n == 0 || n > 128)
-        {
-            return Err(ApiError::invalid_param(
-                "n",
-                "`n` must be between 1 and 128",
-            ));
-        }
+        check_n(self.n)?;
         Ok(())
     }
 }
@@ -336,6 +322,16 @@ impl EmbeddingRequest {
     }
     pub fn wants_base64(&self) -> bool {
         self.encoding_format.as_deref() == Some("base64")
+    }
+}
+
+fn check_n(n: Option<u64>) -> Result<(), ApiError> {
+    match n {
+        Some(n) if n == 0 || n > 128 => Err(ApiError::invalid_param(
+            "n",
+            "`n` must be between 1 and 128",
+        )),
+        _ => Ok(()),
     }
 }
 

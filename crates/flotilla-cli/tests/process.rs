@@ -168,44 +168,38 @@ async fn scheduler_and_agent_as_separate_processes() {
     assert!(resp.text().await.unwrap().ends_with("data: [DONE]\n\n"));
 }
 
+/// Runs `flotilla scheduler --check-config` on `toml`; returns success and stderr.
+fn check_config(toml: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flotilla.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "scheduler",
+            "--check-config",
+            "--config",
+            path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn bad_config_reports_every_problem_and_fails() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bad.toml");
-    std::fs::write(
-        &path,
-        "[scheduler]\nnode_ttl_ms = 10\ntypo_key = 1\n[[scheduler.models]]\nname = \"m\"\ncloud = [{ provider = \"ghost\", model = \"x\" }]\n",
-    )
-    .unwrap();
-    let out = Command::new(BIN)
-        .args([
-            "scheduler",
-            "--check-config",
-            "--config",
-            path.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let models =
+        "[[scheduler.models]]\nname = \"m\"\ncloud = [{ provider = \"ghost\", model = \"x\" }]\n";
+    let (ok, err) = check_config(&format!(
+        "[scheduler]\nnode_ttl_ms = 10\ntypo_key = 1\n{models}"
+    ));
+    assert!(!ok);
     assert!(err.contains("scheduler.typo_key: unknown key"), "{err}");
-    // Unknown keys are reported first; a second run without the typo shows the value errors together.
-    std::fs::write(
-        &path,
-        "[scheduler]\nnode_ttl_ms = 10\n[[scheduler.models]]\nname = \"m\"\ncloud = [{ provider = \"ghost\", model = \"x\" }]\n",
-    )
-    .unwrap();
-    let out = Command::new(BIN)
-        .args([
-            "scheduler",
-            "--check-config",
-            "--config",
-            path.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    // Unknown keys are reported first; without the typo the value errors come together.
+    let (ok, err) = check_config(&format!("[scheduler]\nnode_ttl_ms = 10\n{models}"));
+    assert!(!ok);
     assert!(
         err.contains("node_ttl_ms") && err.contains("`ghost`"),
         "{err}"
