@@ -104,7 +104,7 @@ async fn collect_one(mut seq: Sequence) -> Result<Collected, ApiError> {
     let mut text = String::new();
     while let Some(ev) = seq.rx.recv().await {
         match ev {
-            GenerateEvent::Delta { text: t } => text.push_str(&t),
+            GenerateEvent::Delta { text: t, .. } => text.push_str(&t),
             GenerateEvent::Finished {
                 finish_reason,
                 prompt_tokens,
@@ -347,7 +347,7 @@ pub(crate) fn respond_stream(
             };
             keepalive.reset();
             let out = match ev {
-                GenerateEvent::Delta { text } => w.chunk(index, false, Some(text), None),
+                GenerateEvent::Delta { text, .. } => w.chunk(index, false, Some(text), None),
                 GenerateEvent::Finished {
                     finish_reason,
                     prompt_tokens,

@@ -67,6 +67,7 @@ fn sampling(
         // Beyond usize it cannot fit any context; saturate and let the engine say so.
         max_tokens: max_tokens.map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
         stop,
+        ..SamplingParams::default()
     }
 }
 

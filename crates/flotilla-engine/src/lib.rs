@@ -25,6 +25,6 @@ pub use template::ChatTemplate;
 pub use testmodel::make_test_model;
 pub use text::TextEngine;
 pub use types::{
-    ChatMessage, EngineStatus, FinishReason, GenerateEvent, GenerateRequest, Prompt,
-    SamplingParams, TextEngineConfig,
+    ChatMessage, EngineStatus, FinishReason, GenerateEvent, GenerateRequest, MAX_TOP_LOGPROBS,
+    Prompt, SamplingParams, TextEngineConfig, TokenLogprob, TopLogprob,
 };

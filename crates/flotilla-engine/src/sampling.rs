@@ -9,10 +9,21 @@ pub(crate) struct Sampler {
     rng: StdRng,
     temperature: f64,
     top_p: f64,
+    top_logprobs: Option<usize>,
+}
+
+/// One sampling decision: the token, its log-probability under the raw logits, and the
+/// `top_logprobs` most likely tokens with theirs (empty unless asked for).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Sampled {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 impl Sampler {
-    pub(crate) fn new(params: &SamplingParams) -> Self {
+    /// `prompt_ids` seed the repetition penalty's history.
+    pub(crate) fn new(params: &SamplingParams, _prompt_ids: &[u32]) -> Self {
         let rng = match params.seed {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
@@ -21,10 +32,36 @@ impl Sampler {
             rng,
             temperature: params.temperature,
             top_p: params.top_p,
+            top_logprobs: params.logprobs.then_some(params.top_logprobs),
         }
     }
 
-    pub(crate) fn sample(&mut self, logits: &[f32]) -> u32 {
+    /// Picks the next token and records it in the sampler's history.
+    pub(crate) fn sample(&mut self, logits: &[f32]) -> Sampled {
+        let token = self.pick(logits);
+        let (logprob, top) = match self.top_logprobs {
+            None => (0.0, Vec::new()),
+            Some(k) => {
+                let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let lse = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+                let mut top: Vec<(u32, f32)> = logits
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &l)| (i as u32, l - lse))
+                    .collect();
+                top.sort_by(|a, b| b.1.total_cmp(&a.1));
+                top.truncate(k);
+                (logits[token as usize] - lse, top)
+            }
+        };
+        Sampled {
+            token,
+            logprob,
+            top,
+        }
+    }
+
+    fn pick(&mut self, logits: &[f32]) -> u32 {
         if self.temperature <= 0.0 {
             return argmax(logits);
         }
@@ -89,16 +126,16 @@ mod tests {
 
     #[test]
     fn greedy_picks_max() {
-        let mut s = Sampler::new(&params(0.0, 1.0, 1));
-        assert_eq!(s.sample(&[0.1, 3.0, 2.9, -1.0]), 1);
+        let mut s = Sampler::new(&params(0.0, 1.0, 1), &[]);
+        assert_eq!(s.sample(&[0.1, 3.0, 2.9, -1.0]).token, 1);
     }
 
     #[test]
     fn seeded_sampling_is_reproducible_and_varied() {
         let logits = vec![0.0f32; 50];
         let draw = |seed| {
-            let mut s = Sampler::new(&params(1.0, 1.0, seed));
-            (0..20).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+            let mut s = Sampler::new(&params(1.0, 1.0, seed), &[]);
+            (0..20).map(|_| s.sample(&logits).token).collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
@@ -108,9 +145,9 @@ mod tests {
     fn top_p_restricts_to_nucleus() {
         // Token 2 holds ~88% of the mass; top_p 0.5 must always pick it.
         let logits = [0.0f32, 0.0, 4.0, 0.0];
-        let mut s = Sampler::new(&params(1.0, 0.5, 3));
-        assert!((0..100).all(|_| s.sample(&logits) == 2));
-        let mut s = Sampler::new(&params(1.0, 1.0, 3));
-        assert!((0..200).any(|_| s.sample(&logits) != 2));
+        let mut s = Sampler::new(&params(1.0, 0.5, 3), &[]);
+        assert!((0..100).all(|_| s.sample(&logits).token == 2));
+        let mut s = Sampler::new(&params(1.0, 1.0, 3), &[]);
+        assert!((0..200).any(|_| s.sample(&logits).token != 2));
     }
 }

@@ -42,9 +42,9 @@ impl Sequence {
         tx: mpsc::UnboundedSender<GenerateEvent>,
     ) -> Self {
         Sequence {
+            sampler: Sampler::new(sampling, &prompt_ids),
             prompt_ids,
             max_tokens,
-            sampler: Sampler::new(sampling),
             stop: StopMatcher::new(&sampling.stop),
             detok: IncrementalDecoder::default(),
             tx,
@@ -107,7 +107,7 @@ impl Sequence {
                 .fetch_add(self.prompt_ids.len() as u64, Ordering::Relaxed);
         }
         self.pos += input.len();
-        let token = self.sampler.sample(&logits);
+        let token = self.sampler.sample(&logits).token;
         self.last = Some(token);
         self.generated += 1;
         counters
@@ -147,7 +147,10 @@ impl Sequence {
 
     fn send_text(&self, text: String) {
         if !text.is_empty() {
-            let _ = self.tx.send(GenerateEvent::Delta { text });
+            let _ = self.tx.send(GenerateEvent::Delta {
+                text,
+                logprobs: Vec::new(),
+            });
         }
     }
 

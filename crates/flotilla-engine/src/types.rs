@@ -12,21 +12,45 @@ pub struct SamplingParams {
     pub temperature: f64,
     /// Nucleus mass in (0, 1].
     pub top_p: f64,
+    /// Keep only the k most likely tokens; `None` keeps all.
+    pub top_k: Option<usize>,
+    /// Drop tokens whose probability is below `min_p` times the top token's; 0 is off.
+    pub min_p: f64,
+    /// Multiplicative penalty on tokens seen in the prompt or the output (1 is off),
+    /// as Hugging Face and vLLM define it.
+    pub repetition_penalty: f64,
+    /// OpenAI's additive penalties on generated tokens, in [-2, 2].
+    pub frequency_penalty: f64,
+    pub presence_penalty: f64,
     /// Fixed seed makes sampling reproducible; `None` draws a random seed.
     pub seed: Option<u64>,
     /// Defaults to the room left in the context window.
     pub max_tokens: Option<usize>,
     pub stop: Vec<String>,
+    /// Report the chosen token's log-probability with every token.
+    pub logprobs: bool,
+    /// Also report this many most likely alternatives per position (0..=20).
+    pub top_logprobs: usize,
 }
+
+/// Most alternatives `top_logprobs` may ask for (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl Default for SamplingParams {
     fn default() -> Self {
         SamplingParams {
             temperature: 1.0,
             top_p: 1.0,
+            top_k: None,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             seed: None,
             max_tokens: None,
             stop: Vec::new(),
+            logprobs: false,
+            top_logprobs: 0,
         }
     }
 }
@@ -45,11 +69,60 @@ impl SamplingParams {
                 self.top_p
             )));
         }
+        if self.top_k == Some(0) {
+            return Err(EngineError::invalid("top_k must be at least 1"));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(EngineError::invalid(format!(
+                "min_p must be in [0, 1], got {}",
+                self.min_p
+            )));
+        }
+        if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
+            return Err(EngineError::invalid(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            )));
+        }
+        for (name, v) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(EngineError::invalid(format!(
+                    "{name} must be in [-2, 2], got {v}"
+                )));
+            }
+        }
+        if self.top_logprobs > MAX_TOP_LOGPROBS {
+            return Err(EngineError::invalid(format!(
+                "top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {}",
+                self.top_logprobs
+            )));
+        }
         if self.max_tokens == Some(0) {
             return Err(EngineError::invalid("max_tokens must be at least 1"));
         }
         Ok(())
     }
+}
+
+/// One alternative at a position: its token text, raw bytes and log-probability.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TopLogprob {
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+}
+
+/// The log-probability of one generated token (log-softmax of the model's raw logits, as
+/// vLLM and OpenAI report it) and, when asked, the most likely alternatives, best first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    pub top: Vec<TopLogprob>,
 }
 
 #[derive(Clone, Debug)]
@@ -69,6 +142,8 @@ pub enum GenerateEvent {
     /// New text. Never contains any part of a stop string and never splits a UTF-8 char.
     Delta {
         text: String,
+        /// One entry per token generated since the last delta, when logprobs were asked for.
+        logprobs: Vec<TokenLogprob>,
     },
     Finished {
         finish_reason: FinishReason,

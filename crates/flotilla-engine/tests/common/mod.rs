@@ -32,7 +32,7 @@ pub fn collect(mut rx: UnboundedReceiver<GenerateEvent>) -> Outcome {
     let mut deltas = Vec::new();
     while let Some(ev) = rx.blocking_recv() {
         match ev {
-            GenerateEvent::Delta { text } => deltas.push(text),
+            GenerateEvent::Delta { text, .. } => deltas.push(text),
             GenerateEvent::Finished {
                 finish_reason,
                 prompt_tokens,
