@@ -32,7 +32,10 @@ pub fn load_tiny(max_running: usize) -> TextEngine {
     TextEngine::load(
         "tiny-llama",
         test_model_dir(),
-        TextEngineConfig { max_running },
+        TextEngineConfig {
+            max_num_seqs: max_running,
+            ..TextEngineConfig::default()
+        },
     )
     .expect("load tiny-llama")
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use flotilla_api::Secret;
 use flotilla_api::protocol::ModelKind;
+use flotilla_engine::TextEngineConfig;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,9 +61,52 @@ pub struct ModelSpec {
     pub source: String,
     #[serde(default = "default_kind")]
     pub kind: ModelKind,
-    /// Sequences decoded at once; more wait in line.
+    /// Sequences decoded together; more wait in line (`max_running` is the old name).
+    #[serde(default, alias = "max_running")]
+    pub max_num_seqs: Option<usize>,
+    /// Tokens one forward pass computes at most (decode tokens plus prefill chunks).
     #[serde(default)]
-    pub max_running: Option<usize>,
+    pub max_batch_tokens: Option<usize>,
+    /// KV cache size in 16-token blocks; wins over `kv_cache_bytes`.
+    #[serde(default)]
+    pub kv_cache_blocks: Option<usize>,
+    /// KV cache size in bytes; default: `max_num_seqs` full contexts, at most 1 GiB.
+    #[serde(default)]
+    pub kv_cache_bytes: Option<u64>,
+    /// Share K/V blocks of identical prompt prefixes (default on).
+    #[serde(default)]
+    pub prefix_caching: Option<bool>,
+}
+
+impl ModelSpec {
+    pub fn new(name: &str, source: &str, kind: ModelKind) -> ModelSpec {
+        ModelSpec {
+            name: name.into(),
+            source: source.into(),
+            kind,
+            max_num_seqs: None,
+            max_batch_tokens: None,
+            kv_cache_blocks: None,
+            kv_cache_bytes: None,
+            prefix_caching: None,
+        }
+    }
+
+    /// The engine settings, defaults filled in.
+    pub fn engine_config(&self) -> TextEngineConfig {
+        let d = TextEngineConfig::default();
+        let max_num_seqs = self.max_num_seqs.unwrap_or(d.max_num_seqs);
+        TextEngineConfig {
+            max_num_seqs,
+            max_batch_tokens: self
+                .max_batch_tokens
+                .unwrap_or(d.max_batch_tokens.max(max_num_seqs)),
+            kv_cache_blocks: self.kv_cache_blocks,
+            kv_cache_bytes: self.kv_cache_bytes,
+            prefix_caching: self.prefix_caching.unwrap_or(d.prefix_caching),
+            ..d
+        }
+    }
 }
 
 fn default_kind() -> ModelKind {
@@ -165,8 +209,15 @@ impl AgentSection {
             if m.source.is_empty() {
                 errors.push(format!("agent.models[{i}].source: must not be empty"));
             }
-            if m.max_running == Some(0) {
-                errors.push(format!("agent.models[{i}].max_running: must be at least 1"));
+            if m.kind == ModelKind::Chat
+                && let Err(e) = m.engine_config().validate()
+            {
+                errors.push(format!("agent.models[{i}]: {e}"));
+            }
+            if m.kv_cache_blocks == Some(0) || m.kv_cache_bytes == Some(0) {
+                errors.push(format!(
+                    "agent.models[{i}]: the KV cache must have room for at least one block"
+                ));
             }
         }
         if !errors.is_empty() {
@@ -205,21 +256,24 @@ mod tests {
             scheduler_url: Some("localhost:1".into()),
             models: vec![
                 ModelSpec {
-                    name: "a".into(),
-                    source: "".into(),
-                    kind: ModelKind::Chat,
-                    max_running: Some(0),
+                    max_num_seqs: Some(0),
+                    ..ModelSpec::new("a", "", ModelKind::Chat)
                 },
+                ModelSpec::new("a", "x", ModelKind::Chat),
                 ModelSpec {
-                    name: "a".into(),
-                    source: "x".into(),
-                    kind: ModelKind::Chat,
-                    max_running: None,
+                    max_num_seqs: Some(64),
+                    max_batch_tokens: Some(32),
+                    ..ModelSpec::new("b", "x", ModelKind::Chat)
                 },
             ],
             ..AgentSection::default()
         };
         let errs = s.validate().unwrap_err();
-        assert_eq!(errs.len(), 5, "{errs:?}");
+        assert_eq!(errs.len(), 6, "{errs:?}");
+        assert!(errs.iter().any(|e| e.contains("max_num_seqs")), "{errs:?}");
+        assert!(
+            errs.iter().any(|e| e.contains("max_batch_tokens (32)")),
+            "{errs:?}"
+        );
     }
 }

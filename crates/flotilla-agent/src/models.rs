@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use flotilla_api::protocol::ModelKind;
-use flotilla_engine::{EmbeddingEngine, TextEngine, TextEngineConfig};
+use flotilla_engine::{EmbeddingEngine, TextEngine};
 
 use crate::AgentError;
 use crate::config::AgentConfig;
@@ -90,9 +90,7 @@ pub async fn load_models(cfg: &AgentConfig) -> Result<Models, AgentError> {
         let name = spec.name.clone();
         match spec.kind {
             ModelKind::Chat => {
-                let cfg = TextEngineConfig {
-                    max_running: spec.max_running.unwrap_or(8),
-                };
+                let cfg = spec.engine_config();
                 let engine =
                     tokio::task::spawn_blocking(move || TextEngine::load(&name, &dir, cfg))
                         .await

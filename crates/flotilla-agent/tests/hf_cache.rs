@@ -12,10 +12,8 @@ fn section(hf_cache: &std::path::Path, source: &str) -> AgentSection {
         hf_cache_dir: Some(hf_cache.to_path_buf()),
         offline: true,
         models: vec![ModelSpec {
-            name: "tiny".into(),
-            source: source.into(),
-            kind: ModelKind::Chat,
-            max_running: Some(2),
+            max_num_seqs: Some(2),
+            ..ModelSpec::new("tiny", source, ModelKind::Chat)
         }],
         ..AgentSection::default()
     }

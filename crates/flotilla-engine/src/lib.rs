@@ -8,6 +8,8 @@
 mod detok;
 mod embed;
 mod error;
+mod kv;
+mod models;
 mod sampling;
 mod sequence;
 mod source;

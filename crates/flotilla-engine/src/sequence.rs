@@ -1,37 +1,36 @@
-//! One generation in flight: its KV cache, sampler, detokeniser and stop matcher.
+//! One generation in flight: its tokens, how many of them have K/V in the paged cache, its
+//! block table, sampler, detokeniser and stop matcher, and the channel to its request.
 
-use std::sync::atomic::Ordering;
-
-use candle_transformers::models::llama::Cache;
 use tokio::sync::mpsc;
 
 use crate::detok::IncrementalDecoder;
 use crate::error::EngineError;
-use crate::sampling::Sampler;
+use crate::kv::{BlockHash, BlockId};
+use crate::sampling::{Sampled, Sampler};
 use crate::stop::StopMatcher;
-use crate::text::Counters;
-use crate::textmodel::{TextModel, TextTokenizer, panic_message};
-use crate::types::{FinishReason, GenerateEvent, SamplingParams};
-
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum StepOutcome {
-    Continue,
-    Done,
-}
+use crate::textmodel::TextTokenizer;
+use crate::types::{FinishReason, GenerateEvent, SamplingParams, TokenLogprob, TopLogprob};
 
 pub(crate) struct Sequence {
-    prompt_ids: Vec<u32>,
+    /// Prompt then generated tokens.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    /// Leading tokens whose K/V are in the cache; the rest are computed by coming steps.
+    pub computed: usize,
+    pub blocks: Vec<BlockId>,
+    /// Leading full blocks already registered for prefix sharing, and the last one's hash.
+    pub registered: usize,
+    pub last_hash: Option<BlockHash>,
+    /// Times it was preempted (its blocks taken back, to be recomputed).
+    pub preemptions: u32,
     max_tokens: usize,
     sampler: Sampler,
+    logprobs: bool,
     stop: StopMatcher,
     detok: IncrementalDecoder,
     tx: mpsc::UnboundedSender<GenerateEvent>,
-    cache: Option<Cache>,
-    /// Last sampled token, fed at the next decode step.
-    last: Option<u32>,
-    /// Positions already in the KV cache.
-    pos: usize,
-    generated: usize,
+    /// Logprobs of tokens whose text has not gone out yet.
+    pending_logprobs: Vec<TokenLogprob>,
 }
 
 impl Sequence {
@@ -43,15 +42,19 @@ impl Sequence {
     ) -> Self {
         Sequence {
             sampler: Sampler::new(sampling, &prompt_ids),
-            prompt_ids,
+            prompt_len: prompt_ids.len(),
+            tokens: prompt_ids,
+            computed: 0,
+            blocks: Vec::new(),
+            registered: 0,
+            last_hash: None,
+            preemptions: 0,
             max_tokens,
+            logprobs: sampling.logprobs,
             stop: StopMatcher::new(&sampling.stop),
             detok: IncrementalDecoder::default(),
             tx,
-            cache: None,
-            last: None,
-            pos: 0,
-            generated: 0,
+            pending_logprobs: Vec::new(),
         }
     }
 
@@ -59,61 +62,31 @@ impl Sequence {
         self.tx.is_closed()
     }
 
-    /// One unit of work: the whole prompt's prefill, or one decode token.
-    pub(crate) fn step(
-        &mut self,
-        model: &TextModel,
-        tok: &TextTokenizer,
-        counters: &Counters,
-    ) -> StepOutcome {
-        if self.is_cancelled() {
-            return StepOutcome::Done;
-        }
-        // A panic anywhere in the step (sampler, detokeniser, forward) fails this sequence
-        // only; the engine thread and every other sequence go on.
-        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.try_step(model, tok, counters)
-        }))
-        .unwrap_or_else(|p| Err(EngineError::Panicked(panic_message(&p))));
-        match stepped {
-            Ok(outcome) => outcome,
-            Err(e) => {
-                tracing::warn!(error = %e, "sequence failed");
-                let _ = self.tx.send(GenerateEvent::Failed(e));
-                StepOutcome::Done
-            }
-        }
+    pub(crate) fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
     }
 
-    fn try_step(
-        &mut self,
-        model: &TextModel,
-        tok: &TextTokenizer,
-        counters: &Counters,
-    ) -> Result<StepOutcome, EngineError> {
-        let cache = self.cache.get_or_insert_with(|| model.new_cache());
-        let input: Vec<u32> = match self.last {
-            None => self.prompt_ids.clone(),
-            Some(t) => vec![t],
-        };
-        let pos = self.pos;
-        let logits = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            model.forward(&input, pos, cache)
-        }))
-        .map_err(|p| EngineError::Panicked(panic_message(&p)))??;
-        if self.last.is_none() {
-            counters
-                .prompt_tokens_total
-                .fetch_add(self.prompt_ids.len() as u64, Ordering::Relaxed);
-        }
-        self.pos += input.len();
-        let token = self.sampler.sample(&logits).token;
-        self.last = Some(token);
-        self.generated += 1;
-        counters
-            .generated_tokens_total
-            .fetch_add(1, Ordering::Relaxed);
+    /// Tokens the next steps must run through the model before it can sample again.
+    pub(crate) fn uncomputed(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
 
+    pub(crate) fn fail(&self, e: EngineError) {
+        let _ = self.tx.send(GenerateEvent::Failed(e));
+    }
+
+    /// Takes one sampled token: streams its text, and says whether the sequence is done.
+    pub(crate) fn accept(
+        &mut self,
+        logits: &[f32],
+        tok: &TextTokenizer,
+    ) -> Result<Option<FinishReason>, EngineError> {
+        let sampled = self.sampler.sample(logits);
+        let token = sampled.token;
+        self.tokens.push(token);
+        if self.logprobs {
+            self.pending_logprobs.push(token_logprob(&sampled, tok));
+        }
         if tok.eos_ids.contains(&token) {
             let rest = self.detok.flush(|ids| tok.decode(ids))?;
             let rest = self.stop.push(&rest);
@@ -122,46 +95,81 @@ impl Sequence {
             } else {
                 rest.emit + &self.stop.finish()
             };
-            self.send_text(tail);
-            return Ok(self.finish(FinishReason::Stop));
+            self.send_text(tail, true);
+            return Ok(Some(self.finish(FinishReason::Stop)));
         }
         let text = self.detok.push(token, |ids| tok.decode(ids))?;
         let out = self.stop.push(&text);
-        self.send_text(out.emit);
         if out.stopped {
-            return Ok(self.finish(FinishReason::Stop));
+            self.send_text(out.emit, true);
+            return Ok(Some(self.finish(FinishReason::Stop)));
         }
-        if self.generated >= self.max_tokens {
+        if self.generated() >= self.max_tokens {
+            let mut emit = out.emit;
             let rest = self.detok.flush(|ids| tok.decode(ids))?;
             let out = self.stop.push(&rest);
+            emit += &out.emit;
             if out.stopped {
-                self.send_text(out.emit);
-                return Ok(self.finish(FinishReason::Stop));
+                self.send_text(emit, true);
+                return Ok(Some(self.finish(FinishReason::Stop)));
             }
-            let tail = out.emit + &self.stop.finish();
-            self.send_text(tail);
-            return Ok(self.finish(FinishReason::Length));
+            emit += &self.stop.finish();
+            self.send_text(emit, true);
+            return Ok(Some(self.finish(FinishReason::Length)));
         }
-        Ok(StepOutcome::Continue)
+        self.send_text(out.emit, false);
+        Ok(None)
     }
 
-    fn send_text(&self, text: String) {
-        if !text.is_empty() {
-            let _ = self.tx.send(GenerateEvent::Delta {
-                text,
-                logprobs: Vec::new(),
-            });
+    /// Sends the text with the logprobs of the tokens behind it. A token that completes no
+    /// text yet (half a character, or held back by a stop string) keeps its logprob for the
+    /// next delta; at the end (`last`) whatever is left goes out.
+    fn send_text(&mut self, text: String, last: bool) {
+        if text.is_empty() && (!last || self.pending_logprobs.is_empty()) {
+            return;
         }
+        let logprobs = std::mem::take(&mut self.pending_logprobs);
+        let _ = self.tx.send(GenerateEvent::Delta { text, logprobs });
     }
 
-    fn finish(&mut self, finish_reason: FinishReason) -> StepOutcome {
+    fn finish(&mut self, finish_reason: FinishReason) -> FinishReason {
         let _ = self.tx.send(GenerateEvent::Finished {
             finish_reason,
-            prompt_tokens: self.prompt_ids.len(),
-            completion_tokens: self.generated,
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.generated(),
         });
-        // Release the KV memory now rather than when the slot is reused.
-        self.cache = None;
-        StepOutcome::Done
+        finish_reason
+    }
+
+    /// Forgets the cached K/V (the caller releases the blocks): the next admission
+    /// recomputes prompt and generated tokens, then sampling continues where it stopped.
+    pub(crate) fn reset_for_recompute(&mut self) -> Vec<BlockId> {
+        self.computed = 0;
+        self.registered = 0;
+        self.last_hash = None;
+        self.preemptions += 1;
+        std::mem::take(&mut self.blocks)
+    }
+}
+
+fn token_logprob(s: &Sampled, tok: &TextTokenizer) -> TokenLogprob {
+    let text = |id: u32| tok.token_text(id);
+    let token = text(s.token);
+    TokenLogprob {
+        bytes: token.as_bytes().to_vec(),
+        token,
+        logprob: s.logprob,
+        top: s
+            .top
+            .iter()
+            .map(|&(id, logprob)| {
+                let token = text(id);
+                TopLogprob {
+                    bytes: token.as_bytes().to_vec(),
+                    token,
+                    logprob,
+                }
+            })
+            .collect(),
     }
 }

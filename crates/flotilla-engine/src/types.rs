@@ -170,21 +170,75 @@ impl FinishReason {
 
 #[derive(Clone, Debug)]
 pub struct TextEngineConfig {
-    /// Sequences stepped together; further requests wait in FIFO order.
-    pub max_running: usize,
+    /// Sequences decoded together; more wait in FIFO order.
+    pub max_num_seqs: usize,
+    /// Tokens one forward pass may compute (decode tokens plus prefill chunks); longer
+    /// prompts are prefilled in chunks of what is left.
+    pub max_batch_tokens: usize,
+    /// KV cache size in blocks; wins over `kv_cache_bytes`.
+    pub kv_cache_blocks: Option<usize>,
+    /// KV cache size in bytes. With neither set, the cache holds `max_num_seqs` full
+    /// contexts, capped at 1 GiB.
+    pub kv_cache_bytes: Option<u64>,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Share full blocks of identical prompt prefixes between sequences.
+    pub prefix_caching: bool,
 }
 
 impl Default for TextEngineConfig {
     fn default() -> Self {
-        TextEngineConfig { max_running: 8 }
+        TextEngineConfig {
+            max_num_seqs: 16,
+            max_batch_tokens: 512,
+            kv_cache_blocks: None,
+            kv_cache_bytes: None,
+            block_size: 16,
+            prefix_caching: true,
+        }
     }
 }
 
+impl TextEngineConfig {
+    pub fn validate(&self) -> Result<(), EngineError> {
+        if self.max_num_seqs == 0 {
+            return Err(EngineError::invalid("max_num_seqs must be at least 1"));
+        }
+        if self.block_size == 0 {
+            return Err(EngineError::invalid("block_size must be at least 1"));
+        }
+        if self.max_batch_tokens < self.max_num_seqs {
+            return Err(EngineError::invalid(format!(
+                "max_batch_tokens ({}) must be at least max_num_seqs ({}): every running \
+                 sequence decodes one token per step",
+                self.max_batch_tokens, self.max_num_seqs
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A snapshot of one text engine, for the agent's status, heartbeats and metrics.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct EngineStatus {
     pub running: usize,
     pub waiting: usize,
+    /// `max_num_seqs`.
     pub max_running: usize,
+    pub max_batch_tokens: usize,
+    pub kv_blocks_total: usize,
+    /// Blocks referenced by running sequences.
+    pub kv_blocks_used: usize,
+    /// Blocks free or holding an unreferenced cached prefix (reusable).
+    pub kv_blocks_free: usize,
+    pub kv_block_size: usize,
+    /// Prompt tokens run through the model (prefix-cache hits are not).
     pub prompt_tokens_total: u64,
+    /// Prompt tokens whose K/V came from shared prefix blocks instead.
+    pub prefix_hit_tokens_total: u64,
     pub generated_tokens_total: u64,
+    pub preemptions_total: u64,
+    pub steps_total: u64,
+    /// Generated tokens per second over the last five seconds.
+    pub tokens_per_second: f64,
 }

@@ -9,7 +9,15 @@ use flotilla_engine::{
 };
 
 fn engine(max_running: usize) -> TextEngine {
-    TextEngine::load("tiny", &test_model_dir(), TextEngineConfig { max_running }).unwrap()
+    TextEngine::load(
+        "tiny",
+        &test_model_dir(),
+        TextEngineConfig {
+            max_num_seqs: max_running,
+            ..TextEngineConfig::default()
+        },
+    )
+    .unwrap()
 }
 
 fn greedy(prompt: &str, max_tokens: usize) -> GenerateRequest {

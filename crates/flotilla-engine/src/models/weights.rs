@@ -1,0 +1,97 @@
+//! Where the model code gets its tensors. Names are always Hugging Face's
+//! (`model.layers.0.self_attn.q_proj.weight`); a GGUF source maps them to llama.cpp's.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::EngineError;
+
+pub(crate) trait WeightSource {
+    fn has(&self, name: &str) -> bool;
+    /// A dense f32 tensor (embeddings, norms, biases).
+    fn tensor(&self, name: &str) -> Result<Tensor, EngineError>;
+    /// A weight matrix `[out, in]` for `x @ w.T`, quantized where the file is.
+    fn matmul(&self, name: &str) -> Result<QMatMul, EngineError>;
+    /// Where the weights came from, for error messages.
+    fn origin(&self) -> &Path;
+}
+
+/// All `*.safetensors` files of a Hugging Face checkpoint, converted to f32 on fetch
+/// (BF16 and F16 checkpoints work).
+pub(crate) struct SafetensorsWeights {
+    dir: PathBuf,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl SafetensorsWeights {
+    pub(crate) fn load(dir: &Path, device: &Device) -> Result<Self, EngineError> {
+        Ok(SafetensorsWeights {
+            tensors: load_all(dir, device)?,
+            dir: dir.to_path_buf(),
+        })
+    }
+}
+
+impl WeightSource for SafetensorsWeights {
+    fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    fn tensor(&self, name: &str) -> Result<Tensor, EngineError> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| EngineError::files(&self.dir, format!("tensor `{name}` is missing")))?;
+        Ok(t.to_dtype(DType::F32)?)
+    }
+
+    fn matmul(&self, name: &str) -> Result<QMatMul, EngineError> {
+        Ok(QMatMul::Tensor(self.tensor(name)?))
+    }
+
+    fn origin(&self) -> &Path {
+        &self.dir
+    }
+}
+
+pub(crate) fn safetensor_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| EngineError::io(dir, e))?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| EngineError::io(dir, e))?.path();
+        if path.extension().is_some_and(|x| x == "safetensors") {
+            files.push(path);
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        return Err(EngineError::files(dir, "no *.safetensors weights found"));
+    }
+    Ok(files)
+}
+
+/// All safetensors of `dir` as a candle VarBuilder converting to f32 (for candle-nn models
+/// such as the BERT embedder).
+pub(crate) fn var_builder(
+    dir: &Path,
+    device: &Device,
+) -> Result<candle_nn::VarBuilder<'static>, EngineError> {
+    Ok(candle_nn::VarBuilder::from_tensors(
+        load_all(dir, device)?,
+        DType::F32,
+        device,
+    ))
+}
+
+fn load_all(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>, EngineError> {
+    let mut tensors = HashMap::new();
+    for file in safetensor_files(dir)? {
+        let part = candle_core::safetensors::load(&file, device)
+            .map_err(|e| EngineError::files(&file, e.to_string()))?;
+        tensors.extend(part);
+    }
+    Ok(tensors)
+}
