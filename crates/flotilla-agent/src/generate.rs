@@ -2,13 +2,18 @@
 //! one chunk per delta, a final chunk per choice, the optional usage chunk and `[DONE]`.
 
 use bytes::Bytes;
+use std::collections::HashMap;
+
 use flotilla_api::openai::{
-    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChunkChoice, ChunkDelta,
-    Completion, CompletionChoice, Usage,
+    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs,
+    ChatTokenLogprob, ChunkChoice, ChunkDelta, Completion, CompletionChoice, CompletionLogprobs,
+    LogprobMap, TopLogprob, Usage,
 };
 use flotilla_api::sse::data_event;
 use flotilla_api::{ApiError, ErrorKind, unix_now};
-use flotilla_engine::{GenerateEvent, GenerateRequest, Prompt, SamplingParams, TextEngine};
+use flotilla_engine::{
+    GenerateEvent, GenerateRequest, Prompt, SamplingParams, TextEngine, TokenLogprob,
+};
 use futures::stream::{self, BoxStream, StreamExt};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -16,6 +21,78 @@ use tokio::sync::mpsc::UnboundedReceiver;
 pub(crate) enum Shape {
     Chat,
     Completion,
+}
+
+/// How the answer looks: its API's shape, and whether choices carry `logprobs` (`null`
+/// when not asked for).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Format {
+    pub shape: Shape,
+    pub logprobs: bool,
+}
+
+/// A log-probability of minus infinity (a token the model rules out) has no JSON form;
+/// OpenAI and vLLM report it as -9999.
+fn finite(logprob: f32) -> f32 {
+    if logprob.is_finite() {
+        logprob
+    } else {
+        -9999.0
+    }
+}
+
+/// Chat's `logprobs` for these tokens: `{"content": [...]}`.
+fn chat_logprobs(tokens: &[TokenLogprob]) -> ChatLogprobs {
+    let content = tokens
+        .iter()
+        .map(|t| ChatTokenLogprob {
+            token: t.token.clone(),
+            logprob: finite(t.logprob),
+            bytes: Some(t.bytes.clone()),
+            top_logprobs: t
+                .top
+                .iter()
+                .map(|a| TopLogprob {
+                    token: a.token.clone(),
+                    logprob: finite(a.logprob),
+                    bytes: Some(a.bytes.clone()),
+                })
+                .collect(),
+        })
+        .collect();
+    ChatLogprobs {
+        content: Some(content),
+        refusal: None,
+    }
+}
+
+/// The legacy completions' `logprobs` for these tokens. `offset` is where the first one
+/// starts in the choice's text (in characters, as vLLM counts them) and is moved past the
+/// last one, so stream chunks continue where the previous one ended.
+fn completion_logprobs(tokens: &[TokenLogprob], offset: &mut u64) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs::default();
+    for t in tokens {
+        out.tokens.push(t.token.clone());
+        out.token_logprobs.push(Some(finite(t.logprob)));
+        // The alternatives, then the chosen token if it is not among them (OpenAI: "up to
+        // logprobs + 1 elements"). Two tokens can print alike (say, halves of a character);
+        // the likelier one keeps the key.
+        let mut top: Vec<(String, f32)> = Vec::with_capacity(t.top.len() + 1);
+        for (token, logprob) in t
+            .top
+            .iter()
+            .map(|a| (&a.token, a.logprob))
+            .chain(std::iter::once((&t.token, t.logprob)))
+        {
+            if !top.iter().any(|(k, _)| k == token) {
+                top.push((token.clone(), finite(logprob)));
+            }
+        }
+        out.top_logprobs.push(Some(LogprobMap(top)));
+        out.text_offset.push(*offset);
+        *offset += t.token.chars().count() as u64;
+    }
+    out
 }
 
 /// One sequence to generate and the choice index it answers.
@@ -95,6 +172,7 @@ fn start_blocking(
 struct Collected {
     index: u32,
     text: String,
+    logprobs: Vec<TokenLogprob>,
     finish_reason: &'static str,
     prompt_tokens: u64,
     completion_tokens: u64,
@@ -102,9 +180,16 @@ struct Collected {
 
 async fn collect_one(mut seq: Sequence) -> Result<Collected, ApiError> {
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     while let Some(ev) = seq.rx.recv().await {
         match ev {
-            GenerateEvent::Delta { text: t, .. } => text.push_str(&t),
+            GenerateEvent::Delta {
+                text: t,
+                logprobs: l,
+            } => {
+                text.push_str(&t);
+                logprobs.extend(l);
+            }
             GenerateEvent::Finished {
                 finish_reason,
                 prompt_tokens,
@@ -113,6 +198,7 @@ async fn collect_one(mut seq: Sequence) -> Result<Collected, ApiError> {
                 return Ok(Collected {
                     index: seq.index,
                     text,
+                    logprobs,
                     finish_reason: finish_reason.as_str(),
                     prompt_tokens: if seq.counts_prompt {
                         prompt_tokens as u64
@@ -131,12 +217,21 @@ async fn collect_one(mut seq: Sequence) -> Result<Collected, ApiError> {
     ))
 }
 
+/// A whole response body. Serialised as it stands (not through `serde_json::Value`) so the
+/// legacy `top_logprobs` maps keep their best-first order.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+pub(crate) enum Whole {
+    Chat(ChatCompletion),
+    Completion(Completion),
+}
+
 /// Waits for every sequence and builds the whole response body.
 pub(crate) async fn respond_whole(
-    shape: Shape,
+    format: Format,
     model: &str,
     seqs: Vec<Sequence>,
-) -> Result<serde_json::Value, ApiError> {
+) -> Result<Whole, ApiError> {
     let results = futures::future::join_all(seqs.into_iter().map(collect_one)).await;
     let mut done = Vec::with_capacity(results.len());
     for r in results {
@@ -148,8 +243,8 @@ pub(crate) async fn respond_whole(
         done.iter().map(|c| c.completion_tokens).sum(),
     );
     let id = uuid::Uuid::new_v4().simple().to_string();
-    let value = match shape {
-        Shape::Chat => serde_json::to_value(ChatCompletion {
+    Ok(match format.shape {
+        Shape::Chat => Whole::Chat(ChatCompletion {
             id: format!("chatcmpl-{id}"),
             object: "chat.completion".into(),
             created: unix_now(),
@@ -163,12 +258,12 @@ pub(crate) async fn respond_whole(
                         content: Some(c.text),
                     },
                     finish_reason: Some(c.finish_reason.into()),
-                    logprobs: None,
+                    logprobs: format.logprobs.then(|| chat_logprobs(&c.logprobs)),
                 })
                 .collect(),
             usage: Some(usage),
         }),
-        Shape::Completion => serde_json::to_value(Completion {
+        Shape::Completion => Whole::Completion(Completion {
             id: format!("cmpl-{id}"),
             object: "text_completion".into(),
             created: unix_now(),
@@ -177,37 +272,45 @@ pub(crate) async fn respond_whole(
                 .into_iter()
                 .map(|c| CompletionChoice {
                     index: c.index,
-                    text: c.text,
                     finish_reason: Some(c.finish_reason.into()),
-                    logprobs: None,
+                    logprobs: format
+                        .logprobs
+                        .then(|| completion_logprobs(&c.logprobs, &mut 0)),
+                    text: c.text,
                 })
                 .collect(),
             usage: Some(usage),
         }),
-    };
-    value.map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))
+    })
 }
 
 struct ChunkWriter {
-    shape: Shape,
+    format: Format,
     id: String,
     created: u64,
     model: String,
 }
 
-/// One choice's part of a chunk: its index, whether it opens with the role, its new text
-/// and its finish reason.
+/// One choice's part of a chunk: its index, whether it opens with the role, its new text,
+/// the logprobs of the tokens behind that text and its finish reason.
 struct ChoicePart<'a> {
     index: u32,
     role: bool,
     content: Option<String>,
+    logprobs: Option<Logprobs<'a>>,
     finish: Option<&'a str>,
+}
+
+/// A delta's tokens and, for the legacy shape, where the first starts in the choice's text.
+struct Logprobs<'a> {
+    tokens: &'a [TokenLogprob],
+    offset: &'a mut u64,
 }
 
 impl ChunkWriter {
     /// One SSE event: a chunk for one choice, or (with `part` None) the usage-only chunk.
     fn event(&self, part: Option<ChoicePart<'_>>, usage: Option<Usage>) -> Bytes {
-        let json = match self.shape {
+        let json = match self.format.shape {
             Shape::Chat => serde_json::to_string(&ChatCompletionChunk {
                 id: self.id.clone(),
                 object: "chat.completion.chunk".into(),
@@ -221,7 +324,7 @@ impl ChunkWriter {
                             content: p.content,
                         },
                         finish_reason: p.finish.map(Into::into),
-                        logprobs: None,
+                        logprobs: p.logprobs.map(|l| chat_logprobs(l.tokens)),
                     })
                     .into_iter()
                     .collect(),
@@ -237,7 +340,7 @@ impl ChunkWriter {
                         index: p.index,
                         text: p.content.unwrap_or_default(),
                         finish_reason: p.finish.map(Into::into),
-                        logprobs: None,
+                        logprobs: p.logprobs.map(|l| completion_logprobs(l.tokens, l.offset)),
                     })
                     .into_iter()
                     .collect(),
@@ -259,7 +362,23 @@ impl ChunkWriter {
                 index,
                 role,
                 content,
+                logprobs: None,
                 finish,
+            }),
+            None,
+        )
+    }
+
+    /// A delta's chunk: its text and, when asked for, its tokens' logprobs.
+    fn delta(&self, index: u32, text: String, tokens: &[TokenLogprob], offset: &mut u64) -> Bytes {
+        let logprobs = self.format.logprobs.then_some(Logprobs { tokens, offset });
+        self.event(
+            Some(ChoicePart {
+                index,
+                role: false,
+                content: Some(text),
+                logprobs,
+                finish: None,
             }),
             None,
         )
@@ -283,18 +402,19 @@ fn error_event(err: &ApiError) -> Bytes {
 const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub(crate) fn respond_stream(
-    shape: Shape,
+    format: Format,
     model: &str,
     seqs: Vec<Sequence>,
     include_usage: bool,
 ) -> BoxStream<'static, Result<Bytes, std::convert::Infallible>> {
+    let shape = format.shape;
     let prefix = if shape == Shape::Chat {
         "chatcmpl"
     } else {
         "cmpl"
     };
     let w = ChunkWriter {
-        shape,
+        format,
         id: format!("{prefix}-{}", uuid::Uuid::new_v4().simple()),
         created: unix_now(),
         model: model.to_owned(),
@@ -324,6 +444,8 @@ pub(crate) fn respond_stream(
         }
         let mut finished = 0usize;
         let mut usage = Usage::default();
+        // Per choice: characters of text so far, for the legacy `text_offset`.
+        let mut offsets: HashMap<u32, u64> = HashMap::new();
         let mut keepalive = tokio::time::interval(KEEPALIVE);
         keepalive.tick().await;
         loop {
@@ -347,7 +469,14 @@ pub(crate) fn respond_stream(
             };
             keepalive.reset();
             let out = match ev {
-                GenerateEvent::Delta { text, .. } => w.chunk(index, false, Some(text), None),
+                // Text held back (half a character, a possible stop string) can leave a
+                // delta with tokens and no text: still a chunk when it has logprobs.
+                GenerateEvent::Delta { text, logprobs } => {
+                    if text.is_empty() && (logprobs.is_empty() || !format.logprobs) {
+                        continue;
+                    }
+                    w.delta(index, text, &logprobs, offsets.entry(index).or_default())
+                }
                 GenerateEvent::Finished {
                     finish_reason,
                     prompt_tokens,
@@ -398,4 +527,206 @@ pub(crate) fn respond_stream(
         |mut rx| async move { rx.recv().await.map(|b| (Ok(b), rx)) },
     )
     .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use flotilla_engine::{FinishReason, TopLogprob as EngineTop};
+    use serde_json::Value;
+
+    use super::*;
+
+    fn token(text: &str, logprob: f32, top: &[(&str, f32)]) -> TokenLogprob {
+        TokenLogprob {
+            token: text.into(),
+            bytes: text.as_bytes().to_vec(),
+            logprob,
+            top: top
+                .iter()
+                .map(|&(t, l)| EngineTop {
+                    token: t.into(),
+                    bytes: t.as_bytes().to_vec(),
+                    logprob: l,
+                })
+                .collect(),
+        }
+    }
+
+    /// A sequence whose engine events are already queued.
+    fn scripted(index: u32, events: Vec<GenerateEvent>) -> Sequence {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        for ev in events {
+            tx.send(ev).unwrap();
+        }
+        Sequence {
+            index,
+            counts_prompt: true,
+            rx,
+        }
+    }
+
+    /// "Hé" in two deltas: the first token is half of "é" and comes with no text.
+    fn events() -> Vec<GenerateEvent> {
+        vec![
+            GenerateEvent::Delta {
+                text: "H".into(),
+                logprobs: vec![token("H", -0.25, &[("H", -0.25), ("J", -2.0)])],
+            },
+            GenerateEvent::Delta {
+                text: String::new(),
+                logprobs: vec![token("\u{fffd}", -0.5, &[("\u{fffd}", -0.5), ("x", -1.5)])],
+            },
+            GenerateEvent::Delta {
+                text: "é".into(),
+                logprobs: vec![token(
+                    "\u{fffd}",
+                    f32::NEG_INFINITY,
+                    &[("\u{fffd}", -0.1), ("y", -3.0)],
+                )],
+            },
+            GenerateEvent::Finished {
+                finish_reason: FinishReason::Length,
+                prompt_tokens: 4,
+                completion_tokens: 3,
+            },
+        ]
+    }
+
+    async fn whole(shape: Shape, logprobs: bool) -> Value {
+        let body = respond_whole(Format { shape, logprobs }, "m", vec![scripted(0, events())])
+            .await
+            .unwrap();
+        serde_json::to_value(&body).unwrap()
+    }
+
+    async fn stream(shape: Shape, logprobs: bool) -> Vec<Value> {
+        let bytes: Vec<Bytes> = respond_stream(
+            Format { shape, logprobs },
+            "m",
+            vec![scripted(0, events())],
+            false,
+        )
+        .map(|b| b.unwrap())
+        .collect()
+        .await;
+        let raw: Vec<u8> = bytes.concat();
+        flotilla_api::sse::SseDecoder::new()
+            .feed(&raw)
+            .into_iter()
+            .filter(|e| !e.is_done())
+            .map(|e| serde_json::from_str(&e.data).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn chat_whole_carries_one_entry_per_token() {
+        let v = whole(Shape::Chat, true).await;
+        let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+        assert_eq!(content.len(), 3);
+        assert_eq!(v["choices"][0]["message"]["content"], "Hé");
+        assert_eq!(content[0]["token"], "H");
+        assert_eq!(content[0]["logprob"], -0.25);
+        assert_eq!(content[0]["bytes"], serde_json::json!([72]));
+        assert_eq!(content[0]["top_logprobs"][1]["token"], "J");
+        assert_eq!(
+            content[0]["top_logprobs"][1]["bytes"],
+            serde_json::json!([74])
+        );
+        // Minus infinity has no JSON form.
+        assert_eq!(content[2]["logprob"], -9999.0);
+
+        let v = whole(Shape::Chat, false).await;
+        assert!(v["choices"][0]["logprobs"].is_null());
+        assert!(
+            v["choices"][0]
+                .as_object()
+                .unwrap()
+                .contains_key("logprobs")
+        );
+    }
+
+    #[tokio::test]
+    async fn completion_whole_has_parallel_lists_and_offsets() {
+        let v = whole(Shape::Completion, true).await;
+        let lp = &v["choices"][0]["logprobs"];
+        assert_eq!(
+            lp["tokens"],
+            serde_json::json!(["H", "\u{fffd}", "\u{fffd}"])
+        );
+        assert_eq!(
+            lp["token_logprobs"],
+            serde_json::json!([-0.25, -0.5, -9999.0])
+        );
+        assert_eq!(lp["text_offset"], serde_json::json!([0, 1, 2]));
+        // The alternatives, best first; the chosen token is among them already.
+        let first = lp["top_logprobs"][0].as_object().unwrap();
+        assert_eq!(first.len(), 2);
+        assert_eq!(first["J"], -2.0);
+        assert!(whole(Shape::Completion, false).await["choices"][0]["logprobs"].is_null());
+    }
+
+    #[test]
+    fn legacy_top_adds_the_chosen_token_and_keeps_order() {
+        let mut offset = 5;
+        let lp = completion_logprobs(
+            &[token("ab", -3.0, &[("z", -0.1), ("c", -0.2)])],
+            &mut offset,
+        );
+        assert_eq!(offset, 7);
+        assert_eq!(lp.text_offset, [5]);
+        let keys: Vec<&str> = lp.top_logprobs[0]
+            .as_ref()
+            .unwrap()
+            .0
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect();
+        assert_eq!(keys, ["z", "c", "ab"]);
+        assert_eq!(
+            serde_json::to_string(&lp.top_logprobs[0]).unwrap(),
+            r#"{"z":-0.1,"c":-0.2,"ab":-3.0}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn chat_stream_chunks_carry_their_tokens() {
+        let chunks = stream(Shape::Chat, true).await;
+        // Role, three deltas (one without text), finish.
+        assert_eq!(chunks.len(), 5, "{chunks:?}");
+        assert!(chunks[0]["choices"][0]["logprobs"].is_null());
+        let per_chunk: Vec<usize> = chunks[1..4]
+            .iter()
+            .map(|c| {
+                c["choices"][0]["logprobs"]["content"]
+                    .as_array()
+                    .unwrap()
+                    .len()
+            })
+            .collect();
+        assert_eq!(per_chunk, [1, 1, 1]);
+        assert_eq!(chunks[2]["choices"][0]["delta"]["content"], "");
+        assert_eq!(
+            chunks[2]["choices"][0]["logprobs"]["content"][0]["logprob"],
+            -0.5
+        );
+        assert!(chunks[4]["choices"][0]["logprobs"].is_null());
+        assert_eq!(chunks[4]["choices"][0]["finish_reason"], "length");
+
+        // Not asked for: no logprobs, and the textless delta makes no chunk.
+        let chunks = stream(Shape::Chat, false).await;
+        assert_eq!(chunks.len(), 4, "{chunks:?}");
+        assert!(chunks.iter().all(|c| c["choices"][0]["logprobs"].is_null()));
+    }
+
+    #[tokio::test]
+    async fn completion_stream_offsets_continue_across_chunks() {
+        let chunks = stream(Shape::Completion, true).await;
+        assert_eq!(chunks.len(), 4, "{chunks:?}");
+        let offsets: Vec<Value> = chunks[..3]
+            .iter()
+            .map(|c| c["choices"][0]["logprobs"]["text_offset"][0].clone())
+            .collect();
+        assert_eq!(offsets, [0, 1, 2]);
+        assert!(chunks[3]["choices"][0]["logprobs"].is_null());
+    }
 }

@@ -11,13 +11,13 @@ use axum::{Json, Router};
 use flotilla_api::body::{BODY_READ_TIMEOUT, parse_json, read_limited};
 use flotilla_api::openai::{
     ChatCompletionRequest, CompletionRequest, EmbeddingData, EmbeddingInput, EmbeddingRequest,
-    EmbeddingResponse, EmbeddingUsage, EmbeddingVector, ModelCard, ModelList,
+    EmbeddingResponse, EmbeddingUsage, EmbeddingVector, ModelCard, ModelList, SamplingOptions,
 };
 use flotilla_api::{ApiError, ErrorKind};
 use flotilla_engine::{ChatMessage, Prompt, SamplingParams, TextEngine};
 
 use crate::AgentState;
-use crate::generate::{Shape, respond_stream, respond_whole, start};
+use crate::generate::{Format, Shape, respond_stream, respond_whole, start};
 
 pub(crate) fn router(state: AgentState) -> Router {
     Router::new()
@@ -52,22 +52,27 @@ fn chat_engine<'a>(s: &'a AgentState, model: &str) -> Result<&'a TextEngine, Api
     Err(ApiError::model_not_found(model))
 }
 
-fn sampling(
-    temperature: Option<f64>,
-    top_p: Option<f64>,
-    seed: Option<i64>,
-    max_tokens: Option<u64>,
-    stop: Vec<String>,
-) -> SamplingParams {
+/// The engine's parameters for checked options; what the request leaves out keeps the
+/// engine's defaults (every filter and penalty off).
+fn sampling(opts: SamplingOptions) -> SamplingParams {
+    let d = SamplingParams::default();
+    // Beyond usize a count cannot fit any context; saturate and let the engine say so.
+    let count = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
     SamplingParams {
-        temperature: temperature.unwrap_or(1.0),
-        top_p: top_p.unwrap_or(1.0),
+        temperature: opts.temperature.unwrap_or(d.temperature),
+        top_p: opts.top_p.unwrap_or(d.top_p),
+        top_k: opts.top_k.map(count),
+        min_p: opts.min_p.unwrap_or(d.min_p),
+        repetition_penalty: opts.repetition_penalty.unwrap_or(d.repetition_penalty),
+        frequency_penalty: opts.frequency_penalty.unwrap_or(d.frequency_penalty),
+        presence_penalty: opts.presence_penalty.unwrap_or(d.presence_penalty),
         // Negative seeds are valid in the OpenAI API; reinterpret the bits.
-        seed: seed.map(|s| s as u64),
-        // Beyond usize it cannot fit any context; saturate and let the engine say so.
-        max_tokens: max_tokens.map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
-        stop,
-        ..SamplingParams::default()
+        seed: opts.seed.map(|s| s as u64),
+        max_tokens: opts.max_tokens.map(count),
+        stop: opts.stop,
+        logprobs: opts.logprobs.is_some(),
+        top_logprobs: opts.logprobs.map_or(0, |n| n as usize),
+        ignore_eos: opts.ignore_eos,
     }
 }
 
@@ -89,23 +94,14 @@ async fn chat(State(s): State<AgentState>, body: Body) -> Response {
                 content: m.text(i)?,
             });
         }
-        let params = sampling(
-            req.temperature,
-            req.top_p,
-            req.seed,
-            req.max_tokens(),
-            req.stop.as_ref().map(|s| s.to_vec()).unwrap_or_default(),
-        );
+        let params = sampling(req.sampling()?);
+        let format = Format {
+            shape: Shape::Chat,
+            logprobs: params.logprobs,
+        };
         let n = req.n.unwrap_or(1) as u32;
         let seqs = start(engine, vec![Prompt::Chat(messages)], n, &params).await?;
-        finish(
-            Shape::Chat,
-            engine,
-            seqs,
-            req.is_stream(),
-            req.include_usage(),
-        )
-        .await
+        finish(format, engine, seqs, req.is_stream(), req.include_usage()).await
     }
     .await;
     res.unwrap_or_else(IntoResponse::into_response)
@@ -133,9 +129,6 @@ fn reject_unsupported(extra: &serde_json::Map<String, serde_json::Value>) -> Res
             Some(_) => return unsupported("response_format", "structured output"),
         }
     }
-    if extra.get("logprobs").and_then(Value::as_bool) == Some(true) {
-        return unsupported("logprobs", "logprobs");
-    }
     Ok(())
 }
 
@@ -144,44 +137,28 @@ async fn completions(State(s): State<AgentState>, body: Body) -> Response {
         let req: CompletionRequest = read_body(&s, body).await?;
         req.validate()?;
         let engine = chat_engine(&s, &req.model)?;
-        if req.extra.get("logprobs").is_some_and(|v| !v.is_null()) {
-            return Err(ApiError::invalid_param(
-                "logprobs",
-                "logprobs is not supported by local models yet",
-            )
-            .with_code("unsupported_parameter"));
-        }
-        let params = sampling(
-            req.temperature,
-            req.top_p,
-            req.seed,
-            req.max_tokens,
-            req.stop.as_ref().map(|s| s.to_vec()).unwrap_or_default(),
-        );
+        let params = sampling(req.sampling()?);
+        let format = Format {
+            shape: Shape::Completion,
+            logprobs: params.logprobs,
+        };
         let prompts = req.prompts().into_iter().map(Prompt::Text).collect();
         let seqs = start(engine, prompts, req.n.unwrap_or(1) as u32, &params).await?;
-        finish(
-            Shape::Completion,
-            engine,
-            seqs,
-            req.is_stream(),
-            req.include_usage(),
-        )
-        .await
+        finish(format, engine, seqs, req.is_stream(), req.include_usage()).await
     }
     .await;
     res.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn finish(
-    shape: Shape,
+    format: Format,
     engine: &TextEngine,
     seqs: Vec<crate::generate::Sequence>,
     stream: bool,
     include_usage: bool,
 ) -> Result<Response, ApiError> {
     if stream {
-        let body = Body::from_stream(respond_stream(shape, engine.name(), seqs, include_usage));
+        let body = Body::from_stream(respond_stream(format, engine.name(), seqs, include_usage));
         return Ok((
             StatusCode::OK,
             [
@@ -192,7 +169,7 @@ async fn finish(
         )
             .into_response());
     }
-    Ok(Json(respond_whole(shape, engine.name(), seqs).await?).into_response())
+    Ok(Json(respond_whole(format, engine.name(), seqs).await?).into_response())
 }
 
 async fn embeddings(State(s): State<AgentState>, body: Body) -> Response {

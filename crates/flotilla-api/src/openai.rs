@@ -151,6 +151,37 @@ impl ChatCompletionRequest {
         self.max_completion_tokens.or(self.max_tokens)
     }
 
+    /// The checked sampling options. `logprobs` is a boolean here; `top_logprobs` (0..=20)
+    /// asks for alternatives and needs `logprobs: true`, as in OpenAI's API.
+    pub fn sampling(&self) -> Result<SamplingOptions, ApiError> {
+        let mut opts = sampling_options(
+            self.temperature,
+            self.top_p,
+            self.max_tokens(),
+            self.stop.as_ref(),
+            &self.extra,
+        )?;
+        opts.seed = self.seed;
+        let logprobs = extra_bool(&self.extra, "logprobs")?.unwrap_or(false);
+        let top = extra_int(&self.extra, "top_logprobs")?;
+        if let Some(n) = top {
+            if !(0..=MAX_TOP_LOGPROBS as i64).contains(&n) {
+                return Err(ApiError::invalid_param(
+                    "top_logprobs",
+                    format!("`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS}, got {n}"),
+                ));
+            }
+            if !logprobs {
+                return Err(ApiError::invalid_param(
+                    "top_logprobs",
+                    "`top_logprobs` needs `logprobs` set to true",
+                ));
+            }
+        }
+        opts.logprobs = logprobs.then(|| top.unwrap_or(0) as u32);
+        Ok(opts)
+    }
+
     /// Checks that hold for every target, local or cloud.
     pub fn validate(&self) -> Result<(), ApiError> {
         check_model(&self.model)?;
@@ -171,12 +202,7 @@ impl ChatCompletionRequest {
                 ));
             }
         }
-        check_sampling(
-            self.temperature,
-            self.top_p,
-            self.max_tokens(),
-            self.stop.as_ref(),
-        )?;
+        self.sampling()?;
         check_n(self.n)?;
         if self.stream_options.is_some() && !self.is_stream() {
             return Err(ApiError::invalid_param(
@@ -246,14 +272,32 @@ impl CompletionRequest {
                 "`prompt` must not be an empty list",
             ));
         }
-        check_sampling(
+        self.sampling()?;
+        check_n(self.n)?;
+        Ok(())
+    }
+
+    /// The checked sampling options. The legacy `logprobs` is a number of alternatives,
+    /// 0..=5; the chosen token's log-probability always comes with them.
+    pub fn sampling(&self) -> Result<SamplingOptions, ApiError> {
+        let mut opts = sampling_options(
             self.temperature,
             self.top_p,
             self.max_tokens,
             self.stop.as_ref(),
+            &self.extra,
         )?;
-        check_n(self.n)?;
-        Ok(())
+        opts.seed = self.seed;
+        if let Some(n) = extra_int(&self.extra, "logprobs")? {
+            if !(0..=MAX_LEGACY_LOGPROBS as i64).contains(&n) {
+                return Err(ApiError::invalid_param(
+                    "logprobs",
+                    format!("`logprobs` must be between 0 and {MAX_LEGACY_LOGPROBS}, got {n}"),
+                ));
+            }
+            opts.logprobs = Some(n as u32);
+        }
+        Ok(opts)
     }
 }
 
@@ -345,6 +389,142 @@ fn check_model(model: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Most alternatives chat's `top_logprobs` may ask for.
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+/// Most alternatives the legacy completions' `logprobs` may ask for.
+pub const MAX_LEGACY_LOGPROBS: u32 = 5;
+
+/// A request's sampling options, checked. Past OpenAI's own fields this reads vLLM's
+/// extensions `top_k`, `min_p` and `repetition_penalty`. The options that are not typed
+/// fields stay in the request's `extra` map, so a request forwarded to a provider carries
+/// them as the client wrote them, and a value of the wrong type is a 400 naming it rather
+/// than a parse error.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SamplingOptions {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    /// `None` when absent or off: vLLM reads both 0 and -1 as "consider every token".
+    pub top_k: Option<u64>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub seed: Option<i64>,
+    pub max_tokens: Option<u64>,
+    pub stop: Vec<String>,
+    /// `Some(n)`: report each token's log-probability and its `n` likeliest alternatives.
+    pub logprobs: Option<u32>,
+    /// vLLM's `ignore_eos`: generate past end-of-sequence until `max_tokens`.
+    pub ignore_eos: bool,
+}
+
+/// The options chat and completions share.
+fn sampling_options(
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    max_tokens: Option<u64>,
+    stop: Option<&StopSpec>,
+    extra: &Map<String, Value>,
+) -> Result<SamplingOptions, ApiError> {
+    check_sampling(temperature, top_p, max_tokens, stop)?;
+    let top_k = match extra_int(extra, "top_k")? {
+        None | Some(-1) | Some(0) => None,
+        Some(k) if k > 0 => Some(k as u64),
+        Some(k) => {
+            return Err(ApiError::invalid_param(
+                "top_k",
+                format!("`top_k` must be at least 1, or 0 or -1 for off; got {k}"),
+            ));
+        }
+    };
+    let min_p = extra_number(extra, "min_p")?;
+    if let Some(p) = min_p
+        && !(0.0..=1.0).contains(&p)
+    {
+        return Err(ApiError::invalid_param(
+            "min_p",
+            format!("`min_p` must be between 0 and 1, got {p}"),
+        ));
+    }
+    let repetition_penalty = extra_number(extra, "repetition_penalty")?;
+    if let Some(r) = repetition_penalty
+        && r <= 0.0
+    {
+        return Err(ApiError::invalid_param(
+            "repetition_penalty",
+            format!("`repetition_penalty` must be greater than 0, got {r}"),
+        ));
+    }
+    let penalty = |name: &str| -> Result<Option<f64>, ApiError> {
+        let v = extra_number(extra, name)?;
+        if let Some(v) = v
+            && !(-2.0..=2.0).contains(&v)
+        {
+            return Err(ApiError::invalid_param(
+                name,
+                format!("`{name}` must be between -2 and 2, got {v}"),
+            ));
+        }
+        Ok(v)
+    };
+    let frequency_penalty = penalty("frequency_penalty")?;
+    let presence_penalty = penalty("presence_penalty")?;
+    let ignore_eos = extra_bool(extra, "ignore_eos")?.unwrap_or(false);
+    Ok(SamplingOptions {
+        temperature,
+        top_p,
+        top_k,
+        min_p,
+        repetition_penalty,
+        frequency_penalty,
+        presence_penalty,
+        seed: None,
+        max_tokens,
+        stop: stop.map(StopSpec::to_vec).unwrap_or_default(),
+        logprobs: None,
+        ignore_eos,
+    })
+}
+
+/// `extra[name]` as a number; absent and null are `None`.
+fn extra_number(extra: &Map<String, Value>, name: &str) -> Result<Option<f64>, ApiError> {
+    match extra.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => Ok(n.as_f64()),
+        Some(other) => Err(ApiError::invalid_param(
+            name,
+            format!("`{name}` must be a number, got {other}"),
+        )),
+    }
+}
+
+/// `extra[name]` as an integer (`2.0` counts, `2.5` does not); absent and null are `None`.
+fn extra_int(extra: &Map<String, Value>, name: &str) -> Result<Option<i64>, ApiError> {
+    let not_int =
+        |v: &Value| ApiError::invalid_param(name, format!("`{name}` must be an integer, got {v}"));
+    match extra.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v @ Value::Number(n)) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => Ok(Some(i)),
+            (None, Some(f)) if f.fract() == 0.0 && f.abs() < 2f64.powi(53) => Ok(Some(f as i64)),
+            _ => Err(not_int(v)),
+        },
+        Some(v) => Err(not_int(v)),
+    }
+}
+
+/// `extra[name]` as a boolean; absent and null are `None`.
+fn extra_bool(extra: &Map<String, Value>, name: &str) -> Result<Option<bool>, ApiError> {
+    match extra.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(ApiError::invalid_param(
+            name,
+            format!("`{name}` must be a boolean, got {other}"),
+        )),
+    }
+}
+
 fn check_sampling(
     temperature: Option<f64>,
     top_p: Option<f64>,
@@ -415,12 +595,39 @@ pub struct AssistantMessage {
     pub content: Option<String>,
 }
 
+/// One alternative at a position, as chat reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    /// The token's UTF-8 bytes, which may be part of a character.
+    pub bytes: Option<Vec<u8>>,
+}
+
+/// One generated token's log-probability and, when asked, its likeliest alternatives.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Option<Vec<u8>>,
+    #[serde(default)]
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+/// `choices[i].logprobs` of a chat completion or chunk: one entry per generated token.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ChatLogprobs {
+    pub content: Option<Vec<ChatTokenLogprob>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<Vec<ChatTokenLogprob>>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ChatChoice {
     pub index: u32,
     pub message: AssistantMessage,
     pub finish_reason: Option<String>,
-    pub logprobs: Option<Value>,
+    pub logprobs: Option<ChatLogprobs>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -447,7 +654,7 @@ pub struct ChunkChoice {
     pub delta: ChunkDelta,
     pub finish_reason: Option<String>,
     #[serde(default)]
-    pub logprobs: Option<Value>,
+    pub logprobs: Option<ChatLogprobs>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -461,12 +668,63 @@ pub struct ChatCompletionChunk {
     pub usage: Option<Usage>,
 }
 
+/// Token -> log-probability as a JSON object whose keys keep this order (best first),
+/// whatever map type the JSON library uses.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LogprobMap(pub Vec<(String, f32)>);
+
+impl Serialize for LogprobMap {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (token, logprob) in &self.0 {
+            m.serialize_entry(token, logprob)?;
+        }
+        m.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for LogprobMap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = LogprobMap;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of token to log-probability")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<LogprobMap, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = map.next_entry::<String, f32>()? {
+                    out.push(entry);
+                }
+                Ok(LogprobMap(out))
+            }
+        }
+        d.deserialize_map(Entries)
+    }
+}
+
+/// `choices[i].logprobs` of the legacy completions API: parallel lists, one entry per token.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    /// `null` only for an echoed prompt's first token.
+    pub token_logprobs: Vec<Option<f32>>,
+    /// The likeliest alternatives and the chosen token, so up to `logprobs + 1` entries.
+    pub top_logprobs: Vec<Option<LogprobMap>>,
+    /// Where each token starts in the choice's text, in characters.
+    pub text_offset: Vec<u64>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CompletionChoice {
     pub index: u32,
     pub text: String,
     pub finish_reason: Option<String>,
-    pub logprobs: Option<Value>,
+    pub logprobs: Option<CompletionLogprobs>,
 }
 
 /// Response of `/v1/completions`, and each of its stream chunks (object `text_completion`).
@@ -595,6 +853,146 @@ mod tests {
             req.validate().unwrap_err().param.as_deref(),
             Some("messages")
         );
+    }
+
+    fn chat(extra: Value) -> ChatCompletionRequest {
+        let mut body = serde_json::json!({"model":"m","messages":[{"role":"user","content":"hi"}]});
+        if let (Some(b), Value::Object(e)) = (body.as_object_mut(), extra) {
+            b.extend(e);
+        }
+        serde_json::from_value(body).unwrap()
+    }
+
+    fn completion(extra: Value) -> CompletionRequest {
+        let mut body = serde_json::json!({"model":"m","prompt":"hi"});
+        if let (Some(b), Value::Object(e)) = (body.as_object_mut(), extra) {
+            b.extend(e);
+        }
+        serde_json::from_value(body).unwrap()
+    }
+
+    #[test]
+    fn sampling_extensions_are_read_and_checked() {
+        let opts = chat(serde_json::json!({
+            "top_k": 40, "min_p": 0.05, "repetition_penalty": 1.2,
+            "frequency_penalty": 0.5, "presence_penalty": -1, "logprobs": true,
+            "top_logprobs": 3, "seed": -4, "stop": "x", "unknown_thing": [1]
+        }))
+        .sampling()
+        .unwrap();
+        assert_eq!(opts.top_k, Some(40));
+        assert_eq!(opts.min_p, Some(0.05));
+        assert_eq!(opts.repetition_penalty, Some(1.2));
+        assert_eq!(opts.frequency_penalty, Some(0.5));
+        assert_eq!(opts.presence_penalty, Some(-1.0));
+        assert_eq!(opts.logprobs, Some(3));
+        assert_eq!(opts.seed, Some(-4));
+        assert_eq!(opts.stop, ["x"]);
+        assert!(!opts.ignore_eos);
+        let opts = completion(serde_json::json!({"ignore_eos": true}))
+            .sampling()
+            .unwrap();
+        assert!(opts.ignore_eos);
+        for off in [-1, 0] {
+            let opts = chat(serde_json::json!({"top_k": off})).sampling().unwrap();
+            assert_eq!(opts.top_k, None);
+        }
+        assert_eq!(
+            chat(serde_json::json!({"logprobs": true}))
+                .sampling()
+                .unwrap()
+                .logprobs,
+            Some(0)
+        );
+        assert_eq!(
+            chat(serde_json::json!({"logprobs": false}))
+                .sampling()
+                .unwrap()
+                .logprobs,
+            None
+        );
+
+        let bad = [
+            (serde_json::json!({"top_k": -2}), "top_k"),
+            (serde_json::json!({"top_k": 2.5}), "top_k"),
+            (serde_json::json!({"top_k": "5"}), "top_k"),
+            (serde_json::json!({"min_p": 1.5}), "min_p"),
+            (serde_json::json!({"min_p": "a"}), "min_p"),
+            (
+                serde_json::json!({"repetition_penalty": 0}),
+                "repetition_penalty",
+            ),
+            (
+                serde_json::json!({"frequency_penalty": 2.5}),
+                "frequency_penalty",
+            ),
+            (
+                serde_json::json!({"presence_penalty": -3}),
+                "presence_penalty",
+            ),
+            (
+                serde_json::json!({"presence_penalty": true}),
+                "presence_penalty",
+            ),
+            (serde_json::json!({"logprobs": 1}), "logprobs"),
+            (serde_json::json!({"ignore_eos": 1}), "ignore_eos"),
+            (
+                serde_json::json!({"logprobs": true, "top_logprobs": 21}),
+                "top_logprobs",
+            ),
+            (
+                serde_json::json!({"logprobs": true, "top_logprobs": -1}),
+                "top_logprobs",
+            ),
+            (serde_json::json!({"top_logprobs": 2}), "top_logprobs"),
+            (
+                serde_json::json!({"logprobs": false, "top_logprobs": 0}),
+                "top_logprobs",
+            ),
+        ];
+        for (extra, param) in bad {
+            let err = chat(extra.clone()).validate().unwrap_err();
+            assert_eq!(err.param.as_deref(), Some(param), "{extra}");
+        }
+    }
+
+    #[test]
+    fn legacy_logprobs_is_a_count() {
+        let opts = completion(serde_json::json!({"logprobs": 2}))
+            .sampling()
+            .unwrap();
+        assert_eq!(opts.logprobs, Some(2));
+        let opts = completion(serde_json::json!({"logprobs": 0}))
+            .sampling()
+            .unwrap();
+        assert_eq!(opts.logprobs, Some(0));
+        let opts = completion(serde_json::json!({"logprobs": null}))
+            .sampling()
+            .unwrap();
+        assert_eq!(opts.logprobs, None);
+        for bad in [
+            serde_json::json!(6),
+            serde_json::json!(true),
+            serde_json::json!(-1),
+        ] {
+            let err = completion(serde_json::json!({"logprobs": bad}))
+                .validate()
+                .unwrap_err();
+            assert_eq!(err.param.as_deref(), Some("logprobs"));
+        }
+        let err = completion(serde_json::json!({"top_k": 0.5}))
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("top_k"));
+    }
+
+    #[test]
+    fn logprob_map_keeps_its_order() {
+        let m = LogprobMap(vec![("b".into(), -0.5), ("a".into(), -1.0)]);
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(json, r#"{"b":-0.5,"a":-1.0}"#);
+        let back: LogprobMap = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, m);
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub(crate) struct Sequence {
     max_tokens: usize,
     sampler: Sampler,
     logprobs: bool,
+    ignore_eos: bool,
     stop: StopMatcher,
     detok: IncrementalDecoder,
     tx: mpsc::UnboundedSender<GenerateEvent>,
@@ -51,6 +52,7 @@ impl Sequence {
             preemptions: 0,
             max_tokens,
             logprobs: sampling.logprobs,
+            ignore_eos: sampling.ignore_eos,
             stop: StopMatcher::new(&sampling.stop),
             detok: IncrementalDecoder::default(),
             tx,
@@ -87,7 +89,7 @@ impl Sequence {
         if self.logprobs {
             self.pending_logprobs.push(token_logprob(&sampled, tok));
         }
-        if tok.eos_ids.contains(&token) {
+        if !self.ignore_eos && tok.eos_ids.contains(&token) {
             let rest = self.detok.flush(|ids| tok.decode(ids))?;
             let rest = self.stop.push(&rest);
             let tail = if rest.stopped {

@@ -512,15 +512,17 @@ impl EngineLoop {
             .fetch_add(prompt_tokens, Ordering::Relaxed);
         let mut finished = Vec::new();
         for (row, &index) in samplers.iter().enumerate() {
+            // Counted before the token goes out, so a client that saw Finished also sees
+            // it in the status.
+            self.counters
+                .generated_tokens_total
+                .fetch_add(1, Ordering::Relaxed);
             let seq = &mut self.running[index];
             let tok = &self.tokenizer;
             let accepted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 seq.accept(&logits[row], tok)
             }))
             .unwrap_or_else(|p| Err(EngineError::Panicked(panic_message(&p))));
-            self.counters
-                .generated_tokens_total
-                .fetch_add(1, Ordering::Relaxed);
             match accepted {
                 Ok(None) => {}
                 Ok(Some(_)) => finished.push(index),

@@ -31,6 +31,9 @@ pub struct SamplingParams {
     pub logprobs: bool,
     /// Also report this many most likely alternatives per position (0..=20).
     pub top_logprobs: usize,
+    /// Keep generating past end-of-sequence tokens until `max_tokens` (vLLM's extension;
+    /// benchmarks use it so every sequence does the same work).
+    pub ignore_eos: bool,
 }
 
 /// Most alternatives `top_logprobs` may ask for (OpenAI's limit).
@@ -51,6 +54,7 @@ impl Default for SamplingParams {
             stop: Vec::new(),
             logprobs: false,
             top_logprobs: 0,
+            ignore_eos: false,
         }
     }
 }
