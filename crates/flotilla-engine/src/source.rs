@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use hf_hub::{Cache, Repo};
 
 use crate::error::EngineError;
+use crate::models::find_gguf;
 
 /// Files every text/embedding model directory needs besides its weights.
 const REQUIRED: [&str; 2] = ["config.json", "tokenizer.json"];
@@ -23,16 +24,24 @@ fn err(source: &str, message: impl Into<String>) -> EngineError {
     }
 }
 
-/// Resolves `source` to a directory holding config.json and friends.
+/// Resolves `source` to what the loaders take: a directory holding config.json and friends
+/// (or exactly one `*.gguf` with tokenizer.json), or the path of a local `.gguf` file.
 pub async fn resolve_model_source(
     source: &str,
     cache_dir: Option<&Path>,
     offline: bool,
 ) -> Result<PathBuf, EngineError> {
     let path = Path::new(source);
-    if path.is_dir() {
-        if !path.join("config.json").exists() {
-            return Err(err(source, "directory has no config.json"));
+    if path.is_file() || path.is_dir() {
+        let gguf = find_gguf(path).map_err(|e| match e {
+            EngineError::ModelFiles { message, .. } => err(source, message),
+            other => other,
+        })?;
+        if gguf.is_none() && !path.join("config.json").exists() {
+            return Err(err(
+                source,
+                "directory has no config.json and no .gguf file",
+            ));
         }
         return Ok(path.to_path_buf());
     }

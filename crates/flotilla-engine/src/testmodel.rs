@@ -1,12 +1,15 @@
-//! A tiny, deterministic llama-architecture model for tests and `flotilla up`: a byte-level
-//! BPE tokenizer trained on a corpus generated here, and weights drawn from a seeded RNG.
-//! Running it twice writes byte-identical files.
+//! Deterministic llama-architecture test models: a byte-level BPE tokenizer trained on a
+//! corpus generated here, and weights drawn from a seeded RNG. `Tiny` is for tests and
+//! `flotilla up`; `Small` (~100M parameters) is for the engine benchmark. Running either twice
+//! writes byte-identical files.
 
 use std::collections::HashSet;
+use std::io::Write;
 use std::path::Path;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{BPE, BpeTrainer};
 use tokenizers::normalizers::NormalizerWrapper;
@@ -20,13 +23,50 @@ use crate::error::EngineError;
 
 const SEED: u64 = 0x464c_4f54; // "FLOT"
 const VOCAB_SIZE: usize = 512;
-const HIDDEN: usize = 64;
-const LAYERS: usize = 2;
-const HEADS: usize = 4;
-const KV_HEADS: usize = 2;
-const INTERMEDIATE: usize = 256;
 const MAX_POSITIONS: usize = 2048;
 const WEIGHT_STD: f32 = 0.05;
+
+/// Which test model to write. All share the tokenizer (vocab 512), context (2048) and the
+/// init scheme (normal weights with std 0.05, norms at 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestModelSize {
+    /// Hidden 64, 2 layers, 4 heads (2 KV), intermediate 256: ~0.1M parameters.
+    Tiny,
+    /// Hidden 768, 12 layers, 12 heads (4 KV), intermediate 3072: ~105M parameters, 420 MB
+    /// of f32, for the engine benchmark. Seconds to write in release; do not make it in
+    /// debug-profile tests.
+    Small,
+    /// Hidden 256, 2 layers, 4 heads (2 KV), intermediate 512: ~1.4M parameters. Every
+    /// matrix's input dimension is a multiple of 256, so GGUF's K-quants (Q4_K, Q6_K) apply.
+    Mini,
+}
+
+/// Shape of a test model.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    hidden: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    intermediate: usize,
+}
+
+impl TestModelSize {
+    fn dims(self) -> Dims {
+        let (hidden, layers, heads, kv_heads, intermediate) = match self {
+            TestModelSize::Tiny => (64, 2, 4, 2, 256),
+            TestModelSize::Small => (768, 12, 12, 4, 3072),
+            TestModelSize::Mini => (256, 2, 4, 2, 512),
+        };
+        Dims {
+            hidden,
+            layers,
+            heads,
+            kv_heads,
+            intermediate,
+        }
+    }
+}
 
 /// Ids 0..=6 in this order.
 const SPECIAL_TOKENS: [&str; 7] = [
@@ -43,8 +83,15 @@ const EOS_ID: u32 = 2;
 
 pub(crate) const TEST_CHAT_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{% if message['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('unsupported role: ' ~ message['role']) }}{% endif %}<|{{ message['role'] }}|>\n{{ message['content'].strip() }}<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}";
 
-/// Writes config.json, model.safetensors, tokenizer.json and tokenizer_config.json into `dir`.
+/// Writes the tiny model's config.json, model.safetensors, tokenizer.json and
+/// tokenizer_config.json into `dir`.
 pub fn make_test_model(dir: &Path) -> Result<(), EngineError> {
+    make_test_model_sized(dir, TestModelSize::Tiny)
+}
+
+/// Writes the test model of `size` into `dir` (created if missing).
+pub fn make_test_model_sized(dir: &Path, size: TestModelSize) -> Result<(), EngineError> {
+    let d = size.dims();
     std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
     let tokenizer = train_tokenizer()?;
     let vocab = tokenizer.get_vocab_size(true);
@@ -58,13 +105,13 @@ pub fn make_test_model(dir: &Path) -> Result<(), EngineError> {
         "bos_token_id": BOS_ID,
         "eos_token_id": EOS_ID,
         "hidden_act": "silu",
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE,
+        "hidden_size": d.hidden,
+        "intermediate_size": d.intermediate,
         "max_position_embeddings": MAX_POSITIONS,
         "model_type": "llama",
-        "num_attention_heads": HEADS,
-        "num_hidden_layers": LAYERS,
-        "num_key_value_heads": KV_HEADS,
+        "num_attention_heads": d.heads,
+        "num_hidden_layers": d.layers,
+        "num_key_value_heads": d.kv_heads,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "tie_word_embeddings": false,
@@ -83,9 +130,15 @@ pub fn make_test_model(dir: &Path) -> Result<(), EngineError> {
     });
     write_json(&dir.join("config.json"), &config)?;
     write_json(&dir.join("tokenizer_config.json"), &tok_config)?;
-    let weights = safetensors_bytes(&weights(vocab));
     let path = dir.join("model.safetensors");
-    std::fs::write(&path, weights).map_err(|e| EngineError::io(path, e))
+    match size {
+        // The original single-stream draw: its bytes must not change.
+        TestModelSize::Tiny => {
+            let weights = safetensors_bytes(&weights(d, vocab));
+            std::fs::write(&path, weights).map_err(|e| EngineError::io(path, e))
+        }
+        TestModelSize::Small | TestModelSize::Mini => write_streamed(&path, d, vocab),
+    }
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), EngineError> {
@@ -199,60 +252,157 @@ impl Normal {
     }
 }
 
-/// Tensors in a fixed order (the order they are drawn from the RNG).
-fn weights(vocab: usize) -> Vec<NamedTensor> {
-    let mut rng = Normal(StdRng::seed_from_u64(SEED));
-    let head_dim = HIDDEN / HEADS;
-    let kv = KV_HEADS * head_dim;
-    let ones = |n: usize| (vec![n], vec![1.0f32; n]);
+/// How a tensor is initialised.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Init {
+    Normal,
+    Ones,
+}
+
+/// Every tensor's name, shape and init, in the order the tiny model draws them from its RNG.
+fn layout(d: Dims, vocab: usize) -> Vec<(String, Vec<usize>, Init)> {
+    let h = d.hidden;
+    let q = d.heads * (h / d.heads);
+    let kv = d.kv_heads * (h / d.heads);
     let mut out = vec![(
         "model.embed_tokens.weight".to_string(),
-        rng.tensor(&[vocab, HIDDEN]),
+        vec![vocab, h],
+        Init::Normal,
     )];
-    for l in 0..LAYERS {
+    for l in 0..d.layers {
         let p = format!("model.layers.{l}");
         let shapes: [(&str, [usize; 2]); 7] = [
-            ("self_attn.q_proj", [HIDDEN, HIDDEN]),
-            ("self_attn.k_proj", [kv, HIDDEN]),
-            ("self_attn.v_proj", [kv, HIDDEN]),
-            ("self_attn.o_proj", [HIDDEN, HIDDEN]),
-            ("mlp.gate_proj", [INTERMEDIATE, HIDDEN]),
-            ("mlp.up_proj", [INTERMEDIATE, HIDDEN]),
-            ("mlp.down_proj", [HIDDEN, INTERMEDIATE]),
+            ("self_attn.q_proj", [q, h]),
+            ("self_attn.k_proj", [kv, h]),
+            ("self_attn.v_proj", [kv, h]),
+            ("self_attn.o_proj", [h, q]),
+            ("mlp.gate_proj", [d.intermediate, h]),
+            ("mlp.up_proj", [d.intermediate, h]),
+            ("mlp.down_proj", [h, d.intermediate]),
         ];
         for (name, shape) in shapes {
-            out.push((format!("{p}.{name}.weight"), rng.tensor(&shape)));
+            out.push((format!("{p}.{name}.weight"), shape.to_vec(), Init::Normal));
         }
-        out.push((format!("{p}.input_layernorm.weight"), ones(HIDDEN)));
-        out.push((format!("{p}.post_attention_layernorm.weight"), ones(HIDDEN)));
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            out.push((format!("{p}.{norm}.weight"), vec![h], Init::Ones));
+        }
     }
-    out.push(("model.norm.weight".to_string(), ones(HIDDEN)));
-    out.push(("lm_head.weight".to_string(), rng.tensor(&[vocab, HIDDEN])));
+    out.push(("model.norm.weight".to_string(), vec![h], Init::Ones));
+    out.push(("lm_head.weight".to_string(), vec![vocab, h], Init::Normal));
     out
 }
 
-/// The safetensors format written by hand so the header's key order is fixed (sorted).
-fn safetensors_bytes(tensors: &[NamedTensor]) -> Vec<u8> {
-    let mut sorted: Vec<_> = tensors.iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut header = String::from("{\"__metadata__\":{\"format\":\"pt\"}");
-    let mut data = Vec::new();
-    for (name, (shape, values)) in sorted {
-        let start = data.len();
-        for v in values {
-            data.extend_from_slice(&v.to_le_bytes());
+/// Tensors in a fixed order, drawn one after another from a single RNG stream.
+fn weights(d: Dims, vocab: usize) -> Vec<NamedTensor> {
+    let mut rng = Normal(StdRng::seed_from_u64(SEED));
+    layout(d, vocab)
+        .into_iter()
+        .map(|(name, shape, init)| {
+            let t = match init {
+                Init::Normal => rng.tensor(&shape),
+                Init::Ones => (shape.clone(), vec![1.0f32; shape.iter().product()]),
+            };
+            (name, t)
+        })
+        .collect()
+}
+
+/// Values drawn per chunk from an RNG seeded by (tensor, chunk), so chunks fill in parallel
+/// and the bytes do not depend on the thread count.
+const CHUNK: usize = 1 << 16;
+
+fn fill_normal(tensor_index: usize, out: &mut [f32]) {
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(chunk, values)| {
+            let seed = SEED ^ ((tensor_index as u64) << 40) ^ chunk as u64;
+            let mut rng = StdRng::seed_from_u64(seed);
+            // Box-Muller, both outputs of each pair used.
+            for pair in values.chunks_mut(2) {
+                let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+                let u2: f64 = rng.random::<f64>();
+                let r = (-2.0 * u1.ln()).sqrt();
+                let (s, c) = (std::f64::consts::TAU * u2).sin_cos();
+                pair[0] = (r * c) as f32 * WEIGHT_STD;
+                if let Some(v) = pair.get_mut(1) {
+                    *v = (r * s) as f32 * WEIGHT_STD;
+                }
+            }
+        });
+}
+
+/// model.safetensors written one tensor at a time: the larger models never hold the whole
+/// file, or a second copy of a tensor as bytes, in memory. Written under a temporary name and
+/// renamed, so an interrupted run leaves no model.safetensors that looks complete.
+fn write_streamed(path: &Path, d: Dims, vocab: usize) -> Result<(), EngineError> {
+    let partial = path.with_extension("safetensors.partial");
+    let mut tensors: Vec<(usize, String, Vec<usize>, Init)> = layout(d, vocab)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, shape, init))| (i, name, shape, init))
+        .collect();
+    tensors.sort_by(|a, b| a.1.cmp(&b.1));
+    let shapes: Vec<(&str, &[usize])> = tensors
+        .iter()
+        .map(|(_, name, shape, _)| (name.as_str(), shape.as_slice()))
+        .collect();
+    let header = safetensors_header(&shapes);
+    let io = |e| EngineError::io(&partial, e);
+    let mut w =
+        std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&partial).map_err(io)?);
+    w.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    w.write_all(header.as_bytes()).map_err(io)?;
+    let mut bytes = Vec::new();
+    for (index, _, shape, init) in &tensors {
+        let mut values = vec![1.0f32; shape.iter().product()];
+        if *init == Init::Normal {
+            fill_normal(*index, &mut values);
         }
+        bytes.clear();
+        bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        w.write_all(&bytes).map_err(io)?;
+    }
+    w.flush().map_err(io)?;
+    drop(w);
+    std::fs::rename(&partial, path).map_err(|e| EngineError::io(path, e))
+}
+
+/// The safetensors header for F32 tensors stored in this (already sorted) order.
+fn safetensors_header(sorted: &[(&str, &[usize])]) -> String {
+    let mut header = String::from("{\"__metadata__\":{\"format\":\"pt\"}");
+    let mut end = 0;
+    for (name, shape) in sorted {
+        let start = end;
+        end += 4 * shape.iter().product::<usize>();
         let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
         header.push_str(&format!(
-            ",\"{name}\":{{\"dtype\":\"F32\",\"shape\":[{}],\"data_offsets\":[{start},{}]}}",
+            ",\"{name}\":{{\"dtype\":\"F32\",\"shape\":[{}],\"data_offsets\":[{start},{end}]}}",
             dims.join(","),
-            data.len()
         ));
     }
     header.push('}');
     // Data must start 8-byte aligned; the format allows trailing spaces in the header.
     while header.len() % 8 != 0 {
         header.push(' ');
+    }
+    header
+}
+
+/// The safetensors format written by hand so the header's key order is fixed (sorted).
+fn safetensors_bytes(tensors: &[NamedTensor]) -> Vec<u8> {
+    let mut sorted: Vec<_> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let shapes: Vec<(&str, &[usize])> = sorted
+        .iter()
+        .map(|(name, (shape, _))| (name.as_str(), shape.as_slice()))
+        .collect();
+    let header = safetensors_header(&shapes);
+    let mut data = Vec::new();
+    for (_, (_, values)) in sorted {
+        for v in values {
+            data.extend_from_slice(&v.to_le_bytes());
+        }
     }
     let mut out = Vec::with_capacity(8 + header.len() + data.len());
     out.extend_from_slice(&(header.len() as u64).to_le_bytes());
@@ -315,6 +465,51 @@ mod tests {
         }];
         let err = t.render(&bad).unwrap_err();
         assert!(err.is_invalid_request() && err.to_string().contains("unsupported role: tool"));
+    }
+
+    #[test]
+    fn sizes_have_the_documented_parameter_counts() {
+        let params = |size: TestModelSize| -> usize {
+            layout(size.dims(), VOCAB_SIZE)
+                .iter()
+                .map(|(_, shape, _)| shape.iter().product::<usize>())
+                .sum()
+        };
+        assert_eq!(params(TestModelSize::Small), 104_614_656);
+        assert!((1_300_000..1_500_000).contains(&params(TestModelSize::Mini)));
+    }
+
+    #[test]
+    fn streamed_sizes_are_deterministic_and_load() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        make_test_model_sized(a.path(), TestModelSize::Mini).unwrap();
+        make_test_model_sized(b.path(), TestModelSize::Mini).unwrap();
+        let file =
+            |d: &tempfile::TempDir| std::fs::read(d.path().join("model.safetensors")).unwrap();
+        assert!(file(&a) == file(&b));
+        assert!(!a.path().join("model.safetensors.partial").exists());
+        let t = candle_core::safetensors::load(
+            a.path().join("model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let w = t["model.layers.1.mlp.down_proj.weight"]
+            .flatten_all()
+            .unwrap();
+        let std = w
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt();
+        assert!((std - WEIGHT_STD).abs() < 0.001, "std {std}");
+        assert_eq!(
+            t["model.norm.weight"].to_vec1::<f32>().unwrap(),
+            vec![1.0; 256]
+        );
     }
 
     #[test]

@@ -1,12 +1,13 @@
-//! Loading a llama-family model directory: config.json, *.safetensors, tokenizer.json,
-//! tokenizer_config.json. Weights are converted to F32.
+//! Loading a llama-family model: a Hugging Face directory (config.json, *.safetensors,
+//! weights converted to F32) or a GGUF file (quantized weights kept quantized), with
+//! tokenizer.json and tokenizer_config.json beside either.
 
 use std::path::Path;
 
 use candle_core::Device;
 use tokenizers::Tokenizer;
 
-use crate::models::{LlamaModel, ModelConfig, SafetensorsWeights};
+use crate::models::{GgufWeights, LlamaModel, ModelConfig, SafetensorsWeights, find_gguf};
 
 use crate::error::EngineError;
 use crate::template::{ChatTemplate, TokenizerConfig};
@@ -66,15 +67,60 @@ pub(crate) fn load_tokenizer(dir: &Path) -> Result<Tokenizer, EngineError> {
     Tokenizer::from_file(&path).map_err(|e| EngineError::files(&path, e.to_string()))
 }
 
-/// Loads the tokenizer files and the model from a Hugging Face style directory
-/// (config.json + *.safetensors) on `device`.
+/// Loads the tokenizer files and the model on `device` from `path`: a `.gguf` file, a
+/// directory holding exactly one `*.gguf` (its config.json, if any, is ignored: the GGUF
+/// metadata describes the model), or otherwise a Hugging Face style directory
+/// (config.json + *.safetensors).
 pub(crate) fn load_text_model(
-    dir: &Path,
+    path: &Path,
     device: &Device,
 ) -> Result<(LlamaModel, TextTokenizer), EngineError> {
+    if let Some(file) = find_gguf(path)? {
+        return load_gguf_model(&file, device);
+    }
+    let dir = path;
     let cfg = ModelConfig::load(dir)?;
     let tokenizer = load_text_tokenizer(dir, &cfg)?;
     let weights = SafetensorsWeights::load(dir, device)?;
+    let model = LlamaModel::load(cfg, &weights, device)?;
+    Ok((model, tokenizer))
+}
+
+/// A GGUF file's model, with the tokenizer files of its directory: the tokenizer GGUF files
+/// embed is not rebuilt, so tokenizer.json must be there.
+fn load_gguf_model(
+    file: &Path,
+    device: &Device,
+) -> Result<(LlamaModel, TextTokenizer), EngineError> {
+    let (weights, cfg) = GgufWeights::open(file, device)?;
+    let dir = file.parent().unwrap_or(Path::new("."));
+    if !dir.join("tokenizer.json").is_file() {
+        let name = file.file_name().unwrap_or_default().to_string_lossy();
+        return Err(EngineError::files(
+            dir,
+            format!(
+                "tokenizer.json is missing next to {name}: the tokenizer embedded in GGUF files is not read; copy the original model's tokenizer.json (and tokenizer_config.json for its chat template) into this directory"
+            ),
+        ));
+    }
+    let mut tokenizer = load_text_tokenizer(dir, &cfg)?;
+    if tokenizer.template.is_none()
+        && let Some(src) = weights.metadata_str("tokenizer.chat_template")
+    {
+        // No tokenizer_config.json template: use the one the GGUF file carries.
+        let special = |key: &str| {
+            weights
+                .metadata_u64(key)
+                .and_then(|id| u32::try_from(id).ok())
+                .and_then(|id| tokenizer.tokenizer.id_to_token(id))
+                .unwrap_or_default()
+        };
+        let (bos, eos) = (
+            special("tokenizer.ggml.bos_token_id"),
+            special("tokenizer.ggml.eos_token_id"),
+        );
+        tokenizer.template = Some(ChatTemplate::new(src, &bos, &eos)?);
+    }
     let model = LlamaModel::load(cfg, &weights, device)?;
     Ok((model, tokenizer))
 }

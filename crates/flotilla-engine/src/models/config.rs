@@ -72,6 +72,9 @@ pub(crate) enum RopeKind {
     Linear {
         factor: f64,
     },
+    /// Each inverse frequency divided by its own factor: GGUF's `rope_freqs.weight`, which is
+    /// how llama.cpp stores Llama 3.1's scaling.
+    FreqFactors(Vec<f32>),
 }
 
 #[derive(Debug, Clone)]
@@ -193,6 +196,11 @@ impl ModelConfig {
         let scaled: Vec<f64> = match self.rope {
             RopeKind::Default => base,
             RopeKind::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
+            RopeKind::FreqFactors(ref factors) => base
+                .into_iter()
+                .zip(factors)
+                .map(|(f, &d)| f / d as f64)
+                .collect(),
             RopeKind::Llama3 {
                 factor,
                 low_freq_factor,

@@ -4,9 +4,13 @@
 //! models (one position per batch, private caches) cannot do.
 
 mod config;
+mod gguf;
+mod gguf_write;
 mod llama;
 mod weights;
 
 pub(crate) use config::ModelConfig;
+pub(crate) use gguf::{GgufWeights, find_gguf};
+pub use gguf_write::{GgufQuant, write_gguf};
 pub(crate) use llama::{Batch, LlamaModel};
 pub(crate) use weights::{SafetensorsWeights, var_builder};
