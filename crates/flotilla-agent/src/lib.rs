@@ -13,7 +13,7 @@ mod routes;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-pub use config::{AgentConfig, AgentSection, ModelSpec};
+pub use config::{AgentConfig, AgentSection, ModelSpec, default_cache_dir};
 pub use models::Models;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;

@@ -43,6 +43,51 @@ pub enum Command {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Decode tokens/s of the local engine at several concurrencies, prefill tokens/s,
+    /// time to first token and peak RSS, against candle-transformers' llama at batch 1 on
+    /// the same weights in the same run.
+    Engine(BenchEngineArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchEngineArgs {
+    /// Model directory (config.json + safetensors). Default: the ~100M-parameter test
+    /// model, made on first use under the cache dir.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Where the default model is made (default ~/.cache/flotilla/models).
+    #[arg(long, env = "FLOTILLA_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Concurrent sequences per run.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,32")]
+    pub concurrency: Vec<usize>,
+    /// Prompt length of each decoding sequence.
+    #[arg(long, default_value_t = 64)]
+    pub prompt_tokens: usize,
+    /// Tokens each sequence generates (end-of-sequence ignored).
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Prompt length of the prefill run.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_tokens: usize,
+    /// Tokens per forward pass.
+    #[arg(long, default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// Skip the candle-transformers baseline.
+    #[arg(long)]
+    pub no_baseline: bool,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -87,9 +132,41 @@ pub struct AgentArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum ModelsCommand {
-    /// Write the project's tiny llama-architecture test model (deterministic) into DIR.
+    /// Write one of the project's llama-architecture test models (deterministic random
+    /// weights, our own tokenizer) into DIR.
     MakeTest {
         /// Output directory (created if missing).
         dir: PathBuf,
+        /// tiny (~0.1M parameters, the tests' model), mini (~1.4M, K-quant friendly
+        /// dimensions) or small (~105M, the engine benchmark's).
+        #[arg(long, value_enum, default_value = "tiny")]
+        size: TestSize,
     },
+    /// Convert a safetensors model directory into a llama.cpp-compatible GGUF file (the
+    /// tokenizer files are copied next to it).
+    ToGguf {
+        /// Model directory with config.json and *.safetensors.
+        model: PathBuf,
+        /// Output .gguf file.
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "q8-0")]
+        quant: Quant,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TestSize {
+    Tiny,
+    Mini,
+    Small,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Quant {
+    F32,
+    F16,
+    #[value(name = "q8-0", alias = "q8_0")]
+    Q8_0,
+    #[value(name = "q4-k-m", alias = "q4_k_m")]
+    Q4KM,
 }

@@ -215,10 +215,127 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     drained(tokio::spawn(agent.run(shutdown.clone())), &shutdown).await
 }
 
-pub fn make_test_model(dir: &std::path::Path) -> anyhow::Result<()> {
-    flotilla_engine::make_test_model(dir)
+pub fn make_test_model(dir: &std::path::Path, size: cli::TestSize) -> anyhow::Result<()> {
+    use flotilla_engine::TestModelSize;
+    let (size, name) = match size {
+        cli::TestSize::Tiny => (TestModelSize::Tiny, "tiny"),
+        cli::TestSize::Mini => (TestModelSize::Mini, "mini"),
+        cli::TestSize::Small => (TestModelSize::Small, "small"),
+    };
+    flotilla_engine::make_test_model_sized(dir, size)
         .with_context(|| format!("writing the test model to {}", dir.display()))?;
-    println!("wrote the tiny-llama test model to {}", dir.display());
+    println!("wrote the {name} test model to {}", dir.display());
+    Ok(())
+}
+
+pub fn to_gguf(
+    model: &std::path::Path,
+    out: &std::path::Path,
+    quant: cli::Quant,
+) -> anyhow::Result<()> {
+    use flotilla_engine::GgufQuant;
+    let q = match quant {
+        cli::Quant::F32 => GgufQuant::F32,
+        cli::Quant::F16 => GgufQuant::F16,
+        cli::Quant::Q8_0 => GgufQuant::Q8_0,
+        cli::Quant::Q4KM => GgufQuant::Q4KM,
+    };
+    flotilla_engine::write_gguf(model, out, q)
+        .with_context(|| format!("converting {} to {}", model.display(), out.display()))?;
+    println!("wrote {} ({quant:?})", out.display());
+    Ok(())
+}
+
+/// `flotilla bench engine`: runs the engine benchmark and prints the figures.
+pub fn bench_engine(args: &cli::BenchEngineArgs) -> anyhow::Result<()> {
+    use flotilla_engine::bench::{BenchOptions, run_engine_bench};
+    let dir = match &args.model {
+        Some(dir) => dir.clone(),
+        None => {
+            let dir = args
+                .cache_dir
+                .clone()
+                .unwrap_or_else(flotilla_agent::default_cache_dir)
+                .join("test-small");
+            if !dir.join("model.safetensors").is_file() {
+                eprintln!("making the ~100M-parameter test model in {}", dir.display());
+                flotilla_engine::make_test_model_sized(&dir, flotilla_engine::TestModelSize::Small)
+                    .with_context(|| {
+                        format!("writing the small test model to {}", dir.display())
+                    })?;
+            }
+            dir
+        }
+    };
+    if args.concurrency.is_empty() || args.concurrency.contains(&0) {
+        anyhow::bail!("--concurrency needs positive numbers, e.g. 1,4,16,32");
+    }
+    if args.new_tokens < 2 || args.prompt_tokens == 0 || args.prefill_tokens == 0 {
+        anyhow::bail!("--new-tokens must be at least 2 and prompt lengths at least 1");
+    }
+    let opts = BenchOptions {
+        concurrency: args.concurrency.clone(),
+        prompt_tokens: args.prompt_tokens,
+        new_tokens: args.new_tokens,
+        prefill_tokens: args.prefill_tokens,
+        max_batch_tokens: args.max_batch_tokens,
+        baseline: !args.no_baseline,
+    };
+    let r =
+        run_engine_bench(&dir, &opts).with_context(|| format!("benchmarking {}", dir.display()))?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&r)?)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "model {} ({:.1}M parameters), prompt {} tokens, {} new tokens per sequence",
+        dir.display(),
+        r.parameters as f64 / 1e6,
+        args.prompt_tokens,
+        args.new_tokens
+    )?;
+    let single = r.rows.iter().find(|row| row.concurrency == 1);
+    writeln!(
+        out,
+        "{:>11} {:>13} {:>10} {:>14} {:>13} {:>12}",
+        "concurrency", "decode tok/s", "x batch-1", "e2e tok/s", "TTFT mean ms", "TTFT max ms"
+    )?;
+    for row in &r.rows {
+        let ratio = single.map_or(f64::NAN, |s| {
+            row.decode_tokens_per_s / s.decode_tokens_per_s
+        });
+        writeln!(
+            out,
+            "{:>11} {:>13.1} {:>10.2} {:>14.1} {:>13.0} {:>12.0}",
+            row.concurrency,
+            row.decode_tokens_per_s,
+            ratio,
+            row.end_to_end_tokens_per_s,
+            row.ttft_ms_mean,
+            row.ttft_ms_max
+        )?;
+    }
+    writeln!(
+        out,
+        "prefill: {} tokens at {:.1} tok/s",
+        r.prefill_tokens, r.prefill_tokens_per_s
+    )?;
+    if let (Some(d), Some(p)) = (
+        r.baseline_decode_tokens_per_s,
+        r.baseline_prefill_tokens_per_s,
+    ) {
+        let ours = single.map_or(f64::NAN, |s| s.decode_tokens_per_s / d);
+        writeln!(
+            out,
+            "baseline candle-transformers llama, batch 1: decode {d:.1} tok/s (ours at 1 = {ours:.2}x), prefill {p:.1} tok/s (ours = {:.2}x)",
+            r.prefill_tokens_per_s / p
+        )?;
+    }
+    if let Some(rss) = r.peak_rss_bytes {
+        writeln!(out, "peak RSS (engine runs): {} MiB", rss / (1 << 20))?;
+    }
     Ok(())
 }
 

@@ -1,5 +1,5 @@
 use clap::Parser;
-use flotilla_cli::cli::{Cli, Command, ModelsCommand};
+use flotilla_cli::cli::{BenchCommand, Cli, Command, ModelsCommand};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -10,8 +10,19 @@ async fn main() -> std::process::ExitCode {
         Command::Scheduler(args) => flotilla_cli::scheduler(args).await,
         Command::Agent(args) => flotilla_cli::agent(args).await,
         Command::Models {
-            command: ModelsCommand::MakeTest { dir },
-        } => flotilla_cli::make_test_model(&dir),
+            command: ModelsCommand::MakeTest { dir, size },
+        } => flotilla_cli::make_test_model(&dir, size),
+        Command::Models {
+            command: ModelsCommand::ToGguf { model, out, quant },
+        } => flotilla_cli::to_gguf(&model, &out, quant),
+        Command::Bench {
+            command: BenchCommand::Engine(args),
+        } => {
+            // Minutes of CPU work: off the runtime's workers.
+            tokio::task::spawn_blocking(move || flotilla_cli::bench_engine(&args))
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("benchmark panicked: {e}")))
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -251,3 +251,55 @@ fn make_test_is_deterministic() {
         assert!(x == y, "{f} differs between two runs");
     }
 }
+
+fn run_ok(args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The benchmark and the GGUF converter run end to end (on the tiny model, for speed; the
+/// figures themselves are in BENCHMARKS.md).
+#[test]
+fn bench_engine_and_to_gguf_run() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("m");
+    let m = model.to_str().unwrap();
+    run_ok(&["models", "make-test", m, "--size", "tiny"]);
+    let out = run_ok(&[
+        "bench",
+        "engine",
+        "--model",
+        m,
+        "--concurrency",
+        "1,2",
+        "--new-tokens",
+        "4",
+        "--prompt-tokens",
+        "8",
+        "--prefill-tokens",
+        "32",
+        "--json",
+    ]);
+    let r: Value = serde_json::from_str(&out).unwrap();
+    let rows = r["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(rows[1]["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(r["baseline_decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(r["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+    let gguf = d.path().join("q8").join("model.gguf");
+    run_ok(&[
+        "models",
+        "to-gguf",
+        m,
+        gguf.to_str().unwrap(),
+        "--quant",
+        "q8_0",
+    ]);
+    assert!(gguf.is_file());
+    assert!(d.path().join("q8").join("tokenizer.json").is_file());
+}

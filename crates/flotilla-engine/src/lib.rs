@@ -5,6 +5,7 @@
 //! that interleaves many sequences, and sentence embeddings. It never depends on axum or any
 //! HTTP stack; the agent wraps it.
 
+pub mod bench;
 mod detok;
 mod embed;
 mod error;

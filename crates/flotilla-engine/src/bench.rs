@@ -1,0 +1,313 @@
+//! `flotilla bench engine`: decode throughput of the continuous-batching engine at several
+//! concurrencies, prefill throughput, time to first token and peak memory, against
+//! candle-transformers' llama at batch 1 on the same weights in the same process.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::llama::{Cache, Llama, LlamaConfig};
+
+use crate::error::EngineError;
+use crate::text::TextEngine;
+use crate::types::{GenerateEvent, GenerateRequest, Prompt, SamplingParams, TextEngineConfig};
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub concurrency: Vec<usize>,
+    /// Prompt length of every decode-run sequence.
+    pub prompt_tokens: usize,
+    /// Tokens each sequence generates (EOS ignored).
+    pub new_tokens: usize,
+    /// Prompt length of the prefill run.
+    pub prefill_tokens: usize,
+    pub max_batch_tokens: usize,
+    pub baseline: bool,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            concurrency: vec![1, 4, 16, 32],
+            prompt_tokens: 64,
+            new_tokens: 64,
+            prefill_tokens: 512,
+            max_batch_tokens: 512,
+            baseline: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DecodeRow {
+    pub concurrency: usize,
+    /// Sum over sequences of tokens/s between their first and last token.
+    pub decode_tokens_per_s: f64,
+    /// All generated tokens over the wall time of the run (prefill included).
+    pub end_to_end_tokens_per_s: f64,
+    pub ttft_ms_mean: f64,
+    pub ttft_ms_max: f64,
+    pub wall_s: f64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BenchReport {
+    pub parameters: u64,
+    pub rows: Vec<DecodeRow>,
+    pub prefill_tokens: usize,
+    pub prefill_tokens_per_s: f64,
+    /// candle-transformers' llama, one sequence, same prompt and length.
+    pub baseline_decode_tokens_per_s: Option<f64>,
+    pub baseline_prefill_tokens_per_s: Option<f64>,
+    /// Peak resident memory of the process after our engine's runs (before the baseline
+    /// loads its copy of the weights), from /proc/self/status VmHWM.
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Timing of one sequence.
+struct Timed {
+    ttft: Duration,
+    first_to_last: Duration,
+    tokens: usize,
+}
+
+fn collect_timed(
+    start: Instant,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<GenerateEvent>,
+) -> Result<Timed, EngineError> {
+    let mut first = None;
+    let mut last = start;
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            GenerateEvent::Delta { logprobs, .. } => {
+                if !logprobs.is_empty() {
+                    let now = Instant::now();
+                    first.get_or_insert(now);
+                    last = now;
+                }
+            }
+            GenerateEvent::Finished {
+                completion_tokens, ..
+            } => {
+                let first = first.unwrap_or(last);
+                return Ok(Timed {
+                    ttft: first - start,
+                    first_to_last: last - first,
+                    tokens: completion_tokens,
+                });
+            }
+            GenerateEvent::Failed(e) => return Err(e),
+        }
+    }
+    Err(EngineError::Panicked("stream ended early".into()))
+}
+
+/// A prompt of about `tokens` tokens whose first words differ by `salt`, so no two
+/// sequences share a prefix block.
+fn prompt(engine: &TextEngine, salt: usize, tokens: usize) -> Result<String, EngineError> {
+    const WORDS: [&str; 12] = [
+        "the",
+        "scheduler",
+        "sends",
+        "every",
+        "queue",
+        "to",
+        "a",
+        "quiet",
+        "node",
+        "while",
+        "agents",
+        "drain",
+    ];
+    let mut text = format!("{salt} {} ", WORDS[salt % WORDS.len()]);
+    let mut i = salt;
+    while engine.count_text_tokens(&text)? < tokens {
+        text.push_str(WORDS[i % WORDS.len()]);
+        text.push(' ');
+        i = i.wrapping_mul(7).wrapping_add(3);
+    }
+    Ok(text)
+}
+
+fn request(text: String, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        prompt: Prompt::Text(text),
+        sampling: SamplingParams {
+            temperature: 0.0,
+            max_tokens: Some(max_tokens),
+            ignore_eos: true,
+            // One logprob per token lets the benchmark count tokens as they arrive.
+            logprobs: true,
+            ..SamplingParams::default()
+        },
+    }
+}
+
+fn run_concurrent(
+    engine: &TextEngine,
+    c: usize,
+    opts: &BenchOptions,
+    salt: usize,
+) -> Result<DecodeRow, EngineError> {
+    let prompts: Vec<String> = (0..c)
+        .map(|i| prompt(engine, salt + i, opts.prompt_tokens))
+        .collect::<Result<_, _>>()?;
+    let start = Instant::now();
+    let mut handles = Vec::with_capacity(c);
+    for p in prompts {
+        let rx = engine.generate(request(p, opts.new_tokens))?;
+        handles.push(std::thread::spawn(move || collect_timed(start, rx)));
+    }
+    let mut timed = Vec::with_capacity(c);
+    for h in handles {
+        timed.push(
+            h.join()
+                .map_err(|_| EngineError::Panicked("bench thread".into()))??,
+        );
+    }
+    let wall = start.elapsed();
+    let decode: f64 = timed
+        .iter()
+        .map(|t| (t.tokens.saturating_sub(1)) as f64 / t.first_to_last.as_secs_f64().max(1e-9))
+        .sum();
+    let total: usize = timed.iter().map(|t| t.tokens).sum();
+    let ttfts: Vec<f64> = timed.iter().map(|t| t.ttft.as_secs_f64() * 1e3).collect();
+    Ok(DecodeRow {
+        concurrency: c,
+        decode_tokens_per_s: decode,
+        end_to_end_tokens_per_s: total as f64 / wall.as_secs_f64(),
+        ttft_ms_mean: ttfts.iter().sum::<f64>() / c as f64,
+        ttft_ms_max: ttfts.iter().copied().fold(0.0, f64::max),
+        wall_s: wall.as_secs_f64(),
+    })
+}
+
+pub fn run_engine_bench(dir: &Path, opts: &BenchOptions) -> Result<BenchReport, EngineError> {
+    let max_c = opts.concurrency.iter().copied().max().unwrap_or(1);
+    let engine = TextEngine::load(
+        "bench",
+        dir,
+        TextEngineConfig {
+            max_num_seqs: max_c,
+            max_batch_tokens: opts.max_batch_tokens.max(max_c),
+            prefix_caching: false,
+            ..TextEngineConfig::default()
+        },
+    )?;
+    // Warm-up: first-touch of weights and allocator pools.
+    let warm = BenchOptions {
+        new_tokens: 4,
+        ..opts.clone()
+    };
+    run_concurrent(&engine, 1, &warm, 10_000)?;
+    let mut rows = Vec::new();
+    for (k, &c) in opts.concurrency.iter().enumerate() {
+        let row = run_concurrent(&engine, c, opts, 100 * (k + 1))?;
+        tracing::info!(
+            concurrency = c,
+            decode_tokens_per_s = format!("{:.1}", row.decode_tokens_per_s),
+            ttft_ms = format!("{:.0}", row.ttft_ms_mean),
+            "decode run"
+        );
+        rows.push(row);
+    }
+    let long = prompt(&engine, 7_777, opts.prefill_tokens)?;
+    let prefill_tokens = engine.count_prompt_tokens(&Prompt::Text(long.clone()))?;
+    let start = Instant::now();
+    let t = collect_timed(start, engine.generate(request(long.clone(), 1))?)?;
+    let prefill_tokens_per_s = prefill_tokens as f64 / t.ttft.as_secs_f64();
+    let peak_rss_bytes = peak_rss();
+    let parameters = count_parameters(dir)?;
+    let (mut baseline_decode, mut baseline_prefill) = (None, None);
+    if opts.baseline {
+        let short = prompt(&engine, 100, opts.prompt_tokens)?;
+        let ids = |text: &str| -> Result<Vec<u32>, EngineError> {
+            let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
+                .map_err(EngineError::tokenizer)?;
+            Ok(tok
+                .encode(text, true)
+                .map_err(EngineError::tokenizer)?
+                .get_ids()
+                .to_vec())
+        };
+        drop(engine);
+        let reference = Baseline::load(dir)?;
+        baseline_decode = Some(reference.decode(&ids(&short)?, opts.new_tokens)?);
+        baseline_prefill = Some(reference.prefill(&ids(&long)?)?);
+    }
+    Ok(BenchReport {
+        parameters,
+        rows,
+        prefill_tokens,
+        prefill_tokens_per_s,
+        baseline_decode_tokens_per_s: baseline_decode,
+        baseline_prefill_tokens_per_s: baseline_prefill,
+        peak_rss_bytes,
+    })
+}
+
+/// candle-transformers' llama: the reference implementation, one sequence at a time.
+struct Baseline {
+    llama: Llama,
+    cfg: candle_transformers::models::llama::Config,
+}
+
+impl Baseline {
+    fn load(dir: &Path) -> Result<Baseline, EngineError> {
+        let raw = std::fs::read_to_string(dir.join("config.json"))
+            .map_err(|e| EngineError::io(dir.join("config.json"), e))?;
+        let lc: LlamaConfig =
+            serde_json::from_str(&raw).map_err(|e| EngineError::files(dir, e.to_string()))?;
+        let cfg = lc.into_config(false);
+        let vb = crate::models::var_builder(dir, &Device::Cpu)?;
+        let llama = Llama::load(vb, &cfg)?;
+        Ok(Baseline { llama, cfg })
+    }
+
+    fn step(&self, ids: &[u32], pos: usize, cache: &mut Cache) -> Result<u32, EngineError> {
+        let x = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
+        let logits = self.llama.forward(&x, pos, cache)?.squeeze(0)?;
+        Ok(logits.argmax(0)?.to_scalar::<u32>()?)
+    }
+
+    /// Decode tokens/s after the prompt, greedy, batch 1.
+    fn decode(&self, prompt: &[u32], new_tokens: usize) -> Result<f64, EngineError> {
+        let mut cache = Cache::new(true, DType::F32, &self.cfg, &Device::Cpu)?;
+        let mut next = self.step(prompt, 0, &mut cache)?;
+        let start = Instant::now();
+        for pos in prompt.len()..prompt.len() + new_tokens - 1 {
+            next = self.step(&[next], pos, &mut cache)?;
+        }
+        Ok((new_tokens - 1) as f64 / start.elapsed().as_secs_f64())
+    }
+
+    fn prefill(&self, prompt: &[u32]) -> Result<f64, EngineError> {
+        let mut cache = Cache::new(true, DType::F32, &self.cfg, &Device::Cpu)?;
+        let start = Instant::now();
+        self.step(prompt, 0, &mut cache)?;
+        Ok(prompt.len() as f64 / start.elapsed().as_secs_f64())
+    }
+}
+
+/// Parameters of the model as its config describes it.
+fn count_parameters(dir: &Path) -> Result<u64, EngineError> {
+    let c = crate::models::ModelConfig::load(dir)?;
+    let (h, i, v) = (
+        c.hidden_size as u64,
+        c.intermediate_size as u64,
+        c.vocab_size as u64,
+    );
+    let q = (c.num_heads * c.head_dim) as u64;
+    let kv = (c.num_kv_heads * c.head_dim) as u64;
+    let layer = h * q * 2 + h * kv * 2 + 3 * h * i + 2 * h;
+    let head = if c.tie_word_embeddings { 0 } else { v * h };
+    Ok(v * h + c.num_layers as u64 * layer + h + head)
+}
+
+/// VmHWM from /proc/self/status (Linux), in bytes.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
