@@ -41,7 +41,8 @@ impl Default for BenchOptions {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct DecodeRow {
     pub concurrency: usize,
-    /// Sum over sequences of tokens/s between their first and last token.
+    /// Steady-state decode: tokens generated while every sequence was decoding (after the
+    /// last first token, before the first sequence finished), over that window.
     pub decode_tokens_per_s: f64,
     /// All generated tokens over the wall time of the run (prefill included).
     pub end_to_end_tokens_per_s: f64,
@@ -64,10 +65,11 @@ pub struct BenchReport {
     pub peak_rss_bytes: Option<u64>,
 }
 
-/// Timing of one sequence.
+/// Timing of one sequence: when each batch of its tokens arrived.
 struct Timed {
     ttft: Duration,
-    first_to_last: Duration,
+    /// (arrival, tokens in that delta), offsets from the run's start.
+    arrivals: Vec<(Duration, usize)>,
     tokens: usize,
 }
 
@@ -75,24 +77,20 @@ fn collect_timed(
     start: Instant,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<GenerateEvent>,
 ) -> Result<Timed, EngineError> {
-    let mut first = None;
-    let mut last = start;
+    let mut arrivals = Vec::new();
     while let Some(ev) = rx.blocking_recv() {
         match ev {
             GenerateEvent::Delta { logprobs, .. } => {
                 if !logprobs.is_empty() {
-                    let now = Instant::now();
-                    first.get_or_insert(now);
-                    last = now;
+                    arrivals.push((start.elapsed(), logprobs.len()));
                 }
             }
             GenerateEvent::Finished {
                 completion_tokens, ..
             } => {
-                let first = first.unwrap_or(last);
                 return Ok(Timed {
-                    ttft: first - start,
-                    first_to_last: last - first,
+                    ttft: arrivals.first().map_or(start.elapsed(), |a| a.0),
+                    arrivals,
                     tokens: completion_tokens,
                 });
             }
@@ -166,10 +164,26 @@ fn run_concurrent(
         );
     }
     let wall = start.elapsed();
-    let decode: f64 = timed
+    // The window in which all c sequences were decoding: prefill steps (which also carry
+    // decode tokens of the sequences already running) stay out of the decode figure; they
+    // are in TTFT and the end-to-end rate.
+    let from = timed.iter().map(|t| t.ttft).max().unwrap_or_default();
+    let to = timed
         .iter()
-        .map(|t| (t.tokens.saturating_sub(1)) as f64 / t.first_to_last.as_secs_f64().max(1e-9))
+        .filter_map(|t| t.arrivals.last().map(|a| a.0))
+        .min()
+        .unwrap_or_default();
+    let in_window: usize = timed
+        .iter()
+        .flat_map(|t| &t.arrivals)
+        .filter(|(at, _)| *at > from && *at <= to)
+        .map(|(_, n)| n)
         .sum();
+    let decode = if to > from {
+        in_window as f64 / (to - from).as_secs_f64()
+    } else {
+        0.0
+    };
     let total: usize = timed.iter().map(|t| t.tokens).sum();
     let ttfts: Vec<f64> = timed.iter().map(|t| t.ttft.as_secs_f64() * 1e3).collect();
     Ok(DecodeRow {

@@ -12,6 +12,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use rayon::prelude::*;
 
+use crate::sampling::exp_le0;
+
 pub(crate) type BlockId = u32;
 
 /// Hash of a full block's tokens chained with the hash of everything before it, so equal
@@ -274,26 +276,27 @@ impl KvStore {
             .zip(jobs.par_iter())
             .for_each(|(out_row, &(row, s, pos))| {
                 let mut scores = vec![0.0f32; pos + 1];
+                // Where each earlier position's K/V rows start, shared by all heads.
+                let offs: Vec<usize> = (0..=pos).map(|j| self.slot_offset(s.blocks, j)).collect();
                 for h in 0..heads {
                     let kvh = h / group;
                     let qh = &q[(row * heads + h) * hd..][..hd];
                     let mut max = f32::NEG_INFINITY;
-                    for (j, score) in scores.iter_mut().enumerate() {
-                        let off = self.slot_offset(s.blocks, j) + kvh * hd;
+                    for (score, &base) in scores.iter_mut().zip(&offs) {
+                        let off = base + kvh * hd;
                         let kj = &k[off..off + hd];
-                        let d: f32 = qh.iter().zip(kj).map(|(a, b)| a * b).sum();
+                        let d = dot(qh, kj);
                         *score = d * scale;
                         max = max.max(*score);
                     }
-                    let mut sum = 0.0f32;
                     for score in scores.iter_mut() {
-                        *score = (*score - max).exp();
-                        sum += *score;
+                        *score = exp_le0(*score - max);
                     }
+                    let sum = sum(&scores);
                     let o = &mut out_row[h * hd..(h + 1) * hd];
                     o.fill(0.0);
-                    for (j, &w) in scores.iter().enumerate() {
-                        let off = self.slot_offset(s.blocks, j) + kvh * hd;
+                    for (&w, &base) in scores.iter().zip(&offs) {
+                        let off = base + kvh * hd;
                         let w = w / sum;
                         for (x, vj) in o.iter_mut().zip(&v[off..off + hd]) {
                             *x += w * vj;
@@ -303,6 +306,39 @@ impl KvStore {
             });
         out
     }
+}
+
+/// Dot product in eight independent lanes: a plain `.sum()` is a serial chain of float adds
+/// that the compiler may not reorder, so it never vectorises.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut tail = 0.0;
+    for (x, y) in ra.iter().zip(rb) {
+        tail += x * y;
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Sum in eight lanes (vectorises, unlike a serial `.sum()`).
+#[inline]
+fn sum(a: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = a.chunks_exact(8);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + rest
 }
 
 #[cfg(test)]
@@ -348,6 +384,18 @@ mod tests {
         assert_eq!(p.lookup_prefix(&tokens, 8).0, Vec::<BlockId>::new());
         p.release(&all);
         assert_eq!(p.available(), 4);
+    }
+
+    #[test]
+    fn lane_sums_match_serial_sums() {
+        for n in 0..40 {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let serial_dot: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            let serial_sum: f32 = a.iter().sum();
+            assert!((dot(&a, &b) - serial_dot).abs() < 1e-4, "dot, n = {n}");
+            assert!((sum(&a) - serial_sum).abs() < 1e-4, "sum, n = {n}");
+        }
     }
 
     #[test]

@@ -297,7 +297,7 @@ fn argmax(scores: &[f32]) -> u32 {
 /// of them was most of a token's sampling time. Below e^-87 it returns ~1e-38, not 0:
 /// as good as 0 in any sum here. NaN reads as -inf.
 #[inline]
-fn exp_le0(x: f32) -> f32 {
+pub(crate) fn exp_le0(x: f32) -> f32 {
     // Cephes' expf: e^x = 2^n * e^r with n = round(x / ln 2) and |r| <= ln(2) / 2, ln 2
     // split in two so r keeps its precision. Adding 1.5 * 2^23 rounds to an integer and
     // leaves it in the low mantissa bits. The clamps (written so NaN fails them) keep 2^n
