@@ -82,23 +82,36 @@ impl TextEngine {
         let (tx, rx) = std_mpsc::channel::<Sequence>();
         let counters = Arc::new(Counters::default());
         let thread_counters = counters.clone();
+        // The loop runs on a worker of its own rayon pool, the pool candle's gemm and our
+        // attention split work over. On the global pool the loop's thread would be one more
+        // runnable thread beside workers that spin after each parallel section, and on two
+        // cores the serial parts of every step (sampling, small ops) would crawl.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .thread_name({
+                let name = name.to_string();
+                move |i| format!("flotilla-engine-{name}-{i}")
+            })
+            .build()
+            .map_err(|e| EngineError::Panicked(format!("could not start engine threads: {e}")))?;
         std::thread::Builder::new()
             .name(format!("flotilla-engine-{name}"))
             .spawn(move || {
-                let device = Device::Cpu;
-                let setup = load(&device).and_then(|(model, tokenizer)| {
-                    EngineLoop::new(model, tokenizer, &cfg, rx, thread_counters)
-                });
-                match setup {
-                    Ok((engine, shape, tokenizer)) => {
-                        if ready_tx.send(Ok((shape, tokenizer))).is_ok() {
-                            engine.run();
+                pool.install(move || {
+                    let device = Device::Cpu;
+                    let setup = load(&device).and_then(|(model, tokenizer)| {
+                        EngineLoop::new(model, tokenizer, &cfg, rx, thread_counters)
+                    });
+                    match setup {
+                        Ok((engine, shape, tokenizer)) => {
+                            if ready_tx.send(Ok((shape, tokenizer))).is_ok() {
+                                engine.run();
+                            }
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
                         }
                     }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                    }
-                }
+                })
             })
             .map_err(|e| EngineError::Panicked(format!("could not spawn engine thread: {e}")))?;
         let (shape, tokenizer) = ready_rx
