@@ -74,7 +74,7 @@ pub struct BenchEngineArgs {
     #[arg(long, default_value_t = 64)]
     pub prompt_tokens: usize,
     /// Tokens each sequence generates (end-of-sequence ignored).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 128)]
     pub new_tokens: usize,
     /// Prompt length of the prefill run.
     #[arg(long, default_value_t = 512)]

@@ -288,11 +288,13 @@ pub fn bench_engine(args: &cli::BenchEngineArgs) -> anyhow::Result<()> {
         writeln!(out, "{}", serde_json::to_string_pretty(&r)?)?;
         return Ok(());
     }
+    let params = r.parameters.map_or(String::new(), |p| {
+        format!(" ({:.1}M parameters)", p as f64 / 1e6)
+    });
     writeln!(
         out,
-        "model {} ({:.1}M parameters), prompt {} tokens, {} new tokens per sequence",
+        "model {}{params}, prompt {} tokens, {} new tokens per sequence",
         dir.display(),
-        r.parameters as f64 / 1e6,
         args.prompt_tokens,
         args.new_tokens
     )?;

@@ -30,7 +30,7 @@ impl Default for BenchOptions {
         BenchOptions {
             concurrency: vec![1, 4, 16, 32],
             prompt_tokens: 64,
-            new_tokens: 64,
+            new_tokens: 128,
             prefill_tokens: 512,
             max_batch_tokens: 512,
             baseline: true,
@@ -53,7 +53,8 @@ pub struct DecodeRow {
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct BenchReport {
-    pub parameters: u64,
+    /// From config.json; none for a GGUF file.
+    pub parameters: Option<u64>,
     pub rows: Vec<DecodeRow>,
     pub prefill_tokens: usize,
     pub prefill_tokens_per_s: f64,
@@ -231,7 +232,7 @@ pub fn run_engine_bench(dir: &Path, opts: &BenchOptions) -> Result<BenchReport, 
     let t = collect_timed(start, engine.generate(request(long.clone(), 1))?)?;
     let prefill_tokens_per_s = prefill_tokens as f64 / t.ttft.as_secs_f64();
     let peak_rss_bytes = peak_rss();
-    let parameters = count_parameters(dir)?;
+    let parameters = count_parameters(dir).ok();
     let (mut baseline_decode, mut baseline_prefill) = (None, None);
     if opts.baseline {
         let short = prompt(&engine, 100, opts.prompt_tokens)?;
