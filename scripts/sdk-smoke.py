@@ -40,6 +40,19 @@ def main(base: str) -> None:
             usage = chunk.usage
     assert usage is not None and usage.prompt_tokens > 0, usage
 
+    lp = client.chat.completions.create(
+        model="tiny-llama",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"top_k": 40, "repetition_penalty": 1.1},
+    )
+    content = lp.choices[0].logprobs.content
+    assert len(content) == lp.usage.completion_tokens, (len(content), lp.usage)
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 3 for t in content), content
+
     c = client.completions.create(model="tiny-llama", prompt="Once", max_tokens=5)
     assert c.object == "text_completion", c
 
