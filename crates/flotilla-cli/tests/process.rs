@@ -278,7 +278,7 @@ fn bench_engine_and_to_gguf_run() {
         "--concurrency",
         "1,2",
         "--new-tokens",
-        "4",
+        "16",
         "--prompt-tokens",
         "8",
         "--prefill-tokens",

@@ -74,12 +74,37 @@ struct Timed {
     tokens: usize,
 }
 
-fn collect_timed(
+/// Collects every stream on one thread (a current-thread runtime), the way the agent's few
+/// runtime workers serve many streams, rather than one OS thread per sequence competing
+/// with the engine's threads for the two cores.
+fn collect_all(
+    start: Instant,
+    rxs: Vec<tokio::sync::mpsc::UnboundedReceiver<GenerateEvent>>,
+) -> Result<Vec<Timed>, EngineError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|e| EngineError::Panicked(format!("bench runtime: {e}")))?;
+    rt.block_on(async move {
+        let mut set = tokio::task::JoinSet::new();
+        for (i, rx) in rxs.into_iter().enumerate() {
+            set.spawn(async move { (i, collect_timed(start, rx).await) });
+        }
+        let mut out: Vec<Option<Timed>> = std::iter::repeat_with(|| None).take(set.len()).collect();
+        while let Some(joined) = set.join_next().await {
+            let (i, timed) =
+                joined.map_err(|e| EngineError::Panicked(format!("bench task: {e}")))?;
+            out[i] = Some(timed?);
+        }
+        Ok(out.into_iter().flatten().collect())
+    })
+}
+
+async fn collect_timed(
     start: Instant,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<GenerateEvent>,
 ) -> Result<Timed, EngineError> {
     let mut arrivals = Vec::new();
-    while let Some(ev) = rx.blocking_recv() {
+    while let Some(ev) = rx.recv().await {
         match ev {
             GenerateEvent::Delta { logprobs, .. } => {
                 if !logprobs.is_empty() {
@@ -152,18 +177,11 @@ fn run_concurrent(
         .map(|i| prompt(engine, salt + i, opts.prompt_tokens))
         .collect::<Result<_, _>>()?;
     let start = Instant::now();
-    let mut handles = Vec::with_capacity(c);
-    for p in prompts {
-        let rx = engine.generate(request(p, opts.new_tokens))?;
-        handles.push(std::thread::spawn(move || collect_timed(start, rx)));
-    }
-    let mut timed = Vec::with_capacity(c);
-    for h in handles {
-        timed.push(
-            h.join()
-                .map_err(|_| EngineError::Panicked("bench thread".into()))??,
-        );
-    }
+    let rxs = prompts
+        .into_iter()
+        .map(|p| engine.generate(request(p, opts.new_tokens)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let timed = collect_all(start, rxs)?;
     let wall = start.elapsed();
     // The window in which all c sequences were decoding: prefill steps (which also carry
     // decode tokens of the sequences already running) stay out of the decode figure; they
@@ -180,10 +198,17 @@ fn run_concurrent(
         .filter(|(at, _)| *at > from && *at <= to)
         .map(|(_, n)| n)
         .sum();
-    let decode = if to > from {
+    let decode = if to > from && in_window > 0 {
         in_window as f64 / (to - from).as_secs_f64()
     } else {
-        0.0
+        // Runs too short to overlap (a few tokens): each sequence's own rate, summed.
+        timed
+            .iter()
+            .filter_map(|t| {
+                let (first, last) = (t.arrivals.first()?.0, t.arrivals.last()?.0);
+                (last > first).then(|| (t.tokens - 1) as f64 / (last - first).as_secs_f64())
+            })
+            .sum()
     };
     let total: usize = timed.iter().map(|t| t.tokens).sum();
     let ttfts: Vec<f64> = timed.iter().map(|t| t.ttft.as_secs_f64() * 1e3).collect();
@@ -229,8 +254,9 @@ pub fn run_engine_bench(dir: &Path, opts: &BenchOptions) -> Result<BenchReport, 
     let long = prompt(&engine, 7_777, opts.prefill_tokens)?;
     let prefill_tokens = engine.count_prompt_tokens(&Prompt::Text(long.clone()))?;
     let start = Instant::now();
-    let t = collect_timed(start, engine.generate(request(long.clone(), 1))?)?;
-    let prefill_tokens_per_s = prefill_tokens as f64 / t.ttft.as_secs_f64();
+    let t = collect_all(start, vec![engine.generate(request(long.clone(), 1))?])?;
+    let ttft = t.first().map_or(start.elapsed(), |t| t.ttft);
+    let prefill_tokens_per_s = prefill_tokens as f64 / ttft.as_secs_f64();
     let peak_rss_bytes = peak_rss();
     let parameters = count_parameters(dir).ok();
     let (mut baseline_decode, mut baseline_prefill) = (None, None);
