@@ -4,14 +4,12 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::llama::{Cache, Llama, LlamaConfig};
-use common::test_model_dir;
-use flotilla_engine::{
-    GenerateEvent, GenerateRequest, Prompt, SamplingParams, TextEngine, TextEngineConfig,
-};
+use common::{greedy_logprobs, test_model_dir, token_names, wait_until};
+use flotilla_engine::{GenerateEvent, GenerateRequest, TextEngine, TextEngineConfig};
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -97,42 +95,18 @@ fn engine(cfg: TextEngineConfig) -> TextEngine {
 }
 
 fn greedy(prompt: &str, max_tokens: usize) -> GenerateRequest {
-    GenerateRequest {
-        prompt: Prompt::Text(prompt.into()),
-        sampling: SamplingParams {
-            temperature: 0.0,
-            max_tokens: Some(max_tokens),
-            logprobs: true,
-            ..SamplingParams::default()
-        },
-    }
+    greedy_logprobs(prompt, max_tokens, 0)
 }
 
-/// The generated tokens, by name, from the logprobs every delta carries.
-fn tokens(mut rx: UnboundedReceiver<GenerateEvent>) -> Vec<String> {
-    let mut out = Vec::new();
-    while let Some(ev) = rx.blocking_recv() {
-        match ev {
-            GenerateEvent::Delta { logprobs, .. } => {
-                out.extend(logprobs.into_iter().map(|l| l.token))
-            }
-            GenerateEvent::Finished {
-                completion_tokens, ..
-            } => {
-                assert_eq!(completion_tokens, out.len());
-                return out;
-            }
-            GenerateEvent::Failed(e) => panic!("generation failed: {e}"),
-        }
-    }
-    panic!("stream ended without Finished");
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
+/// Collects every stream on its own thread (they run concurrently) and compares each with
+/// its expected tokens.
+fn assert_streams_match(rxs: Vec<UnboundedReceiver<GenerateEvent>>, want: &[Vec<String>]) {
+    let handles: Vec<_> = rxs
+        .into_iter()
+        .map(|rx| std::thread::spawn(move || token_names(rx)))
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        assert_eq!(h.join().unwrap(), want[i], "prompt {i}");
     }
 }
 
@@ -152,7 +126,7 @@ fn greedy_alone_equals_candle_transformers() {
     let e = engine(TextEngineConfig::default());
     for p in PROMPTS {
         let want = reference.greedy(p, 24);
-        let got = tokens(e.generate(greedy(p, 24)).unwrap());
+        let got = token_names(e.generate(greedy(p, 24)).unwrap());
         assert_eq!(got, want, "prompt {p:?}");
     }
     assert_pool_idle(&e);
@@ -181,13 +155,7 @@ fn batched_sequences_that_join_and_leave_match_the_reference() {
         rxs.push(e.generate(greedy(PROMPTS[i], lens[i])).unwrap());
         std::thread::sleep(Duration::from_millis(3));
     }
-    let handles: Vec<_> = rxs
-        .into_iter()
-        .map(|rx| std::thread::spawn(move || tokens(rx)))
-        .collect();
-    for (i, h) in handles.into_iter().enumerate() {
-        assert_eq!(h.join().unwrap(), want[i], "prompt {i}");
-    }
+    assert_streams_match(rxs, &want);
     assert!(e.status().steps_total > 0);
     assert_pool_idle(&e);
 }
@@ -204,8 +172,8 @@ fn chunked_prefill_matches_the_reference() {
         ..TextEngineConfig::default()
     });
     let other = e.generate(greedy(PROMPTS[0], 20)).unwrap();
-    assert_eq!(tokens(e.generate(greedy(&long, 10)).unwrap()), want);
-    assert_eq!(tokens(other), reference.greedy(PROMPTS[0], 20));
+    assert_eq!(token_names(e.generate(greedy(&long, 10)).unwrap()), want);
+    assert_eq!(token_names(other), reference.greedy(PROMPTS[0], 20));
     assert_pool_idle(&e);
 }
 
@@ -227,13 +195,7 @@ fn preemption_recomputes_and_returns_every_block() {
         .iter()
         .map(|p| e.generate(greedy(p, n)).unwrap())
         .collect();
-    let handles: Vec<_> = rxs
-        .into_iter()
-        .map(|rx| std::thread::spawn(move || tokens(rx)))
-        .collect();
-    for (i, h) in handles.into_iter().enumerate() {
-        assert_eq!(h.join().unwrap(), want[i], "prompt {i}");
-    }
+    assert_streams_match(rxs, &want);
     assert!(e.status().preemptions_total > 0, "{:?}", e.status());
     assert_pool_idle(&e);
 }
@@ -276,7 +238,7 @@ fn shared_prefixes_give_the_same_tokens_and_count_hits() {
         // One after another, so the later ones find the first one's blocks.
         let out: Vec<_> = prompts
             .iter()
-            .map(|p| tokens(e.generate(greedy(p, 16)).unwrap()))
+            .map(|p| token_names(e.generate(greedy(p, 16)).unwrap()))
             .collect();
         assert_pool_idle(&e);
         (out, e.status())

@@ -10,11 +10,10 @@ use std::path::Path;
 use candle_core::Device;
 use candle_core::quantized::gguf_file::{self, Content};
 use candle_core::quantized::{GgmlDType, QTensor};
-use common::test_model_dir;
+use common::{greedy_logprobs, test_model_dir, token_logprobs};
 use flotilla_engine::{
-    ChatMessage, GenerateEvent, GenerateRequest, GgufQuant, Prompt, SamplingParams, TestModelSize,
-    TextEngine, TextEngineConfig, TokenLogprob, make_test_model_sized, resolve_model_source,
-    write_gguf,
+    ChatMessage, GgufQuant, Prompt, TestModelSize, TextEngine, TextEngineConfig, TokenLogprob,
+    make_test_model_sized, resolve_model_source, write_gguf,
 };
 use tempfile::TempDir;
 
@@ -59,27 +58,11 @@ fn load(dir: &Path) -> TextEngine {
 
 /// Greedy tokens with each step's logprob and top-5 alternatives.
 fn greedy(engine: &TextEngine, prompt: &str, max_tokens: usize) -> Vec<TokenLogprob> {
-    let mut rx = engine
-        .generate(GenerateRequest {
-            prompt: Prompt::Text(prompt.into()),
-            sampling: SamplingParams {
-                temperature: 0.0,
-                max_tokens: Some(max_tokens),
-                logprobs: true,
-                top_logprobs: 5,
-                ..SamplingParams::default()
-            },
-        })
-        .unwrap();
-    let mut out = Vec::new();
-    while let Some(ev) = rx.blocking_recv() {
-        match ev {
-            GenerateEvent::Delta { logprobs, .. } => out.extend(logprobs),
-            GenerateEvent::Finished { .. } => return out,
-            GenerateEvent::Failed(e) => panic!("generation failed: {e}"),
-        }
-    }
-    panic!("stream ended without Finished");
+    token_logprobs(
+        engine
+            .generate(greedy_logprobs(prompt, max_tokens, 5))
+            .unwrap(),
+    )
 }
 
 fn names(steps: &[TokenLogprob]) -> Vec<&str> {

@@ -2,15 +2,15 @@
 //! candle-transformers' qwen2 on the same weights: the tiny test model with random biases
 //! added and its config switched to `qwen2`.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::qwen2::{Config, ModelForCausalLM};
-use flotilla_engine::{
-    GenerateEvent, GenerateRequest, Prompt, SamplingParams, TextEngine, TextEngineConfig,
-    make_test_model,
-};
+use common::{greedy_logprobs, token_names};
+use flotilla_engine::{TextEngine, TextEngineConfig, make_test_model};
 use tokenizers::Tokenizer;
 
 const PROMPTS: [&str; 3] = [
@@ -84,28 +84,7 @@ fn reference(dir: &Path, prompt: &str) -> Vec<String> {
 }
 
 fn ours(engine: &TextEngine, prompt: &str) -> Vec<String> {
-    let mut rx = engine
-        .generate(GenerateRequest {
-            prompt: Prompt::Text(prompt.into()),
-            sampling: SamplingParams {
-                temperature: 0.0,
-                max_tokens: Some(TOKENS),
-                logprobs: true,
-                ..SamplingParams::default()
-            },
-        })
-        .unwrap();
-    let mut out = Vec::new();
-    while let Some(ev) = rx.blocking_recv() {
-        match ev {
-            GenerateEvent::Delta { logprobs, .. } => {
-                out.extend(logprobs.into_iter().map(|l| l.token))
-            }
-            GenerateEvent::Finished { .. } => return out,
-            GenerateEvent::Failed(e) => panic!("{e}"),
-        }
-    }
-    panic!("no Finished event");
+    token_names(engine.generate(greedy_logprobs(prompt, TOKENS, 0)).unwrap())
 }
 
 #[test]

@@ -1,8 +1,6 @@
 mod common;
 
-use std::time::{Duration, Instant};
-
-use common::{collect, test_model_dir};
+use common::{collect, test_model_dir, wait_until};
 use flotilla_engine::{
     ChatMessage, FinishReason, GenerateEvent, GenerateRequest, Prompt, SamplingParams, TextEngine,
     TextEngineConfig,
@@ -189,14 +187,6 @@ fn invalid_requests_are_rejected_synchronously() {
     assert!(e.generate(empty).unwrap_err().is_invalid_request());
     assert_eq!(e.status().waiting, 0);
     assert_eq!(e.status().running, 0);
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 #[test]
