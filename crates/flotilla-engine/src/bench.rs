@@ -262,9 +262,8 @@ pub fn run_engine_bench(dir: &Path, opts: &BenchOptions) -> Result<BenchReport, 
     let (mut baseline_decode, mut baseline_prefill) = (None, None);
     if opts.baseline {
         let short = prompt(&engine, 100, opts.prompt_tokens)?;
+        let tok = crate::textmodel::load_tokenizer(dir)?;
         let ids = |text: &str| -> Result<Vec<u32>, EngineError> {
-            let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
-                .map_err(EngineError::tokenizer)?;
             Ok(tok
                 .encode(text, true)
                 .map_err(EngineError::tokenizer)?
