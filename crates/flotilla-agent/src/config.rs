@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use flotilla_api::Secret;
 use flotilla_api::protocol::ModelKind;
-use flotilla_engine::TextEngineConfig;
+use flotilla_engine::{DeviceSpec, TextEngineConfig};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,6 +30,9 @@ pub struct AgentSection {
     pub hf_cache_dir: Option<PathBuf>,
     /// Resolve Hugging Face models from the cache only.
     pub offline: bool,
+    /// Where text models run unless a model says otherwise: `cpu` or `cuda:N` (a GPU needs
+    /// a `cuda` build). Embedding models run on the CPU.
+    pub device: DeviceSpec,
     pub models: Vec<ModelSpec>,
 }
 
@@ -46,6 +49,7 @@ impl Default for AgentSection {
             cache_dir: None,
             hf_cache_dir: None,
             offline: false,
+            device: DeviceSpec::Cpu,
             models: Vec::new(),
         }
     }
@@ -76,6 +80,9 @@ pub struct ModelSpec {
     /// Share K/V blocks of identical prompt prefixes (default on).
     #[serde(default)]
     pub prefix_caching: Option<bool>,
+    /// Device for this model; default `agent.device`.
+    #[serde(default)]
+    pub device: Option<DeviceSpec>,
 }
 
 impl ModelSpec {
@@ -89,6 +96,7 @@ impl ModelSpec {
             kv_cache_blocks: None,
             kv_cache_bytes: None,
             prefix_caching: None,
+            device: None,
         }
     }
 
@@ -104,6 +112,7 @@ impl ModelSpec {
             kv_cache_blocks: self.kv_cache_blocks,
             kv_cache_bytes: self.kv_cache_bytes,
             prefix_caching: self.prefix_caching.unwrap_or(d.prefix_caching),
+            device: self.device.unwrap_or(d.device),
             ..d
         }
     }
@@ -214,6 +223,15 @@ impl AgentSection {
             {
                 errors.push(format!("agent.models[{i}]: {e}"));
             }
+            if m.kind == ModelKind::Chat {
+                let (key, device) = match m.device {
+                    Some(d) => (format!("agent.models[{i}].device"), d),
+                    None => ("agent.device".to_string(), self.device),
+                };
+                if let Err(e) = device.check_build() {
+                    errors.push(format!("{key}: {e}"));
+                }
+            }
             if m.kv_cache_blocks == Some(0) || m.kv_cache_bytes == Some(0) {
                 errors.push(format!(
                     "agent.models[{i}]: the KV cache must have room for at least one block"
@@ -240,7 +258,15 @@ impl AgentSection {
                 .clone()
                 .unwrap_or_else(default_hf_cache_dir),
             offline: self.offline,
-            models: self.models.clone(),
+            // Each model's device resolved here, so the engine config alone says where.
+            models: self
+                .models
+                .iter()
+                .map(|m| ModelSpec {
+                    device: Some(m.device.unwrap_or(self.device)),
+                    ..m.clone()
+                })
+                .collect(),
         })
     }
 }

@@ -88,6 +88,12 @@ pub struct BenchEngineArgs {
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Device the engine runs on: `cpu` or `cuda:N` (the baseline always runs on the CPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: flotilla_engine::DeviceSpec,
+    /// Device memory bandwidth for the roofline column, TB/s (H200: 4.8).
+    #[arg(long, default_value_t = 4.8)]
+    pub hbm_tb_s: f64,
 }
 
 #[derive(Debug, Args)]
@@ -110,6 +116,9 @@ pub struct UpArgs {
     /// Where the built-in model is made and downloads are cached (default ~/.cache/flotilla/models).
     #[arg(long, env = "FLOTILLA_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Device for text models: `cpu` or `cuda:N` (overrides `agent.device`).
+    #[arg(long, env = "FLOTILLA_DEVICE")]
+    pub device: Option<flotilla_engine::DeviceSpec>,
 }
 
 #[derive(Debug, Args)]
@@ -128,6 +137,9 @@ pub struct AgentArgs {
     /// Where built-in models are made and downloads are cached.
     #[arg(long, env = "FLOTILLA_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Device for text models: `cpu` or `cuda:N` (overrides `agent.device`).
+    #[arg(long, env = "FLOTILLA_DEVICE")]
+    pub device: Option<flotilla_engine::DeviceSpec>,
 }
 
 #[derive(Debug, Subcommand)]

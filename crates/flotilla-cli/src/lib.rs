@@ -101,6 +101,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     if let Some(dir) = args.cache_dir {
         agent_section.cache_dir = Some(dir);
     }
+    if let Some(d) = args.device {
+        agent_section.device = d;
+    }
     agent_section.node_id.get_or_insert_with(|| "local".into());
     // The built-in agent presents the token its own scheduler asks for.
     if agent_section.cluster_token_env.is_none() {
@@ -196,6 +199,9 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     if let Some(d) = args.cache_dir {
         section.cache_dir = Some(d);
     }
+    if let Some(d) = args.device {
+        section.device = d;
+    }
     if section.models.is_empty() {
         section.models = default_models();
     }
@@ -280,6 +286,8 @@ pub fn bench_engine(args: &cli::BenchEngineArgs) -> anyhow::Result<()> {
         prefill_tokens: args.prefill_tokens,
         max_batch_tokens: args.max_batch_tokens,
         baseline: !args.no_baseline,
+        device: args.device,
+        memory_bandwidth: args.hbm_tb_s * 1e12,
     };
     let r =
         run_engine_bench(&dir, &opts).with_context(|| format!("benchmarking {}", dir.display()))?;
@@ -293,8 +301,9 @@ pub fn bench_engine(args: &cli::BenchEngineArgs) -> anyhow::Result<()> {
     });
     writeln!(
         out,
-        "model {}{params}, prompt {} tokens, {} new tokens per sequence",
+        "model {}{params} on {}, prompt {} tokens, {} new tokens per sequence",
         dir.display(),
+        r.device,
         args.prompt_tokens,
         args.new_tokens
     )?;
@@ -337,6 +346,18 @@ pub fn bench_engine(args: &cli::BenchEngineArgs) -> anyhow::Result<()> {
     }
     if let Some(rss) = r.peak_rss_bytes {
         writeln!(out, "peak RSS (engine runs): {} MiB", rss / (1 << 20))?;
+    }
+    for row in &r.rows {
+        if let Some(f) = row.roofline_fraction {
+            writeln!(
+                out,
+                "{}: concurrency {} decodes at {:.0}% of the {} TB/s memory roofline",
+                r.device,
+                row.concurrency,
+                f * 100.0,
+                args.hbm_tb_s
+            )?;
+        }
     }
     Ok(())
 }

@@ -23,7 +23,14 @@ pub struct BenchOptions {
     pub prefill_tokens: usize,
     pub max_batch_tokens: usize,
     pub baseline: bool,
+    /// Where our engine runs (the baseline always runs on the CPU).
+    pub device: crate::DeviceSpec,
+    /// Memory bandwidth the roofline is computed against, in bytes/s (GPU runs only).
+    pub memory_bandwidth: f64,
 }
+
+/// HBM3e bandwidth of an H200 SXM: 4.8 TB/s.
+pub const H200_BANDWIDTH: f64 = 4.8e12;
 
 impl Default for BenchOptions {
     fn default() -> Self {
@@ -34,6 +41,8 @@ impl Default for BenchOptions {
             prefill_tokens: 512,
             max_batch_tokens: 512,
             baseline: true,
+            device: crate::DeviceSpec::Cpu,
+            memory_bandwidth: H200_BANDWIDTH,
         }
     }
 }
@@ -49,12 +58,18 @@ pub struct DecodeRow {
     pub ttft_ms_mean: f64,
     pub ttft_ms_max: f64,
     pub wall_s: f64,
+    /// Measured decode rate over the memory roofline: bytes one step must read (the
+    /// weights once, plus every sequence's K/V at its mean context) at
+    /// `memory_bandwidth`. GPU runs only.
+    pub roofline_fraction: Option<f64>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct BenchReport {
     /// From config.json; none for a GGUF file.
     pub parameters: Option<u64>,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
     pub rows: Vec<DecodeRow>,
     pub prefill_tokens: usize,
     pub prefill_tokens_per_s: f64,
@@ -219,6 +234,7 @@ fn run_concurrent(
         ttft_ms_mean: ttfts.iter().sum::<f64>() / c as f64,
         ttft_ms_max: ttfts.iter().copied().fold(0.0, f64::max),
         wall_s: wall.as_secs_f64(),
+        roofline_fraction: None,
     })
 }
 
@@ -231,6 +247,7 @@ pub fn run_engine_bench(dir: &Path, opts: &BenchOptions) -> Result<BenchReport, 
             max_num_seqs: max_c,
             max_batch_tokens: opts.max_batch_tokens.max(max_c),
             prefix_caching: false,
+            device: opts.device,
             ..TextEngineConfig::default()
         },
     )?;
@@ -259,6 +276,14 @@ pub fn run_engine_bench(dir: &Path, opts: &BenchOptions) -> Result<BenchReport, 
     let prefill_tokens_per_s = prefill_tokens as f64 / ttft.as_secs_f64();
     let peak_rss_bytes = peak_rss();
     let parameters = count_parameters(dir).ok();
+    if opts.device.is_cuda()
+        && let Ok(traffic) = StepTraffic::of(dir, opts)
+    {
+        for row in &mut rows {
+            row.roofline_fraction =
+                Some(traffic.fraction(row.concurrency, row.decode_tokens_per_s));
+        }
+    }
     let (mut baseline_decode, mut baseline_prefill) = (None, None);
     if opts.baseline {
         let short = prompt(&engine, 100, opts.prompt_tokens)?;
@@ -277,6 +302,7 @@ pub fn run_engine_bench(dir: &Path, opts: &BenchOptions) -> Result<BenchReport, 
     }
     Ok(BenchReport {
         parameters,
+        device: opts.device.to_string(),
         rows,
         prefill_tokens,
         prefill_tokens_per_s,
@@ -326,6 +352,48 @@ impl Baseline {
         let start = Instant::now();
         self.step(prompt, 0, &mut cache)?;
         Ok(prompt.len() as f64 / start.elapsed().as_secs_f64())
+    }
+}
+
+/// Bytes a decode step must read from device memory, for the roofline.
+struct StepTraffic {
+    /// Weights read once per step (the embedding table only when it is also the LM head).
+    weight_bytes: f64,
+    /// K and V of one token, all layers.
+    kv_bytes_per_token: f64,
+    /// Mean context of a decoding sequence over the run.
+    mean_context: f64,
+    bandwidth: f64,
+}
+
+impl StepTraffic {
+    fn of(dir: &Path, opts: &BenchOptions) -> Result<StepTraffic, EngineError> {
+        let c = crate::models::ModelConfig::load(dir)?;
+        let dtype = match opts.device {
+            crate::DeviceSpec::Cpu => DType::F32,
+            crate::DeviceSpec::Cuda(_) => c.gpu_dtype(),
+        };
+        let bytes = dtype.size_in_bytes() as f64;
+        let params = count_parameters(dir)? as f64;
+        let embed = (c.vocab_size * c.hidden_size) as f64;
+        let read = if c.tie_word_embeddings {
+            params
+        } else {
+            params - embed
+        };
+        Ok(StepTraffic {
+            weight_bytes: read * bytes,
+            kv_bytes_per_token: (2 * c.num_layers * c.num_kv_heads * c.head_dim) as f64 * bytes,
+            mean_context: opts.prompt_tokens as f64 + opts.new_tokens as f64 / 2.0,
+            bandwidth: opts.memory_bandwidth,
+        })
+    }
+
+    /// Measured tokens/s over the tokens/s the bandwidth allows at this concurrency.
+    fn fraction(&self, concurrency: usize, tokens_per_s: f64) -> f64 {
+        let c = concurrency as f64;
+        let step_bytes = self.weight_bytes + c * self.mean_context * self.kv_bytes_per_token;
+        tokens_per_s / (c * self.bandwidth / step_bytes)
     }
 }
 

@@ -38,6 +38,8 @@ pub enum EngineError {
     },
     #[error("engine for model `{0}` has stopped")]
     EngineStopped(String),
+    #[error("{0}")]
+    Device(String),
     #[error("engine thread panicked: {0}")]
     Panicked(String),
 }

@@ -189,6 +189,23 @@ impl BlockPool {
     }
 }
 
+/// The paged cache's storage on the model's device.
+pub(crate) enum KvCache {
+    Cpu(KvStore),
+    #[cfg(feature = "cuda")]
+    Gpu(GpuKv),
+}
+
+/// K and V per layer on a GPU, `[num_blocks, block_size, kv_heads, head_dim]` in the
+/// model's compute type: the layout our CUDA kernels read through the block tables.
+#[cfg(feature = "cuda")]
+pub(crate) struct GpuKv {
+    pub k: Vec<candle_core::Tensor>,
+    pub v: Vec<candle_core::Tensor>,
+    pub num_blocks: usize,
+    pub block_size: usize,
+}
+
 /// K and V for every layer, laid out `[block, slot, kv_head, head_dim]` in f32.
 pub(crate) struct KvStore {
     k: Vec<Vec<f32>>,
@@ -224,11 +241,6 @@ impl KvStore {
             kv_heads,
             head_dim,
         }
-    }
-
-    /// Bytes one token takes across all layers (K and V, f32).
-    pub(crate) fn bytes_per_token(layers: usize, kv_heads: usize, head_dim: usize) -> usize {
-        2 * layers * kv_heads * head_dim * std::mem::size_of::<f32>()
     }
 
     fn slot_offset(&self, blocks: &[BlockId], pos: usize) -> usize {
@@ -395,6 +407,77 @@ mod tests {
             let serial_sum: f32 = a.iter().sum();
             assert!((dot(&a, &b) - serial_dot).abs() < 1e-4, "dot, n = {n}");
             assert!((sum(&a) - serial_sum).abs() < 1e-4, "sum, n = {n}");
+        }
+    }
+
+    /// The engine's parallel CPU attention and the kernels' reference (what the CUDA
+    /// kernels are tested against) agree on a mixed batch over scattered blocks.
+    #[test]
+    fn attention_matches_the_kernel_reference() {
+        use flotilla_kernels::cpu::{self, AttentionDims};
+        use flotilla_kernels::{PagedBatch, SeqRun};
+        let (layers, blocks, bs, heads, kv_heads, hd) = (1, 10, 4, 4, 2, 8);
+        let tables: [&[BlockId]; 3] = [&[6, 1, 3], &[0, 9], &[2, 5, 7, 8]];
+        let spans = [(0usize, 9usize), (5, 1), (10, 4)];
+        let width = kv_heads * hd;
+        let rows: usize = spans.iter().map(|s| s.1).sum();
+        let val = |i: usize, salt: f32| (i as f32 * 0.731 + salt).sin() * 1.5;
+        let k: Vec<f32> = (0..rows * width).map(|i| val(i, 0.3)).collect();
+        let v: Vec<f32> = (0..rows * width).map(|i| val(i, 1.7)).collect();
+        let q: Vec<f32> = (0..rows * heads * hd).map(|i| val(i, 2.9)).collect();
+        let mut row = 0;
+        let seqs: Vec<SeqSlice<'_>> = tables
+            .iter()
+            .zip(spans)
+            .map(|(b, (pos, len))| {
+                let s = SeqSlice {
+                    row,
+                    len,
+                    pos,
+                    blocks: b,
+                };
+                row += len;
+                s
+            })
+            .collect();
+        // Earlier positions of each sequence hold K/V from before this batch.
+        let mut store = KvStore::new(layers, blocks, bs, kv_heads, hd);
+        let mut kc = vec![0.0; blocks * bs * width];
+        let mut vc = kc.clone();
+        for (si, s) in seqs.iter().enumerate() {
+            for p in 0..s.pos {
+                let slot = store.slot_offset(s.blocks, p);
+                for d in 0..width {
+                    let x = val(si * 1000 + p * width + d, 4.1);
+                    store.k[0][slot + d] = x;
+                    store.v[0][slot + d] = -x;
+                    kc[slot + d] = x;
+                    vc[slot + d] = -x;
+                }
+            }
+        }
+        store.write(0, &seqs, &k, &v);
+        let ours = store.attend(0, &seqs, &q, heads);
+        let runs: Vec<SeqRun<'_>> = seqs
+            .iter()
+            .map(|s| SeqRun {
+                blocks: s.blocks,
+                pos: s.pos,
+                len: s.len,
+            })
+            .collect();
+        let batch = PagedBatch::new(&runs, bs, blocks).unwrap();
+        cpu::write_kv(&k, &v, &mut kc, &mut vc, &batch).unwrap();
+        assert_eq!(kc, store.k[0]);
+        let dims = AttentionDims {
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
+        let reference = cpu::paged_attention(&q, &kc, &vc, &batch, dims).unwrap();
+        for (a, b) in ours.iter().zip(&reference) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
     }
 

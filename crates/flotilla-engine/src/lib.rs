@@ -7,6 +7,7 @@
 
 pub mod bench;
 mod detok;
+mod device;
 mod embed;
 mod error;
 mod kv;
@@ -21,6 +22,7 @@ mod text;
 mod textmodel;
 mod types;
 
+pub use device::DeviceSpec;
 pub use embed::{EmbeddingEngine, Embeddings, find_minilm_dir};
 pub use error::EngineError;
 pub use models::{GgufQuant, write_gguf};

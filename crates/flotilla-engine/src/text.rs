@@ -15,7 +15,7 @@ use candle_core::Device;
 use tokio::sync::mpsc;
 
 use crate::error::EngineError;
-use crate::kv::{BlockPool, KvStore, SeqSlice};
+use crate::kv::{BlockPool, KvCache, SeqSlice};
 use crate::models::{Batch, LlamaModel};
 use crate::sequence::Sequence;
 use crate::textmodel::{TextTokenizer, load_text_model, panic_message};
@@ -78,6 +78,9 @@ impl TextEngine {
         F: FnOnce(&Device) -> Result<(LlamaModel, TextTokenizer), EngineError> + Send + 'static,
     {
         cfg.validate()?;
+        cfg.device.check_build()?;
+        let device_spec = cfg.device;
+        let thread_name = name.to_string();
         let (ready_tx, ready_rx) = std_mpsc::sync_channel(1);
         let (tx, rx) = std_mpsc::channel::<Sequence>();
         let counters = Arc::new(Counters::default());
@@ -97,8 +100,20 @@ impl TextEngine {
             .name(format!("flotilla-engine-{name}"))
             .spawn(move || {
                 pool.install(move || {
-                    let device = Device::Cpu;
-                    let setup = load(&device).and_then(|(model, tokenizer)| {
+                    let setup = device_spec.open().and_then(|device| {
+                        tracing::info!(
+                            model = %thread_name,
+                            device = %device_spec,
+                            kernels = if device.is_cpu() {
+                                "cpu: candle ops + paged attention in Rust"
+                            } else {
+                                "cuda: cuBLAS matmuls + flotilla paged attention, fused add+RMSNorm, in-place rotary"
+                            },
+                            "engine device"
+                        );
+                        load(&device)
+                    });
+                    let setup = setup.and_then(|(model, tokenizer)| {
                         EngineLoop::new(model, tokenizer, &cfg, rx, thread_counters)
                     });
                     match setup {
@@ -223,7 +238,7 @@ struct EngineLoop {
     rx: std_mpsc::Receiver<Sequence>,
     counters: Arc<Counters>,
     pool: BlockPool,
-    store: KvStore,
+    store: KvCache,
     prefix_caching: bool,
     max_num_seqs: usize,
     max_batch_tokens: usize,
@@ -250,7 +265,7 @@ impl EngineLoop {
     ) -> Result<(EngineLoop, Shape, Arc<TextTokenizer>), EngineError> {
         let mc = model.config();
         let bs = cfg.block_size;
-        let per_token = KvStore::bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim);
+        let per_token = model.kv_bytes_per_token();
         let per_block = (per_token * bs) as u64;
         let num_blocks = match (cfg.kv_cache_blocks, cfg.kv_cache_bytes) {
             (Some(n), _) => n,
@@ -272,7 +287,7 @@ impl EngineLoop {
         let mut tokenizer = tokenizer;
         tokenizer.context_length = context_length;
         let tokenizer = Arc::new(tokenizer);
-        let store = KvStore::new(mc.num_layers, num_blocks, bs, mc.num_kv_heads, mc.head_dim);
+        let store = model.new_kv_cache(num_blocks, bs)?;
         tracing::debug!(
             model_type = %mc.model_type,
             layers = mc.num_layers,

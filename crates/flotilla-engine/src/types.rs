@@ -188,6 +188,8 @@ pub struct TextEngineConfig {
     pub block_size: usize,
     /// Share full blocks of identical prompt prefixes between sequences.
     pub prefix_caching: bool,
+    /// Where the model runs (`cpu`, `cuda:N`); a GPU needs a `cuda` build.
+    pub device: crate::DeviceSpec,
 }
 
 impl Default for TextEngineConfig {
@@ -199,6 +201,7 @@ impl Default for TextEngineConfig {
             kv_cache_bytes: None,
             block_size: 16,
             prefix_caching: true,
+            device: crate::DeviceSpec::Cpu,
         }
     }
 }

@@ -45,6 +45,9 @@ struct HfConfig {
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
     eos_token_id: Option<IdOrIds>,
+    /// The checkpoint's weight type (newer configs call it `dtype`).
+    #[serde(alias = "dtype")]
+    torch_dtype: Option<String>,
 }
 
 fn default_eps() -> f64 {
@@ -96,6 +99,8 @@ pub(crate) struct ModelConfig {
     pub context_length: usize,
     pub tie_word_embeddings: bool,
     pub eos_token_ids: Vec<u32>,
+    /// `torch_dtype` from config.json (`bfloat16`, `float16`, `float32`), when given.
+    pub torch_dtype: Option<String>,
 }
 
 impl ModelConfig {
@@ -177,7 +182,28 @@ impl ModelConfig {
                 Some(IdOrIds::Many(ids)) => ids,
                 None => Vec::new(),
             },
+            torch_dtype: c.torch_dtype,
         })
+    }
+
+    /// The type the weights, activations and KV cache use on `device`: f32 on the CPU
+    /// (candle's CPU kernels are fastest there), the checkpoint's own type on a GPU (bf16
+    /// when config.json does not say).
+    pub(crate) fn compute_dtype(&self, device: &candle_core::Device) -> candle_core::DType {
+        if device.is_cpu() {
+            candle_core::DType::F32
+        } else {
+            self.gpu_dtype()
+        }
+    }
+
+    pub(crate) fn gpu_dtype(&self) -> candle_core::DType {
+        use candle_core::DType;
+        match self.torch_dtype.as_deref() {
+            Some("float16" | "f16" | "half") => DType::F16,
+            Some("float32" | "f32" | "float") => DType::F32,
+            _ => DType::BF16,
+        }
     }
 
     pub(crate) fn load(dir: &std::path::Path) -> Result<ModelConfig, EngineError> {

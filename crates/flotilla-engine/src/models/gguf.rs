@@ -390,6 +390,8 @@ fn config_from_gguf(content: &Content) -> Result<ModelConfig, String> {
         "max_position_embeddings": need("context_length")?,
         "tie_word_embeddings": !content.tensor_infos.contains_key("output.weight"),
         "eos_token_id": eos,
+        // candle's quantized matmul takes f32 activations, on the GPU too.
+        "torch_dtype": "float32",
     });
     ModelConfig::from_json(&hf.to_string())
 }

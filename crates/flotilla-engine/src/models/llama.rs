@@ -4,10 +4,10 @@
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, RmsNorm};
+use candle_nn::Embedding;
 
 use crate::error::EngineError;
-use crate::kv::{KvStore, SeqSlice};
+use crate::kv::{KvCache, KvStore, SeqSlice};
 use crate::models::config::ModelConfig;
 use crate::models::weights::WeightSource;
 
@@ -23,9 +23,13 @@ impl Proj {
         prefix: &str,
         out_dim: usize,
         in_dim: usize,
+        dtype: DType,
     ) -> Result<Proj, EngineError> {
         let name = format!("{prefix}.weight");
-        let w = src.matmul(&name)?;
+        let w = match src.matmul(&name)? {
+            QMatMul::Tensor(t) => QMatMul::Tensor(t.to_dtype(dtype)?),
+            quantized => quantized,
+        };
         let dims = match &w {
             QMatMul::QTensor(q) => q.shape().dims().to_vec(),
             QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims().to_vec(),
@@ -45,7 +49,7 @@ impl Proj {
                     format!("`{bias}` has shape {:?}, expected [{out_dim}]", b.dims()),
                 ));
             }
-            Some(b)
+            Some(b.to_dtype(dtype)?)
         } else {
             None
         };
@@ -58,7 +62,7 @@ impl Proj {
             // as the left operand candle's CPU gemm streams them from memory with less
             // repacking; measured 1.5x faster at 16-32 rows with weights in DRAM, the same
             // at 1 row, slower for long prefill chunks (BENCHMARKS.md).
-            QMatMul::Tensor(w) if x.rank() == 2 && x.dim(0)? <= 64 => {
+            QMatMul::Tensor(w) if x.device().is_cpu() && x.rank() == 2 && x.dim(0)? <= 64 => {
                 w.matmul(&x.t()?)?.t()?.contiguous()?
             }
             w => w.forward(x)?,
@@ -99,7 +103,7 @@ impl Stacked {
             for (p, &n) in parts.iter().zip(&widths) {
                 bs.push(match &p.b {
                     Some(b) => b.clone(),
-                    None => Tensor::zeros(n, DType::F32, w.device())?,
+                    None => Tensor::zeros(n, w.dtype(), w.device())?,
                 });
             }
             Some(Tensor::cat(&bs, 0)?)
@@ -133,23 +137,45 @@ impl Stacked {
     }
 }
 
-fn norm(src: &dyn WeightSource, name: &str, dim: usize, eps: f64) -> Result<RmsNorm, EngineError> {
-    let w = src.tensor(name)?;
-    if w.dims() != [dim] {
-        return Err(EngineError::files(
-            src.origin(),
-            format!("`{name}` has shape {:?}, expected [{dim}]", w.dims()),
-        ));
+/// RMSNorm weights. On the CPU candle's fused `rms_norm`; on CUDA our kernel, fused with
+/// the residual add before it.
+struct Norm {
+    w: Tensor,
+    eps: f64,
+}
+
+impl Norm {
+    fn load(
+        src: &dyn WeightSource,
+        name: &str,
+        dim: usize,
+        eps: f64,
+        dtype: DType,
+    ) -> Result<Norm, EngineError> {
+        let w = src.tensor(name)?;
+        if w.dims() != [dim] {
+            return Err(EngineError::files(
+                src.origin(),
+                format!("`{name}` has shape {:?}, expected [{dim}]", w.dims()),
+            ));
+        }
+        Ok(Norm {
+            w: w.to_dtype(dtype)?,
+            eps,
+        })
     }
-    Ok(RmsNorm::new(w, eps))
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::rms_norm(&x.contiguous()?, &self.w, self.eps as f32)
+    }
 }
 
 struct Layer {
-    attn_norm: RmsNorm,
+    attn_norm: Norm,
     /// q, k, v.
     qkv: Stacked,
     o: Proj,
-    mlp_norm: RmsNorm,
+    mlp_norm: Norm,
     /// gate, up.
     gate_up: Stacked,
     down: Proj,
@@ -159,11 +185,14 @@ pub(crate) struct LlamaModel {
     cfg: ModelConfig,
     embed: Embedding,
     layers: Vec<Layer>,
-    norm: RmsNorm,
+    norm: Norm,
     lm_head: Proj,
+    /// Rotary tables `[context_length, head_dim / 2]`, f32 whatever the compute type.
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    /// Weights, activations and KV cache.
+    dtype: DType,
 }
 
 /// The work of one engine step: tokens of many sequences, flattened.
@@ -183,6 +212,7 @@ impl LlamaModel {
         device: &Device,
     ) -> Result<LlamaModel, EngineError> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let dtype = cfg.compute_dtype(device);
         let q_dim = cfg.num_heads * hd;
         let kv_dim = cfg.num_kv_heads * hd;
         let embed_w = src.tensor("model.embed_tokens.weight")?;
@@ -201,25 +231,49 @@ impl LlamaModel {
             let p = format!("model.layers.{i}");
             let eps = cfg.rms_norm_eps;
             layers.push(Layer {
-                attn_norm: norm(src, &format!("{p}.input_layernorm.weight"), h, eps)?,
+                attn_norm: Norm::load(src, &format!("{p}.input_layernorm.weight"), h, eps, dtype)?,
                 qkv: Stacked::new(vec![
-                    Proj::load(src, &format!("{p}.self_attn.q_proj"), q_dim, h)?,
-                    Proj::load(src, &format!("{p}.self_attn.k_proj"), kv_dim, h)?,
-                    Proj::load(src, &format!("{p}.self_attn.v_proj"), kv_dim, h)?,
+                    Proj::load(src, &format!("{p}.self_attn.q_proj"), q_dim, h, dtype)?,
+                    Proj::load(src, &format!("{p}.self_attn.k_proj"), kv_dim, h, dtype)?,
+                    Proj::load(src, &format!("{p}.self_attn.v_proj"), kv_dim, h, dtype)?,
                 ])?,
-                o: Proj::load(src, &format!("{p}.self_attn.o_proj"), h, q_dim)?,
-                mlp_norm: norm(src, &format!("{p}.post_attention_layernorm.weight"), h, eps)?,
+                o: Proj::load(src, &format!("{p}.self_attn.o_proj"), h, q_dim, dtype)?,
+                mlp_norm: Norm::load(
+                    src,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    h,
+                    eps,
+                    dtype,
+                )?,
                 gate_up: Stacked::new(vec![
-                    Proj::load(src, &format!("{p}.mlp.gate_proj"), cfg.intermediate_size, h)?,
-                    Proj::load(src, &format!("{p}.mlp.up_proj"), cfg.intermediate_size, h)?,
+                    Proj::load(
+                        src,
+                        &format!("{p}.mlp.gate_proj"),
+                        cfg.intermediate_size,
+                        h,
+                        dtype,
+                    )?,
+                    Proj::load(
+                        src,
+                        &format!("{p}.mlp.up_proj"),
+                        cfg.intermediate_size,
+                        h,
+                        dtype,
+                    )?,
                 ])?,
-                down: Proj::load(src, &format!("{p}.mlp.down_proj"), h, cfg.intermediate_size)?,
+                down: Proj::load(
+                    src,
+                    &format!("{p}.mlp.down_proj"),
+                    h,
+                    cfg.intermediate_size,
+                    dtype,
+                )?,
             });
         }
         let lm_head = if !cfg.tie_word_embeddings && src.has("lm_head.weight") {
-            Proj::load(src, "lm_head", cfg.vocab_size, h)?
+            Proj::load(src, "lm_head", cfg.vocab_size, h, dtype)?
         } else {
-            Proj::load(src, "model.embed_tokens", cfg.vocab_size, h)?
+            Proj::load(src, "model.embed_tokens", cfg.vocab_size, h, dtype)?
         };
         // Rotary tables for every position, computed as candle-transformers does (f32).
         let inv_freq = Tensor::new(cfg.inv_freq(), device)?;
@@ -229,13 +283,14 @@ impl LlamaModel {
             .reshape((cfg.context_length, 1))?;
         let angles = positions.matmul(&inv_freq.reshape((1, half))?)?;
         Ok(LlamaModel {
-            embed: Embedding::new(embed_w, h),
-            norm: norm(src, "model.norm.weight", h, cfg.rms_norm_eps)?,
+            embed: Embedding::new(embed_w.to_dtype(dtype)?, h),
+            norm: Norm::load(src, "model.norm.weight", h, cfg.rms_norm_eps, dtype)?,
             layers,
             lm_head,
             cos: angles.cos()?,
             sin: angles.sin()?,
             device: device.clone(),
+            dtype,
             cfg,
         })
     }
@@ -244,12 +299,68 @@ impl LlamaModel {
         &self.cfg
     }
 
+    /// Bytes one token's K and V take across all layers.
+    pub(crate) fn kv_bytes_per_token(&self) -> usize {
+        2 * self.cfg.num_layers
+            * self.cfg.num_kv_heads
+            * self.cfg.head_dim
+            * self.dtype.size_in_bytes()
+    }
+
+    /// An empty paged KV cache of `num_blocks` blocks on the model's device.
+    pub(crate) fn new_kv_cache(
+        &self,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<KvCache, EngineError> {
+        let c = &self.cfg;
+        if self.device.is_cpu() {
+            return Ok(KvCache::Cpu(KvStore::new(
+                c.num_layers,
+                num_blocks,
+                block_size,
+                c.num_kv_heads,
+                c.head_dim,
+            )));
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim);
+            let zeros = || Tensor::zeros(shape, self.dtype, &self.device);
+            let mut k = Vec::with_capacity(c.num_layers);
+            let mut v = Vec::with_capacity(c.num_layers);
+            for _ in 0..c.num_layers {
+                k.push(zeros()?);
+                v.push(zeros()?);
+            }
+            Ok(KvCache::Gpu(crate::kv::GpuKv {
+                k,
+                v,
+                num_blocks,
+                block_size,
+            }))
+        }
+        #[cfg(not(feature = "cuda"))]
+        Err(EngineError::Device(format!(
+            "no KV cache for device {:?} in this build",
+            self.device
+        )))
+    }
+
     /// Runs the batch, storing every token's K/V, and returns `[logits_rows, vocab]` f32.
     pub(crate) fn forward(
         &self,
         batch: &Batch<'_>,
-        kv: &mut KvStore,
+        kv: &mut KvCache,
     ) -> Result<Tensor, EngineError> {
+        match kv {
+            KvCache::Cpu(store) => self.forward_cpu(batch, store),
+            #[cfg(feature = "cuda")]
+            KvCache::Gpu(gpu) => self.forward_cuda(batch, gpu),
+        }
+    }
+
+    fn forward_cpu(&self, batch: &Batch<'_>, kv: &mut KvStore) -> Result<Tensor, EngineError> {
         let t = batch.tokens.len();
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let ids = Tensor::new(batch.tokens.as_slice(), &self.device)?;
@@ -281,5 +392,88 @@ impl LlamaModel {
         let last = x.index_select(&rows, 0)?;
         let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
         Ok(logits.to_dtype(DType::F32)?.contiguous()?)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl LlamaModel {
+    /// The CUDA forward pass: candle's cuBLAS matmuls for the projections, our kernels for
+    /// everything between them (rotary in place, the K/V write and paged attention over the
+    /// block tables, residual add fused with each RMSNorm).
+    fn forward_cuda(
+        &self,
+        batch: &Batch<'_>,
+        kv: &mut crate::kv::GpuKv,
+    ) -> Result<Tensor, EngineError> {
+        use flotilla_kernels::cpu::AttentionDims;
+        use flotilla_kernels::cuda as k;
+        use flotilla_kernels::{PagedBatch, SeqRun};
+
+        let t = batch.tokens.len();
+        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let runs: Vec<SeqRun<'_>> = batch
+            .seqs
+            .iter()
+            .map(|s| SeqRun {
+                blocks: s.blocks,
+                pos: s.pos,
+                len: s.len,
+            })
+            .collect();
+        let paged = PagedBatch::new(&runs, kv.block_size, kv.num_blocks).map_err(kernel_err)?;
+        if paged.tokens() != t {
+            return Err(EngineError::Panicked(format!(
+                "batch of {t} tokens, {} in its runs",
+                paged.tokens()
+            )));
+        }
+        let host_positions = paged.positions().to_vec();
+        let dev_batch = k::DeviceBatch::upload(paged, &self.device).map_err(kernel_err)?;
+        let positions = dev_batch.positions().map_err(kernel_err)?;
+        let dims = AttentionDims {
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
+        let ids = Tensor::new(batch.tokens.as_slice(), &self.device)?;
+        // The residual stream; `pending` is the output to add into it before the next norm.
+        let x = self.embed.forward(&ids)?.contiguous()?;
+        let mut pending: Option<Tensor> = None;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let eps = layer.attn_norm.eps as f32;
+            let h = k::add_rms_norm(&x, pending.as_ref(), &layer.attn_norm.w, eps)
+                .map_err(kernel_err)?;
+            let qkv = layer.qkv.forward(&h)?;
+            let q = qkv[0].contiguous()?.reshape((t, nh, hd))?;
+            let kk = qkv[1].contiguous()?.reshape((t, nkv, hd))?;
+            let v = qkv[2].contiguous()?.reshape((t, nkv, hd))?;
+            k::rotary_inplace(&q, &kk, &positions, &host_positions, &self.cos, &self.sin)
+                .map_err(kernel_err)?;
+            k::write_kv(&kk, &v, &kv.k[li], &kv.v[li], &dev_batch).map_err(kernel_err)?;
+            let att = k::paged_attention(&q, &kv.k[li], &kv.v[li], &dev_batch, dims)
+                .map_err(kernel_err)?;
+            let att = att.reshape((t, nh * hd))?;
+            let o = layer.o.forward(&att)?.contiguous()?;
+            let eps = layer.mlp_norm.eps as f32;
+            let h = k::add_rms_norm(&x, Some(&o), &layer.mlp_norm.w, eps).map_err(kernel_err)?;
+            let gate_up = layer.gate_up.forward(&h)?;
+            let mlp = (candle_nn::ops::silu(&gate_up[0])? * &gate_up[1])?;
+            pending = Some(layer.down.forward(&mlp)?.contiguous()?);
+        }
+        let rows = Tensor::new(batch.logits_rows.as_slice(), &self.device)?;
+        let normed = k::add_rms_norm(&x, pending.as_ref(), &self.norm.w, self.norm.eps as f32)
+            .map_err(kernel_err)?;
+        let last = normed.index_select(&rows, 0)?;
+        let logits = self.lm_head.forward(&last)?;
+        Ok(logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn kernel_err(e: flotilla_kernels::KernelError) -> EngineError {
+    match e {
+        flotilla_kernels::KernelError::Candle(e) => EngineError::Candle(e),
+        other => EngineError::Panicked(other.to_string()),
     }
 }
