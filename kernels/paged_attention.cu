@@ -9,7 +9,8 @@
 // context is its whole sequence; a prefill token at position p sees p + 1 tokens, so the
 // same kernel serves mixed prefill/decode batches (causal by construction).
 //
-// One block of NUM_WARPS warps per (head, query); warps take cached tokens round-robin and
+// One block of NUM_WARPS warps per (query, head) (grid x = queries, which may exceed
+// 65535; grid y = heads); warps take cached tokens round-robin and
 // keep an online softmax (running max, sum and weighted V) in registers, so no score
 // buffer is needed at any context length; the warps' partial results are merged at the
 // end. Within a warp, lanes split head_dim so every K/V row is read coalesced, once.
@@ -26,8 +27,8 @@ __device__ void paged_attention(T* __restrict__ out, const T* __restrict__ q,
                                 const uint32_t* __restrict__ query_seq,
                                 const uint32_t* __restrict__ context_lens, int num_heads,
                                 int num_kv_heads, int head_dim, int block_size, float scale) {
-    const int h = blockIdx.x;
-    const int64_t qi = blockIdx.y;
+    const int64_t qi = blockIdx.x;
+    const int h = blockIdx.y;
     const int kvh = h / (num_heads / num_kv_heads);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t* table = block_tables + (int64_t)query_seq[qi] * max_blocks;
@@ -93,7 +94,8 @@ __device__ void paged_attention(T* __restrict__ out, const T* __restrict__ q,
         float o = 0.f;
 #pragma unroll
         for (int w = 0; w < NUM_WARPS; w++) o += s_acc[w][d] * weights[w];
-        orow[d] = from_f32<T>(o / total);
+        // An empty context (never built by the host) gives zeros, not NaN.
+        orow[d] = from_f32<T>(total > 0.f ? o / total : 0.f);
     }
 }
 

@@ -428,7 +428,7 @@ pub fn paged_attention(
         .arg(&bs)
         .arg(&dims.scale);
     let cfg = LaunchConfig {
-        grid_dim: (dims.num_heads as u32, t as u32, 1),
+        grid_dim: (t as u32, dims.num_heads as u32, 1),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };

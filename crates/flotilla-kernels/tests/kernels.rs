@@ -76,7 +76,14 @@ fn download(t: &Tensor) -> Vec<f32> {
 
 #[test]
 fn add_rms_norm_matches_reference() {
-    let (rows, hidden, eps) = (5, 320, 1e-5f32);
+    // 320: one pass of a 320-thread block; 4096: a full 1024-thread block, four passes.
+    for hidden in [320, 4096] {
+        add_rms_norm_case(hidden);
+    }
+}
+
+fn add_rms_norm_case(hidden: usize) {
+    let (rows, eps) = (5, 1e-5f32);
     let mut rng = StdRng::seed_from_u64(1);
     let x = random(&mut rng, rows * hidden, 2.0);
     let r = random(&mut rng, rows * hidden, 2.0);
@@ -121,9 +128,12 @@ fn add_rms_norm_matches_reference() {
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         let dev = gpu();
         let (xr, rr, wr) = (rounded(&x, dtype), rounded(&r, dtype), rounded(&w, dtype));
+        // The kernel rounds the sum to the storage type before normalising it.
         let mut want_sum = xr.clone();
         let mut want = vec![0.0; x.len()];
         cpu::add_rms_norm(&mut want_sum, Some(&rr), &wr, eps, &mut want).unwrap();
+        let mut want_sum = rounded(&want_sum, dtype);
+        cpu::add_rms_norm(&mut want_sum, None, &wr, eps, &mut want).unwrap();
         let gx = upload(&xr, &[rows, hidden], dtype, &dev);
         let gr = upload(&rr, &[rows, hidden], dtype, &dev);
         let gw = upload(&wr, &[hidden], dtype, &dev);
@@ -155,7 +165,14 @@ fn add_rms_norm_matches_reference() {
 
 #[test]
 fn rotary_matches_reference() {
-    let (t, qh, kvh, hd, max_pos) = (6, 4, 2, 64, 40);
+    // 4 x 32 pairs fit one pass of the block; 16 x 64 pairs take four.
+    for (qh, kvh, hd) in [(4, 2, 64), (16, 8, 128)] {
+        rotary_case(qh, kvh, hd);
+    }
+}
+
+fn rotary_case(qh: usize, kvh: usize, hd: usize) {
+    let (t, max_pos) = (6, 40);
     let mut rng = StdRng::seed_from_u64(2);
     let q = random(&mut rng, t * qh * hd, 1.0);
     let k = random(&mut rng, t * kvh * hd, 1.0);
@@ -302,13 +319,15 @@ fn write_kv_matches_reference() {
 
 #[test]
 fn paged_attention_matches_reference() {
-    for head_dim in [64, 128] {
-        paged_attention_case(head_dim);
+    // GQA at the common head sizes, plain multi-head with a head_dim that is not a multiple
+    // of 32, and the largest head_dim the kernel takes.
+    for (heads, kv_heads, hd) in [(8, 2, 64), (8, 2, 128), (4, 4, 80), (2, 1, 256)] {
+        paged_attention_case(heads, kv_heads, hd);
     }
 }
 
-fn paged_attention_case(hd: usize) {
-    let (bs, blocks, heads, kv_heads) = (16, 12, 8, 2);
+fn paged_attention_case(heads: usize, kv_heads: usize, hd: usize) {
+    let (bs, blocks) = (16, 12);
     let (tables, spans) = scenario();
     let batch = PagedBatch::new(&runs(&tables, &spans), bs, blocks).unwrap();
     let t = batch.tokens();
@@ -362,13 +381,21 @@ fn paged_attention_case(hd: usize) {
             row += 1;
         }
     }
-    assert_close(&got, &want, 1e-5, &format!("cpu attention hd {hd}"));
+    assert_close(
+        &got,
+        &want,
+        1e-5,
+        &format!("cpu attention {heads}/{kv_heads} heads of {hd}"),
+    );
     // Heads that do not divide by the kv heads are refused.
     let odd = AttentionDims {
-        num_heads: 3,
+        num_heads: kv_heads + 1,
         ..dims
     };
-    assert!(cpu::paged_attention(&q[..t * 3 * hd], &kc, &vc, &batch, odd).is_err());
+    let q_odd = vec![0.0; t * (kv_heads + 1) * hd];
+    if kv_heads > 1 {
+        assert!(cpu::paged_attention(&q_odd, &kc, &vc, &batch, odd).is_err());
+    }
 
     #[cfg(feature = "cuda")]
     for dtype in [DType::F32, DType::F16, DType::BF16] {
@@ -384,7 +411,7 @@ fn paged_attention_case(hd: usize) {
             &download(&out),
             &want,
             tolerance(dtype),
-            &format!("cuda attention hd {hd} {dtype:?}"),
+            &format!("cuda attention {heads}/{kv_heads} heads of {hd}, {dtype:?}"),
         );
     }
 }
