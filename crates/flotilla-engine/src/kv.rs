@@ -225,6 +225,18 @@ pub(crate) struct SeqSlice<'a> {
     pub blocks: &'a [BlockId],
 }
 
+#[cfg(any(test, feature = "cuda"))]
+impl SeqSlice<'_> {
+    /// The same run as the kernels crate describes it.
+    pub(crate) fn run(&self) -> flotilla_kernels::SeqRun<'_> {
+        flotilla_kernels::SeqRun {
+            blocks: self.blocks,
+            pos: self.pos,
+            len: self.len,
+        }
+    }
+}
+
 impl KvStore {
     pub(crate) fn new(
         layers: usize,
@@ -414,8 +426,8 @@ mod tests {
     /// kernels are tested against) agree on a mixed batch over scattered blocks.
     #[test]
     fn attention_matches_the_kernel_reference() {
+        use flotilla_kernels::PagedBatch;
         use flotilla_kernels::cpu::{self, AttentionDims};
-        use flotilla_kernels::{PagedBatch, SeqRun};
         let (layers, blocks, bs, heads, kv_heads, hd) = (1, 10, 4, 4, 2, 8);
         let tables: [&[BlockId]; 3] = [&[6, 1, 3], &[0, 9], &[2, 5, 7, 8]];
         let spans = [(0usize, 9usize), (5, 1), (10, 4)];
@@ -458,23 +470,11 @@ mod tests {
         }
         store.write(0, &seqs, &k, &v);
         let ours = store.attend(0, &seqs, &q, heads);
-        let runs: Vec<SeqRun<'_>> = seqs
-            .iter()
-            .map(|s| SeqRun {
-                blocks: s.blocks,
-                pos: s.pos,
-                len: s.len,
-            })
-            .collect();
+        let runs: Vec<_> = seqs.iter().map(SeqSlice::run).collect();
         let batch = PagedBatch::new(&runs, bs, blocks).unwrap();
         cpu::write_kv(&k, &v, &mut kc, &mut vc, &batch).unwrap();
         assert_eq!(kc, store.k[0]);
-        let dims = AttentionDims {
-            num_heads: heads,
-            num_kv_heads: kv_heads,
-            head_dim: hd,
-            scale: 1.0 / (hd as f32).sqrt(),
-        };
+        let dims = AttentionDims::new(heads, kv_heads, hd);
         let reference = cpu::paged_attention(&q, &kc, &vc, &batch, dims).unwrap();
         for (a, b) in ours.iter().zip(&reference) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");

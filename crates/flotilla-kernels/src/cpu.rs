@@ -162,6 +162,16 @@ pub struct AttentionDims {
 }
 
 impl AttentionDims {
+    /// The usual scale, `1 / sqrt(head_dim)`.
+    pub fn new(num_heads: usize, num_kv_heads: usize, head_dim: usize) -> Self {
+        AttentionDims {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        }
+    }
+
     pub(crate) fn check(
         &self,
         q: usize,

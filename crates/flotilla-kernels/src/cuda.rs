@@ -27,43 +27,52 @@ fn driver(e: impl std::fmt::Display) -> KernelError {
     KernelError::Shape(format!("CUDA driver: {e}"))
 }
 
-type Modules = Mutex<HashMap<(DeviceId, &'static str), Arc<CudaModule>>>;
+/// Loaded modules (one per `.cu` file) and the functions looked up in them, per device.
+#[derive(Default)]
+struct Loaded {
+    modules: HashMap<(DeviceId, &'static str), Arc<CudaModule>>,
+    functions: HashMap<(DeviceId, &'static str, &'static str), CudaFunction>,
+}
 
-/// `name_{dtype}` from the fatbin of one `.cu` file, loaded once per device.
+/// `flotilla_{name}_{dtype}` from the fatbin of one `.cu` file; the module is loaded once
+/// per device and each function looked up once, so a launch costs one map lookup.
 fn function(
     dev: &CudaDevice,
     file: &'static str,
     image: &'static [u8],
-    name: &str,
+    name: &'static str,
     dtype: DType,
 ) -> Result<CudaFunction> {
-    static MODULES: OnceLock<Modules> = OnceLock::new();
+    static LOADED: OnceLock<Mutex<Loaded>> = OnceLock::new();
     let suffix = match dtype {
         DType::F32 => "f32",
         DType::F16 => "f16",
         DType::BF16 => "bf16",
         other => return shape_err(format!("{name}: no kernel for {other:?} (f32, f16, bf16)")),
     };
-    let module = {
-        let mut map = MODULES
-            .get_or_init(Default::default)
-            .lock()
-            .expect("module map");
-        match map.get(&(dev.id(), file)) {
-            Some(m) => m.clone(),
-            None => {
-                let ctx = dev.cuda_stream().context().clone();
-                let m = ctx
-                    .load_module(Ptx::from_binary(image.to_vec()))
-                    .map_err(driver)?;
-                map.insert((dev.id(), file), m.clone());
-                m
-            }
+    let mut loaded = LOADED
+        .get_or_init(Default::default)
+        .lock()
+        .expect("kernel cache");
+    if let Some(f) = loaded.functions.get(&(dev.id(), name, suffix)) {
+        return Ok(f.clone());
+    }
+    let module = match loaded.modules.get(&(dev.id(), file)) {
+        Some(m) => m.clone(),
+        None => {
+            let ctx = dev.cuda_stream().context().clone();
+            let m = ctx
+                .load_module(Ptx::from_binary(image.to_vec()))
+                .map_err(driver)?;
+            loaded.modules.insert((dev.id(), file), m.clone());
+            m
         }
     };
-    module
+    let f = module
         .load_function(&format!("flotilla_{name}_{suffix}"))
-        .map_err(driver)
+        .map_err(driver)?;
+    loaded.functions.insert((dev.id(), name, suffix), f.clone());
+    Ok(f)
 }
 
 fn cuda_device(t: &Tensor) -> Result<CudaDevice> {

@@ -336,12 +336,7 @@ fn paged_attention_case(heads: usize, kv_heads: usize, hd: usize) {
     let q = random(&mut rng, t * heads * hd, 1.0);
     let kc = random(&mut rng, blocks * bs * width, 1.0);
     let vc = random(&mut rng, blocks * bs * width, 1.0);
-    let dims = AttentionDims {
-        num_heads: heads,
-        num_kv_heads: kv_heads,
-        head_dim: hd,
-        scale: 1.0 / (hd as f32).sqrt(),
-    };
+    let dims = AttentionDims::new(heads, kv_heads, hd);
     let got = cpu::paged_attention(&q, &kc, &vc, &batch, dims).unwrap();
 
     // Independent: gather each sequence's cache rows densely, then softmax(q k^T) v with

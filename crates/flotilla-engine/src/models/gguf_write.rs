@@ -218,7 +218,7 @@ fn gguf_tensors(
         }
         let name = gguf_name(&hf)
             .ok_or_else(|| EngineError::files(src.origin(), format!("`{hf}` has no GGUF name")))?;
-        let mut t = src.tensor(&hf)?;
+        let mut t = src.tensor(&hf)?.to_dtype(candle_core::DType::F32)?;
         if arch == "llama" {
             if hf.contains(".q_proj.") {
                 t = permute_for_gguf(&t, cfg.num_heads)?;

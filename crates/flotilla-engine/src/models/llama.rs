@@ -405,21 +405,13 @@ impl LlamaModel {
         batch: &Batch<'_>,
         kv: &mut crate::kv::GpuKv,
     ) -> Result<Tensor, EngineError> {
+        use flotilla_kernels::PagedBatch;
         use flotilla_kernels::cpu::AttentionDims;
         use flotilla_kernels::cuda as k;
-        use flotilla_kernels::{PagedBatch, SeqRun};
 
         let t = batch.tokens.len();
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let runs: Vec<SeqRun<'_>> = batch
-            .seqs
-            .iter()
-            .map(|s| SeqRun {
-                blocks: s.blocks,
-                pos: s.pos,
-                len: s.len,
-            })
-            .collect();
+        let runs: Vec<_> = batch.seqs.iter().map(SeqSlice::run).collect();
         let paged = PagedBatch::new(&runs, kv.block_size, kv.num_blocks).map_err(kernel_err)?;
         if paged.tokens() != t {
             return Err(EngineError::Panicked(format!(
@@ -427,15 +419,9 @@ impl LlamaModel {
                 paged.tokens()
             )));
         }
-        let host_positions = paged.positions().to_vec();
         let dev_batch = k::DeviceBatch::upload(paged, &self.device).map_err(kernel_err)?;
         let positions = dev_batch.positions().map_err(kernel_err)?;
-        let dims = AttentionDims {
-            num_heads: nh,
-            num_kv_heads: nkv,
-            head_dim: hd,
-            scale: 1.0 / (hd as f32).sqrt(),
-        };
+        let dims = AttentionDims::new(nh, nkv, hd);
         let ids = Tensor::new(batch.tokens.as_slice(), &self.device)?;
         // The residual stream; `pending` is the output to add into it before the next norm.
         let x = self.embed.forward(&ids)?.contiguous()?;
@@ -448,7 +434,8 @@ impl LlamaModel {
             let q = qkv[0].contiguous()?.reshape((t, nh, hd))?;
             let kk = qkv[1].contiguous()?.reshape((t, nkv, hd))?;
             let v = qkv[2].contiguous()?.reshape((t, nkv, hd))?;
-            k::rotary_inplace(&q, &kk, &positions, &host_positions, &self.cos, &self.sin)
+            let host_positions = dev_batch.host().positions();
+            k::rotary_inplace(&q, &kk, &positions, host_positions, &self.cos, &self.sin)
                 .map_err(kernel_err)?;
             k::write_kv(&kk, &v, &kv.k[li], &kv.v[li], &dev_batch).map_err(kernel_err)?;
             let att = k::paged_attention(&q, &kv.k[li], &kv.v[li], &dev_batch, dims)

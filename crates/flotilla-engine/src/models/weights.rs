@@ -11,7 +11,8 @@ use crate::error::EngineError;
 
 pub(crate) trait WeightSource {
     fn has(&self, name: &str) -> bool;
-    /// A dense f32 tensor (embeddings, norms, biases).
+    /// A dense tensor (embeddings, norms, biases), in the file's type or f32; callers
+    /// convert once to the type they compute in.
     fn tensor(&self, name: &str) -> Result<Tensor, EngineError>;
     /// A weight matrix `[out, in]` for `x @ w.T`, quantized where the file is.
     fn matmul(&self, name: &str) -> Result<QMatMul, EngineError>;
@@ -19,8 +20,8 @@ pub(crate) trait WeightSource {
     fn origin(&self) -> &Path;
 }
 
-/// All `*.safetensors` files of a Hugging Face checkpoint, converted to f32 on fetch
-/// (BF16 and F16 checkpoints work).
+/// All `*.safetensors` files of a Hugging Face checkpoint, each tensor in its stored type
+/// (a bf16 checkpoint stays bf16 on a GPU instead of passing through f32).
 pub(crate) struct SafetensorsWeights {
     dir: PathBuf,
     tensors: HashMap<String, Tensor>,
@@ -45,7 +46,7 @@ impl WeightSource for SafetensorsWeights {
             .tensors
             .get(name)
             .ok_or_else(|| EngineError::files(&self.dir, format!("tensor `{name}` is missing")))?;
-        Ok(t.to_dtype(DType::F32)?)
+        Ok(t.clone())
     }
 
     fn matmul(&self, name: &str) -> Result<QMatMul, EngineError> {
