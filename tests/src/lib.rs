@@ -5,9 +5,12 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use flotilla_agent::{Agent, AgentSection, Models};
+use std::sync::Arc;
+
+use flotilla_agent::{Agent, AgentSection, DrainHandle, Models};
 use flotilla_engine::{TextEngine, TextEngineConfig};
 use flotilla_gateway::{Scheduler, SchedulerSection};
+use flotilla_gpu::GpuProbe;
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -59,7 +62,7 @@ impl Running {
 pub fn scheduler_section() -> SchedulerSection {
     SchedulerSection {
         heartbeat_ms: 200,
-        node_ttl_ms: 2_000,
+        missed_heartbeats: 10,
         first_byte_timeout_ms: 5_000,
         ..SchedulerSection::default()
     }
@@ -84,15 +87,34 @@ pub async fn start_scheduler(section: SchedulerSection) -> Running {
 
 /// An agent serving `models`, registered with `scheduler_url` before this returns.
 pub async fn start_agent(scheduler_url: &str, node_id: &str, models: Models) -> Running {
-    let section = AgentSection {
+    start_agent_with(scheduler_url, node_id, models, |_| {}, None)
+        .await
+        .0
+}
+
+/// Like [`start_agent`], with the section adjusted by `edit` and GPUs read by `probe`;
+/// also returns the handle that drains the agent.
+pub async fn start_agent_with(
+    scheduler_url: &str,
+    node_id: &str,
+    models: Models,
+    edit: impl FnOnce(&mut AgentSection),
+    probe: Option<Arc<dyn GpuProbe>>,
+) -> (Running, DrainHandle) {
+    let mut section = AgentSection {
         node_id: Some(node_id.into()),
         scheduler_url: Some(scheduler_url.into()),
         heartbeat_ms: 200,
         ..AgentSection::default()
     };
+    edit(&mut section);
     let cfg = section.validate().expect("valid agent config");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let agent = Agent::with_models(listener, cfg, models).expect("agent");
+    let mut agent = Agent::with_models(listener, cfg, models).expect("agent");
+    if let Some(p) = probe {
+        agent = agent.with_probe(p);
+    }
+    let drain = agent.drain_handle();
     let url = agent.base_url().to_owned();
     agent.register().await.expect("register");
     let shutdown = CancellationToken::new();
@@ -100,11 +122,14 @@ pub async fn start_agent(scheduler_url: &str, node_id: &str, models: Models) -> 
     let task = tokio::spawn(async move {
         agent.run(token).await.expect("agent run");
     });
-    Running {
-        url,
-        shutdown,
-        task,
-    }
+    (
+        Running {
+            url,
+            shutdown,
+            task,
+        },
+        drain,
+    )
 }
 
 pub fn chat_models(engine: TextEngine) -> Models {

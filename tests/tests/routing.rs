@@ -1,7 +1,7 @@
 //! Overflow to the cloud and failover between targets, with the testkit's mock upstream
 //! standing in for cloud providers.
 
-use flotilla_api::protocol::{HEARTBEAT_PATH, ModelKind, NodeModel, NodeReport, PROTOCOL_VERSION};
+use flotilla_api::protocol::{HEARTBEAT_PATH, ModelKind, NodeModel, NodeReport};
 use flotilla_e2e::*;
 use flotilla_gateway::{ModelSection, SchedulerSection};
 use flotilla_providers::ProviderConfig;
@@ -64,20 +64,16 @@ fn target(resp: &reqwest::Response) -> String {
 /// Registers a node with one slot for `tiny-llama` whose OpenAI API is `base_url` (without
 /// `/v1`), as an agent's heartbeat would.
 async fn register_node(sched_url: &str, node_id: &str, base_url: &str, max_running: u64) {
-    let report = NodeReport {
-        protocol: PROTOCOL_VERSION,
-        node_id: node_id.into(),
-        base_url: base_url.into(),
-        models: vec![NodeModel {
-            name: "tiny-llama".into(),
-            kind: ModelKind::Chat,
-            context_length: 2048,
-            running: 0,
-            waiting: 0,
+    let report = NodeReport::new(
+        node_id,
+        base_url,
+        vec![NodeModel::idle(
+            "tiny-llama",
+            ModelKind::Chat,
+            2048,
             max_running,
-        }],
-        sent_at_ms: 0,
-    };
+        )],
+    );
     let r = client()
         .post(format!("{sched_url}{HEARTBEAT_PATH}"))
         .json(&report)

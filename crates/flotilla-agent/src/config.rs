@@ -6,6 +6,7 @@ use std::time::Duration;
 use flotilla_api::Secret;
 use flotilla_api::protocol::ModelKind;
 use flotilla_engine::{DeviceSpec, TextEngineConfig};
+use flotilla_gpu::{FixedGpu, ProbeChoice};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,8 +32,20 @@ pub struct AgentSection {
     /// Resolve Hugging Face models from the cache only.
     pub offline: bool,
     /// Where text models run unless a model says otherwise: `cpu` or `cuda:N` (a GPU needs
-    /// a `cuda` build). Embedding models run on the CPU.
-    pub device: DeviceSpec,
+    /// a `cuda` build). Unset: each model is placed on the GPU it fits best (with a `cuda`
+    /// build and NVML GPUs), else on the CPU. Embedding models run on the CPU.
+    pub device: Option<DeviceSpec>,
+    /// How GPUs are found: `auto` (NVML when the driver is there), `nvml` (must be), `none`.
+    pub gpus: ProbeChoice,
+    /// GPUs described instead of read, for tests and for planning hardware one does not
+    /// have; models placed on them still run on the CPU.
+    pub fixed_gpus: Vec<FixedGpu>,
+    /// Share of each GPU's memory (and of the host's available memory) models may take.
+    pub gpu_memory_utilization: f64,
+    /// Extra catalog entries (same format as models/catalog.toml), ahead of the built-in ones.
+    pub catalog_file: Option<PathBuf>,
+    /// How long a drain (SIGTERM or POST /admin/drain) waits for running requests.
+    pub drain_timeout_ms: u64,
     pub models: Vec<ModelSpec>,
 }
 
@@ -49,7 +62,12 @@ impl Default for AgentSection {
             cache_dir: None,
             hf_cache_dir: None,
             offline: false,
-            device: DeviceSpec::Cpu,
+            device: None,
+            gpus: ProbeChoice::Auto,
+            fixed_gpus: Vec::new(),
+            gpu_memory_utilization: 0.9,
+            catalog_file: None,
+            drain_timeout_ms: 30_000,
             models: Vec::new(),
         }
     }
@@ -80,9 +98,13 @@ pub struct ModelSpec {
     /// Share K/V blocks of identical prompt prefixes (default on).
     #[serde(default)]
     pub prefix_caching: Option<bool>,
-    /// Device for this model; default `agent.device`.
+    /// Device for this model; default `agent.device`, else placement decides.
     #[serde(default)]
     pub device: Option<DeviceSpec>,
+    /// The models/catalog.toml entry that sizes it (e.g. `llama-3.1-8b`) when its source
+    /// does not say.
+    #[serde(default)]
+    pub catalog: Option<String>,
 }
 
 impl ModelSpec {
@@ -97,6 +119,7 @@ impl ModelSpec {
             kv_cache_bytes: None,
             prefix_caching: None,
             device: None,
+            catalog: None,
         }
     }
 
@@ -112,6 +135,7 @@ impl ModelSpec {
             kv_cache_blocks: self.kv_cache_blocks,
             kv_cache_bytes: self.kv_cache_bytes,
             prefix_caching: self.prefix_caching.unwrap_or(d.prefix_caching),
+            // Placement fills this in before loading; unset means the CPU.
             device: self.device.unwrap_or(d.device),
             ..d
         }
@@ -135,6 +159,12 @@ pub struct AgentConfig {
     pub cache_dir: PathBuf,
     pub hf_cache_dir: PathBuf,
     pub offline: bool,
+    pub gpus: ProbeChoice,
+    pub fixed_gpus: Vec<FixedGpu>,
+    pub gpu_memory_utilization: f64,
+    pub catalog_file: Option<PathBuf>,
+    pub drain_timeout: Duration,
+    /// Each model's `device` is its pin (from the model or `agent.device`); None = placed.
     pub models: Vec<ModelSpec>,
 }
 
@@ -172,7 +202,7 @@ pub fn default_hf_cache_dir() -> PathBuf {
     }
 }
 
-fn host_name() -> Option<String> {
+pub(crate) fn host_name() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
@@ -224,11 +254,14 @@ impl AgentSection {
                 errors.push(format!("agent.models[{i}]: {e}"));
             }
             if m.kind == ModelKind::Chat {
-                let (key, device) = match m.device {
-                    Some(d) => (format!("agent.models[{i}].device"), d),
-                    None => ("agent.device".to_string(), self.device),
+                let pinned = match (m.device, self.device) {
+                    (Some(d), _) => Some((format!("agent.models[{i}].device"), d)),
+                    (None, Some(d)) => Some(("agent.device".to_string(), d)),
+                    (None, None) => None,
                 };
-                if let Err(e) = device.check_build() {
+                if let Some((key, device)) = pinned
+                    && let Err(e) = device.check_build()
+                {
                     errors.push(format!("{key}: {e}"));
                 }
             }
@@ -237,6 +270,22 @@ impl AgentSection {
                     "agent.models[{i}]: the KV cache must have room for at least one block"
                 ));
             }
+        }
+        if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
+            errors.push(format!(
+                "agent.gpu_memory_utilization: {} must be in (0, 1]",
+                self.gpu_memory_utilization
+            ));
+        }
+        for (i, g) in self.fixed_gpus.iter().enumerate() {
+            if !(g.memory_gib > 0.0 && g.used_gib >= 0.0 && g.used_gib <= g.memory_gib) {
+                errors.push(format!(
+                    "agent.fixed_gpus[{i}]: memory_gib must be positive and used_gib within it"
+                ));
+            }
+        }
+        if self.drain_timeout_ms == 0 {
+            errors.push("agent.drain_timeout_ms: must be greater than 0".into());
         }
         if !errors.is_empty() {
             return Err(errors);
@@ -258,12 +307,16 @@ impl AgentSection {
                 .clone()
                 .unwrap_or_else(default_hf_cache_dir),
             offline: self.offline,
-            // Each model's device resolved here, so the engine config alone says where.
+            gpus: self.gpus,
+            fixed_gpus: self.fixed_gpus.clone(),
+            gpu_memory_utilization: self.gpu_memory_utilization,
+            catalog_file: self.catalog_file.clone(),
+            drain_timeout: Duration::from_millis(self.drain_timeout_ms),
             models: self
                 .models
                 .iter()
                 .map(|m| ModelSpec {
-                    device: Some(m.device.unwrap_or(self.device)),
+                    device: m.device.or(self.device),
                     ..m.clone()
                 })
                 .collect(),

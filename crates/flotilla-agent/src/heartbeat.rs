@@ -5,25 +5,45 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use flotilla_api::protocol::{
-    DEREGISTER_PATH, HEARTBEAT_PATH, HeartbeatAck, ModelKind, NodeModel, NodeReport,
+    DEREGISTER_PATH, HEARTBEAT_PATH, HeartbeatAck, ModelKind, ModelState, NodeModel, NodeReport,
     PROTOCOL_VERSION,
 };
+use flotilla_gpu::Telemetry;
 use tokio_util::sync::CancellationToken;
 
 use crate::models::EMBEDDING_SLOTS;
 use crate::{AgentError, AgentState};
 
-pub(crate) fn report(state: &AgentState) -> NodeReport {
+pub(crate) fn report(state: &AgentState, telemetry: Telemetry) -> NodeReport {
+    let draining = state.drain.is_draining();
+    let model_state = if draining {
+        ModelState::Draining
+    } else {
+        ModelState::Ready
+    };
+    let device = |name: &str| {
+        state
+            .models
+            .devices
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| "cpu".into())
+    };
     let mut models = Vec::new();
     for (name, engine) in &state.models.chat {
         let st = engine.status();
         models.push(NodeModel {
             name: name.clone(),
             kind: ModelKind::Chat,
+            state: model_state,
+            device: device(name),
             context_length: engine.context_length() as u64,
             running: st.running as u64,
             waiting: st.waiting as u64,
             max_running: st.max_running as u64,
+            kv_blocks_free: st.kv_blocks_free as u64,
+            kv_blocks_total: st.kv_blocks_total as u64,
+            tokens_per_second: st.tokens_per_second,
         });
     }
     for (name, m) in &state.models.embedding {
@@ -31,10 +51,15 @@ pub(crate) fn report(state: &AgentState) -> NodeReport {
         models.push(NodeModel {
             name: name.clone(),
             kind: ModelKind::Embedding,
+            state: model_state,
+            device: device(name),
             context_length: m.engine.max_input_tokens() as u64,
             running: in_flight.min(EMBEDDING_SLOTS),
             waiting: in_flight.saturating_sub(EMBEDDING_SLOTS),
             max_running: EMBEDDING_SLOTS,
+            kv_blocks_free: 0,
+            kv_blocks_total: 0,
+            tokens_per_second: 0.0,
         });
     }
     models.sort_by(|a, b| a.name.cmp(&b.name));
@@ -48,6 +73,11 @@ pub(crate) fn report(state: &AgentState) -> NodeReport {
         base_url: state.base_url.to_string(),
         models,
         sent_at_ms,
+        draining,
+        gpus: telemetry.gpus,
+        host: telemetry.host,
+        heartbeat_ms: state.config.heartbeat.as_millis() as u64,
+        version: env!("CARGO_PKG_VERSION").into(),
     }
 }
 
@@ -57,7 +87,8 @@ pub(crate) async fn send(state: &AgentState) -> Result<Option<Duration>, AgentEr
         return Ok(None);
     };
     let url = format!("{}{}", base.trim_end_matches('/'), HEARTBEAT_PATH);
-    let mut req = state.http.post(&url).json(&report(state));
+    let report = report(state, state.telemetry().await);
+    let mut req = state.http.post(&url).json(&report);
     if let Some(t) = &state.config.cluster_token {
         req = req.bearer_auth(t.expose());
     }
@@ -78,7 +109,8 @@ pub(crate) async fn send(state: &AgentState) -> Result<Option<Duration>, AgentEr
     Ok(Some(Duration::from_millis(ack.heartbeat_ms.max(50))))
 }
 
-pub(crate) async fn run(state: AgentState, shutdown: CancellationToken) {
+/// Heartbeats until `stop`, at once when a drain starts, then deregisters.
+pub(crate) async fn run(state: AgentState, stop: CancellationToken) {
     if state.config.scheduler_url.is_none() {
         return;
     }
@@ -103,8 +135,10 @@ pub(crate) async fn run(state: AgentState, shutdown: CancellationToken) {
             }
         }
         tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
             _ = tokio::time::sleep(every) => {}
+            // The scheduler must stop routing here now, not at the next beat.
+            _ = state.drain.started.notified() => {}
         }
     }
     if let Some(base) = &state.config.scheduler_url {

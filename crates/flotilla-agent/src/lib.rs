@@ -1,20 +1,28 @@
-//! The node agent: serves the models in its config through flotilla-engine over an
-//! OpenAI-compatible HTTP API, and keeps the scheduler informed with heartbeats.
+//! The node agent: places the models in its config on this host's GPUs (or its memory),
+//! serves them through flotilla-engine over an OpenAI-compatible HTTP API, exports GPU and
+//! engine metrics, keeps the scheduler informed with heartbeats, and drains on SIGTERM.
 //!
 //! Model execution happens on the engines' own threads; handlers here only translate
 //! between HTTP and engine events.
 
 pub mod config;
+mod drain;
 mod generate;
 mod heartbeat;
+mod metrics;
 pub mod models;
+pub mod placement;
 mod routes;
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 pub use config::{AgentConfig, AgentSection, ModelSpec, default_cache_dir};
+pub use drain::DrainHandle;
+use flotilla_gpu::{GpuProbe, Telemetry};
 pub use models::Models;
+pub use placement::AgentPlan;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +38,12 @@ pub enum AgentError {
     NeedAdvertiseUrl(SocketAddr),
     #[error("registering with the scheduler at {url}: {reason}")]
     Register { url: String, reason: String },
+    #[error("{}", .0.join("\n"))]
+    Placement(Vec<String>),
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Gpu(#[from] flotilla_gpu::GpuError),
     #[error("serving HTTP: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -40,6 +54,20 @@ pub(crate) struct AgentState {
     pub models: Models,
     pub base_url: Arc<str>,
     pub http: reqwest::Client,
+    pub probe: Arc<dyn GpuProbe>,
+    pub drain: Arc<drain::Drain>,
+    /// The `Hostname` label of GPU series.
+    pub hostname: Arc<str>,
+}
+
+impl AgentState {
+    /// One reading of the GPUs and the host, off the async workers (NVML calls block).
+    pub(crate) async fn telemetry(&self) -> Telemetry {
+        let probe = self.probe.clone();
+        tokio::task::spawn_blocking(move || probe.read())
+            .await
+            .unwrap_or_default()
+    }
 }
 
 /// An agent bound to its listener with its models loaded.
@@ -48,19 +76,45 @@ pub struct Agent {
     state: AgentState,
 }
 
+/// Opens the probe the config asks for and places the models, loading nothing: what
+/// `flotilla agent --plan` prints and what [`Agent::load`] loads by.
+pub async fn plan(config: &AgentConfig) -> Result<(AgentPlan, Arc<dyn GpuProbe>), AgentError> {
+    let probe = flotilla_gpu::open_probe(config.gpus, &config.fixed_gpus)?;
+    let p = probe.clone();
+    let telemetry = tokio::task::spawn_blocking(move || p.read())
+        .await
+        .unwrap_or_default();
+    let plan = placement::plan_models(config, &*probe, &telemetry).await?;
+    Ok((plan, probe))
+}
+
 impl Agent {
-    /// Loads every configured model (on the engines' threads) and prepares to serve.
+    /// Places every configured model, refuses at once when one fits nowhere, then loads
+    /// them (on the engines' threads) and prepares to serve.
     pub async fn load(listener: TcpListener, config: AgentConfig) -> Result<Agent, AgentError> {
-        let models = models::load_models(&config).await?;
-        Agent::with_models(listener, config, models)
+        let (plan, probe) = plan(&config).await?;
+        plan.check()?;
+        for p in &plan.plan.placements {
+            tracing::info!(
+                model = %p.model,
+                device = %plan.plan.devices[p.device].spec(),
+                estimate_gib = format!("{:.2}", p.estimate.total() as f64 / (1u64 << 30) as f64),
+                sized_from = %p.origin,
+                "model placed"
+            );
+        }
+        let models = models::load_models(&config, &plan).await?;
+        Ok(Agent::with_models(listener, config, models)?.with_probe(probe))
     }
 
     /// Serves already-loaded engines (tests share one engine between agents this way).
+    /// GPUs are read by the probe the config asks for.
     pub fn with_models(
         listener: TcpListener,
         config: AgentConfig,
         models: Models,
     ) -> Result<Agent, AgentError> {
+        let probe = flotilla_gpu::open_probe(config.gpus, &config.fixed_gpus)?;
         let addr = listener.local_addr()?;
         let base_url = match &config.advertise_url {
             Some(u) => u.trim_end_matches('/').to_owned(),
@@ -74,13 +128,28 @@ impl Agent {
                 url: String::new(),
                 reason: e.to_string(),
             })?;
+        let hostname = config::host_name().unwrap_or_else(|| config.node_id.clone());
         let state = AgentState {
             config: Arc::new(config),
             models,
             base_url: base_url.into(),
             http,
+            probe,
+            drain: Arc::new(drain::Drain::default()),
+            hostname: hostname.into(),
         };
         Ok(Agent { listener, state })
+    }
+
+    /// Reads GPUs through `probe` instead (a test's fixed probe).
+    pub fn with_probe(mut self, probe: Arc<dyn GpuProbe>) -> Agent {
+        self.state.probe = probe;
+        self
+    }
+
+    /// Starts a drain from the same process, as `POST /admin/drain` does.
+    pub fn drain_handle(&self) -> DrainHandle {
+        DrainHandle(self.state.drain.clone())
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -101,26 +170,68 @@ impl Agent {
         heartbeat::send(&self.state).await.map(|_| ())
     }
 
-    /// Serves and heartbeats until `shutdown`; then says goodbye to the scheduler and
-    /// lets in-flight requests finish.
+    /// Serves and heartbeats until `shutdown` (SIGTERM) or a drain request; then drains:
+    /// new inference requests get 503 while the scheduler is told at once, running ones
+    /// (streams included) finish within `drain_timeout`, the node deregisters, and the
+    /// server stops.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
-        let hb = tokio::spawn(heartbeat::run(self.state.clone(), shutdown.clone()));
+        let state = self.state.clone();
+        let hb_stop = CancellationToken::new();
+        let hb = tokio::spawn(heartbeat::run(state.clone(), hb_stop.clone()));
         let app = routes::router(self.state);
         // Tokens are small writes that must leave at once: no Nagle delay.
         let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
             let _ = tcp.set_nodelay(true);
         });
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await;
-        // The heartbeat task deregisters on shutdown; give it a moment to say goodbye.
-        if tokio::time::timeout(std::time::Duration::from_secs(3), hb)
+        let server_stop = CancellationToken::new();
+        let mut server = tokio::spawn(
+            axum::serve(listener, app)
+                .with_graceful_shutdown(server_stop.clone().cancelled_owned())
+                .into_future(),
+        );
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = state.drain.requested() => {}
+            // The server ended on its own (an accept error): stop heartbeating and return.
+            ended = &mut server => {
+                hb_stop.cancel();
+                let _ = hb.await;
+                return match ended {
+                    Ok(r) => r.map_err(AgentError::Io),
+                    Err(e) => Err(AgentError::Io(std::io::Error::other(e.to_string()))),
+                };
+            }
+        }
+        state.drain.start();
+        let running = state.drain.in_flight();
+        tracing::info!(
+            in_flight = running,
+            "draining: taking no new work, finishing what runs"
+        );
+        if tokio::time::timeout(state.config.drain_timeout, state.drain.idle())
             .await
             .is_err()
         {
-            tracing::warn!("deregistration did not finish in 3 s");
+            tracing::warn!(
+                in_flight = state.drain.in_flight(),
+                timeout_ms = state.config.drain_timeout.as_millis() as u64,
+                "drain timed out; leaving with requests still running"
+            );
         }
-        served?;
+        // The heartbeat task deregisters when stopped; give it a moment to say goodbye.
+        hb_stop.cancel();
+        if tokio::time::timeout(std::time::Duration::from_secs(5), hb)
+            .await
+            .is_err()
+        {
+            tracing::warn!("deregistration did not finish in 5 s");
+        }
+        server_stop.cancel();
+        match server.await {
+            Ok(r) => r?,
+            Err(e) => return Err(AgentError::Io(std::io::Error::other(e.to_string()))),
+        }
+        tracing::info!("drained");
         Ok(())
     }
 }

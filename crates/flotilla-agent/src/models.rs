@@ -10,6 +10,7 @@ use flotilla_engine::{EmbeddingEngine, TextEngine};
 
 use crate::AgentError;
 use crate::config::AgentConfig;
+use crate::placement::AgentPlan;
 
 /// How many embedding requests run at once before the scheduler should look elsewhere.
 pub const EMBEDDING_SLOTS: u64 = 16;
@@ -24,6 +25,8 @@ pub struct EmbeddingModel {
 pub struct Models {
     pub chat: HashMap<String, TextEngine>,
     pub embedding: HashMap<String, Arc<EmbeddingModel>>,
+    /// Where each runs (`cpu`, `cuda:N`); absent means the CPU.
+    pub devices: HashMap<String, String>,
 }
 
 impl Models {
@@ -80,8 +83,9 @@ pub async fn resolve_source(
     }
 }
 
-/// Loads every configured model; the first failure stops start-up with its reason.
-pub async fn load_models(cfg: &AgentConfig) -> Result<Models, AgentError> {
+/// Loads every configured model on the device `plan` gave it; the first failure stops
+/// start-up with its reason.
+pub async fn load_models(cfg: &AgentConfig, plan: &AgentPlan) -> Result<Models, AgentError> {
     let mut models = Models::default();
     for spec in &cfg.models {
         let dir =
@@ -90,7 +94,11 @@ pub async fn load_models(cfg: &AgentConfig) -> Result<Models, AgentError> {
         let name = spec.name.clone();
         match spec.kind {
             ModelKind::Chat => {
-                let cfg = spec.engine_config();
+                let mut cfg = spec.engine_config();
+                cfg.device = plan.engine_device(spec);
+                models
+                    .devices
+                    .insert(spec.name.clone(), cfg.device.to_string());
                 let engine =
                     tokio::task::spawn_blocking(move || TextEngine::load(&name, &dir, cfg))
                         .await

@@ -3,8 +3,9 @@
 use std::sync::atomic::Ordering;
 
 use axum::body::Body;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -15,21 +16,98 @@ use flotilla_api::openai::{
 };
 use flotilla_api::{ApiError, ErrorKind};
 use flotilla_engine::{ChatMessage, Prompt, SamplingParams, TextEngine};
+use futures::StreamExt;
 
 use crate::AgentState;
 use crate::generate::{Format, Shape, respond_stream, respond_whole, start};
 
 pub(crate) fn router(state: AgentState) -> Router {
-    Router::new()
+    // Inference is counted for the drain and refused while draining.
+    let work = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            track_work,
+        ));
+    Router::new()
+        .merge(work)
         .route("/v1/models", get(models))
         .route("/health", get(|| async { "ok" }))
         .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/admin/drain", post(drain))
         .fallback(|| async { ApiError::new(ErrorKind::NotFound, "no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// Holds a drain guard until the response, a stream included, has ended or the client
+/// has gone; answers 503 once draining so the scheduler retries elsewhere.
+async fn track_work(State(s): State<AgentState>, req: Request, next: Next) -> Response {
+    let Some(guard) = s.drain.enter() else {
+        return ApiError::new(
+            ErrorKind::Unavailable,
+            "this agent is draining and takes no new requests",
+        )
+        .with_code("draining")
+        .into_response();
+    };
+    let (parts, body) = next.run(req).await.into_parts();
+    let body = Body::from_stream(body.into_data_stream().map(move |chunk| {
+        let _held = &guard;
+        chunk
+    }));
+    Response::from_parts(parts, body)
+}
+
+/// The cluster token, when the agent has one, guards its admin endpoints.
+fn check_token(s: &AgentState, h: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = &s.config.cluster_token else {
+        return Ok(());
+    };
+    let given = h
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if expected.matches(given) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            ErrorKind::Unauthorized,
+            "missing or wrong cluster token",
+        ))
+    }
+}
+
+async fn drain(State(s): State<AgentState>, h: HeaderMap) -> Response {
+    if let Err(e) = check_token(&s, &h) {
+        return e.into_response();
+    }
+    s.drain.request();
+    (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({
+            "draining": true,
+            "in_flight": s.drain.in_flight(),
+        })),
+    )
+        .into_response()
+}
+
+async fn metrics(State(s): State<AgentState>) -> Response {
+    let t = s.telemetry().await;
+    let text = crate::metrics::render(&s, &t.gpus, t.host.as_ref());
+    (
+        [(
+            header::CONTENT_TYPE,
+            flotilla_api::metrics::TEXT_CONTENT_TYPE,
+        )],
+        text,
+    )
+        .into_response()
 }
 
 async fn read_body<T: serde::de::DeserializeOwned>(
@@ -275,7 +353,7 @@ async fn models(State(s): State<AgentState>) -> Json<ModelList> {
 }
 
 async fn status(State(s): State<AgentState>) -> Json<serde_json::Value> {
-    let report = crate::heartbeat::report(&s);
+    let report = crate::heartbeat::report(&s, s.telemetry().await);
     let engines: serde_json::Map<String, serde_json::Value> = s
         .models
         .chat
@@ -287,5 +365,9 @@ async fn status(State(s): State<AgentState>) -> Json<serde_json::Value> {
             )
         })
         .collect();
-    Json(serde_json::json!({ "node": report, "engines": engines }))
+    Json(serde_json::json!({
+        "node": report,
+        "engines": engines,
+        "in_flight": s.drain.in_flight(),
+    }))
 }

@@ -9,6 +9,7 @@
 pub mod body;
 pub mod error;
 pub mod headers;
+pub mod metrics;
 pub mod openai;
 pub mod protocol;
 pub mod secret;

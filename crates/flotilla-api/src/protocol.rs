@@ -1,7 +1,7 @@
 //! The agent <-> scheduler protocol. Agents push a [`NodeReport`] every `heartbeat_ms` to
-//! [`HEARTBEAT_PATH`]; the first report registers the node. A scheduler forgets a node
-//! whose last report is older than its `node_ttl_ms`, and at once when the agent says
-//! goodbye on [`DEREGISTER_PATH`] during a graceful shutdown.
+//! [`HEARTBEAT_PATH`]; the first report registers the node. A scheduler stops routing to a
+//! node that misses `missed_heartbeats` reports in a row or reports `draining`, and forgets
+//! it at once when the agent says goodbye on [`DEREGISTER_PATH`] after draining.
 //!
 //! Inference itself goes over the agent's OpenAI-compatible HTTP API, so an agent is just
 //! another OpenAI-compatible target to the scheduler.
@@ -20,11 +20,26 @@ pub enum ModelKind {
     Embedding,
 }
 
+/// Whether a model takes new work.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelState {
+    #[default]
+    Ready,
+    /// Finishing what it runs; takes nothing new.
+    Draining,
+}
+
 /// One model an agent serves and its load right now.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeModel {
     pub name: String,
     pub kind: ModelKind,
+    #[serde(default)]
+    pub state: ModelState,
+    /// Where it runs: `cpu` or `cuda:N`.
+    #[serde(default)]
+    pub device: String,
     pub context_length: u64,
     /// Sequences decoding now.
     pub running: u64,
@@ -32,6 +47,82 @@ pub struct NodeModel {
     pub waiting: u64,
     /// How many sequences may run at once.
     pub max_running: u64,
+    /// Paged KV cache blocks free (or holding a reusable cached prefix), and in all.
+    #[serde(default)]
+    pub kv_blocks_free: u64,
+    #[serde(default)]
+    pub kv_blocks_total: u64,
+    /// Generated tokens per second over the last few seconds, measured by the engine.
+    #[serde(default)]
+    pub tokens_per_second: f64,
+}
+
+impl NodeModel {
+    /// A ready, idle model with no KV cache figures (scripted nodes in tests use this).
+    pub fn idle(name: &str, kind: ModelKind, context_length: u64, max_running: u64) -> Self {
+        NodeModel {
+            name: name.into(),
+            kind,
+            state: ModelState::Ready,
+            device: "cpu".into(),
+            context_length,
+            running: 0,
+            waiting: 0,
+            max_running,
+            kv_blocks_free: 0,
+            kv_blocks_total: 0,
+            tokens_per_second: 0.0,
+        }
+    }
+
+    /// Batch slots that can take a sequence now without it waiting.
+    pub fn free_slots(&self) -> u64 {
+        self.max_running
+            .saturating_sub(self.running.saturating_add(self.waiting))
+    }
+}
+
+/// One GPU as the agent's probe last read it. Readings a GPU does not support (a
+/// consumer card without power limits, say) are absent rather than zero.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuStats {
+    pub index: u32,
+    pub uuid: String,
+    /// Product name, e.g. `NVIDIA H200`.
+    pub name: String,
+    pub memory_total_bytes: u64,
+    pub memory_used_bytes: u64,
+    pub memory_free_bytes: u64,
+    /// Percent of the last sample period a kernel ran.
+    pub gpu_utilization_pct: Option<u32>,
+    /// Percent of the last sample period device memory was read or written.
+    pub memory_utilization_pct: Option<u32>,
+    pub temperature_c: Option<u32>,
+    pub power_draw_w: Option<f64>,
+    pub power_limit_w: Option<f64>,
+    pub sm_clock_mhz: Option<u32>,
+    pub memory_clock_mhz: Option<u32>,
+    #[serde(default)]
+    pub processes: Vec<GpuProcess>,
+}
+
+/// A process holding memory on a GPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuProcess {
+    pub pid: u32,
+    /// Its command name, when this host can see the process.
+    pub name: Option<String>,
+    pub used_memory_bytes: Option<u64>,
+}
+
+/// The host's CPU and memory: what CPU-only agents have instead of VRAM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostStats {
+    pub cpus: u32,
+    /// Busy fraction of all CPUs since the previous reading, 0..=1.
+    pub cpu_utilization: Option<f64>,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,6 +134,38 @@ pub struct NodeReport {
     pub models: Vec<NodeModel>,
     /// Milliseconds since the epoch on the agent, for staleness diagnostics.
     pub sent_at_ms: u64,
+    /// The agent is finishing its work before it leaves: route nothing new to it.
+    #[serde(default)]
+    pub draining: bool,
+    /// Live telemetry of every GPU on the host (empty on CPU hosts).
+    #[serde(default)]
+    pub gpus: Vec<GpuStats>,
+    #[serde(default)]
+    pub host: Option<HostStats>,
+    /// How often this agent heartbeats, so the scheduler can count missed beats.
+    #[serde(default)]
+    pub heartbeat_ms: u64,
+    /// `flotilla` version of the agent.
+    #[serde(default)]
+    pub version: String,
+}
+
+impl NodeReport {
+    /// A report with no telemetry, as a minimal agent would send.
+    pub fn new(node_id: &str, base_url: &str, models: Vec<NodeModel>) -> Self {
+        NodeReport {
+            protocol: PROTOCOL_VERSION,
+            node_id: node_id.into(),
+            base_url: base_url.into(),
+            models,
+            sent_at_ms: 0,
+            draining: false,
+            gpus: Vec::new(),
+            host: None,
+            heartbeat_ms: 0,
+            version: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

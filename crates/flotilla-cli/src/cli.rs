@@ -38,6 +38,8 @@ pub enum Command {
     Scheduler(ServerArgs),
     /// The node agent that serves local models and heartbeats to a scheduler.
     Agent(AgentArgs),
+    /// The fleet as a scheduler sees it: nodes, their GPUs and models.
+    Status(StatusArgs),
     /// Model utilities.
     Models {
         #[command(subcommand)]
@@ -140,6 +142,24 @@ pub struct AgentArgs {
     /// Device for text models: `cpu` or `cuda:N` (overrides `agent.device`).
     #[arg(long, env = "FLOTILLA_DEVICE")]
     pub device: Option<flotilla_engine::DeviceSpec>,
+    /// Print where each model would be placed and what it needs, load nothing, and exit
+    /// (non-zero when a model fits nowhere).
+    #[arg(long)]
+    pub plan: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The scheduler to ask.
+    #[arg(
+        long,
+        env = "FLOTILLA_SCHEDULER_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub scheduler_url: String,
+    /// Print the scheduler's JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]

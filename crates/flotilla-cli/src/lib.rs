@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod status;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -102,7 +103,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         agent_section.cache_dir = Some(dir);
     }
     if let Some(d) = args.device {
-        agent_section.device = d;
+        agent_section.device = Some(d);
     }
     agent_section.node_id.get_or_insert_with(|| "local".into());
     // The built-in agent presents the token its own scheduler asks for.
@@ -123,6 +124,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         println!("configuration is valid");
         return Ok(());
     }
+    let agent_drain = agent_cfg.drain_timeout;
 
     // The agent stops first so it can deregister while the scheduler still listens.
     let shutdown = CancellationToken::new();
@@ -136,9 +138,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let agent_task = tokio::spawn(agent.run(shutdown.clone()));
     announce(addr)?;
 
-    drained(agent_task, &shutdown).await?;
+    // The agent bounds its own drain; the scheduler has to finish what it relays.
+    drained(agent_task, &shutdown, agent_drain + DRAIN_TIMEOUT).await?;
     sched_stop.cancel();
-    drained(sched_task, &sched_stop).await?;
+    drained(sched_task, &sched_stop, DRAIN_TIMEOUT).await?;
     Ok(())
 }
 
@@ -146,10 +149,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Waits for a server task: its own end, or, once `shutdown` fires, its drain for at most
-/// [`DRAIN_TIMEOUT`].
+/// `limit`.
 async fn drained<E>(
     mut task: tokio::task::JoinHandle<Result<(), E>>,
     shutdown: &CancellationToken,
+    limit: std::time::Duration,
 ) -> anyhow::Result<()>
 where
     E: std::error::Error + Send + Sync + 'static,
@@ -158,11 +162,11 @@ where
         joined = &mut task => return Ok(joined??),
         _ = shutdown.cancelled() => {}
     }
-    match tokio::time::timeout(DRAIN_TIMEOUT, task).await {
+    match tokio::time::timeout(limit, task).await {
         Ok(joined) => Ok(joined??),
         Err(_) => {
             tracing::warn!(
-                timeout_s = DRAIN_TIMEOUT.as_secs(),
+                timeout_s = limit.as_secs(),
                 "in-flight requests did not finish; exiting anyway"
             );
             Ok(())
@@ -181,7 +185,12 @@ pub async fn scheduler(args: ServerArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
     announce(scheduler.local_addr()?)?;
-    drained(tokio::spawn(scheduler.run(shutdown.clone())), &shutdown).await
+    drained(
+        tokio::spawn(scheduler.run(shutdown.clone())),
+        &shutdown,
+        DRAIN_TIMEOUT,
+    )
+    .await
 }
 
 pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
@@ -200,7 +209,7 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         section.cache_dir = Some(d);
     }
     if let Some(d) = args.device {
-        section.device = d;
+        section.device = Some(d);
     }
     if section.models.is_empty() {
         section.models = default_models();
@@ -210,7 +219,18 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         println!("configuration is valid");
         return Ok(());
     }
+    if args.plan {
+        let (plan, _) = flotilla_agent::plan(&cfg).await?;
+        print!("{}", plan.table());
+        std::io::stdout().flush()?;
+        let refused = plan.plan.refusals.len();
+        if refused > 0 {
+            anyhow::bail!("{refused} model(s) fit on no device of this host");
+        }
+        return Ok(());
+    }
     let listen = args.server.listen.clone().unwrap_or(section.listen.clone());
+    let drain_limit = cfg.drain_timeout + DRAIN_TIMEOUT;
     let agent = Agent::load(bind(&listen).await?, cfg).await?;
     if let Err(e) = agent.register().await {
         tracing::warn!(error = %e, "scheduler not reachable yet; serving and retrying");
@@ -218,7 +238,12 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
     announce(agent.local_addr()?)?;
-    drained(tokio::spawn(agent.run(shutdown.clone())), &shutdown).await
+    drained(
+        tokio::spawn(agent.run(shutdown.clone())),
+        &shutdown,
+        drain_limit,
+    )
+    .await
 }
 
 pub fn make_test_model(dir: &std::path::Path, size: cli::TestSize) -> anyhow::Result<()> {

@@ -9,6 +9,7 @@ async fn main() -> std::process::ExitCode {
         Command::Up(args) => flotilla_cli::up(args).await,
         Command::Scheduler(args) => flotilla_cli::scheduler(args).await,
         Command::Agent(args) => flotilla_cli::agent(args).await,
+        Command::Status(args) => flotilla_cli::status::run(&args).await,
         Command::Models {
             command: ModelsCommand::MakeTest { dir, size },
         } => flotilla_cli::make_test_model(&dir, size),

@@ -193,15 +193,15 @@ fn bad_config_reports_every_problem_and_fails() {
     let models =
         "[[scheduler.models]]\nname = \"m\"\ncloud = [{ provider = \"ghost\", model = \"x\" }]\n";
     let (ok, err) = check_config(&format!(
-        "[scheduler]\nnode_ttl_ms = 10\ntypo_key = 1\n{models}"
+        "[scheduler]\nmissed_heartbeats = 0\ntypo_key = 1\n{models}"
     ));
     assert!(!ok);
     assert!(err.contains("scheduler.typo_key: unknown key"), "{err}");
     // Unknown keys are reported first; without the typo the value errors come together.
-    let (ok, err) = check_config(&format!("[scheduler]\nnode_ttl_ms = 10\n{models}"));
+    let (ok, err) = check_config(&format!("[scheduler]\nmissed_heartbeats = 0\n{models}"));
     assert!(!ok);
     assert!(
-        err.contains("node_ttl_ms") && err.contains("`ghost`"),
+        err.contains("missed_heartbeats") && err.contains("`ghost`"),
         "{err}"
     );
 }

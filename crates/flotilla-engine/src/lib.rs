@@ -25,11 +25,11 @@ mod types;
 pub use device::DeviceSpec;
 pub use embed::{EmbeddingEngine, Embeddings, find_minilm_dir};
 pub use error::EngineError;
-pub use models::{GgufQuant, write_gguf};
+pub use models::{GgufDims, GgufQuant, gguf_dims, write_gguf};
 pub use source::resolve_model_source;
 pub use template::ChatTemplate;
 pub use testmodel::{TestModelSize, make_test_model, make_test_model_sized};
-pub use text::TextEngine;
+pub use text::{EngineLatency, TextEngine};
 pub use types::{
     ChatMessage, EngineStatus, FinishReason, GenerateEvent, GenerateRequest, MAX_TOP_LOGPROBS,
     Prompt, SamplingParams, TextEngineConfig, TokenLogprob, TopLogprob,

@@ -1,6 +1,8 @@
 //! One generation in flight: its tokens, how many of them have K/V in the paged cache, its
 //! block table, sampler, detokeniser and stop matcher, and the channel to its request.
 
+use std::time::{Duration, Instant};
+
 use tokio::sync::mpsc;
 
 use crate::detok::IncrementalDecoder;
@@ -32,6 +34,9 @@ pub(crate) struct Sequence {
     tx: mpsc::UnboundedSender<GenerateEvent>,
     /// Logprobs of tokens whose text has not gone out yet.
     pending_logprobs: Vec<TokenLogprob>,
+    /// When the request queued it, and when its latest token was sampled.
+    queued_at: Instant,
+    last_token_at: Option<Instant>,
 }
 
 impl Sequence {
@@ -57,6 +62,18 @@ impl Sequence {
             detok: IncrementalDecoder::default(),
             tx,
             pending_logprobs: Vec::new(),
+            queued_at: Instant::now(),
+            last_token_at: None,
+        }
+    }
+
+    /// Notes that a token was sampled at `now`: returns the time to the first token, or
+    /// the gap since the previous one.
+    pub(crate) fn token_out(&mut self, now: Instant) -> (Option<Duration>, Option<Duration>) {
+        let prev = self.last_token_at.replace(now);
+        match prev {
+            None => (Some(now.saturating_duration_since(self.queued_at)), None),
+            Some(t) => (None, Some(now.saturating_duration_since(t))),
         }
     }
 

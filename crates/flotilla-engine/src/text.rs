@@ -12,6 +12,7 @@ use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
+use flotilla_api::metrics::{self, Histogram, HistogramSnapshot};
 use tokio::sync::mpsc;
 
 use crate::error::EngineError;
@@ -22,7 +23,6 @@ use crate::textmodel::{TextTokenizer, load_text_model, panic_message};
 use crate::types::{EngineStatus, GenerateEvent, GenerateRequest, Prompt, TextEngineConfig};
 
 /// Counters shared between the handle and the engine thread.
-#[derive(Default)]
 pub(crate) struct Counters {
     running: AtomicUsize,
     waiting: AtomicUsize,
@@ -35,6 +35,36 @@ pub(crate) struct Counters {
     steps_total: AtomicU64,
     /// Generated tokens per second over the last few seconds, times 1000.
     tokens_per_s_milli: AtomicU64,
+    /// From a sequence's arrival to its first token, seconds.
+    ttft: Histogram,
+    /// Between two tokens of one sequence, seconds.
+    tpot: Histogram,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            running: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            blocks_used: AtomicUsize::new(0),
+            blocks_free: AtomicUsize::new(0),
+            prompt_tokens_total: AtomicU64::new(0),
+            prefix_hit_tokens_total: AtomicU64::new(0),
+            generated_tokens_total: AtomicU64::new(0),
+            preemptions_total: AtomicU64::new(0),
+            steps_total: AtomicU64::new(0),
+            tokens_per_s_milli: AtomicU64::new(0),
+            ttft: Histogram::new(metrics::TTFT_BUCKETS),
+            tpot: Histogram::new(metrics::TPOT_BUCKETS),
+        }
+    }
+}
+
+/// Latency histograms of one engine, as Prometheus wants them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineLatency {
+    pub time_to_first_token: HistogramSnapshot,
+    pub time_per_output_token: HistogramSnapshot,
 }
 
 /// What the handle needs to know about the loaded model.
@@ -205,6 +235,14 @@ impl TextEngine {
             return Err(EngineError::EngineStopped(self.inner.name.clone()));
         }
         Ok(rx)
+    }
+
+    /// TTFT and time-per-output-token histograms since the engine started.
+    pub fn latency(&self) -> EngineLatency {
+        EngineLatency {
+            time_to_first_token: self.inner.counters.ttft.snapshot(),
+            time_per_output_token: self.inner.counters.tpot.snapshot(),
+        }
     }
 
     pub fn status(&self) -> EngineStatus {
@@ -551,6 +589,11 @@ impl EngineLoop {
                 seq.accept(&logits[row], tok)
             }))
             .unwrap_or_else(|p| Err(EngineError::Panicked(panic_message(&p))));
+            match seq.token_out(Instant::now()) {
+                (Some(ttft), _) => self.counters.ttft.observe(ttft.as_secs_f64()),
+                (None, Some(gap)) => self.counters.tpot.observe(gap.as_secs_f64()),
+                _ => {}
+            }
             match accepted {
                 Ok(None) => {}
                 Ok(Some(_)) => finished.push(index),

@@ -19,10 +19,11 @@ pub struct SchedulerSection {
     pub body_timeout_ms: u64,
     /// Queue depth limit for models whose entry does not set one.
     pub default_max_queue_depth: u64,
-    /// An agent silent for longer than this is not routed to.
-    pub node_ttl_ms: u64,
     /// How often agents are asked to heartbeat.
     pub heartbeat_ms: u64,
+    /// An agent that misses this many heartbeats in a row is unhealthy: not routed to
+    /// until it reports again.
+    pub missed_heartbeats: u32,
     pub connect_timeout_ms: u64,
     /// Until an upstream's response headers arrive, and between two stream chunks.
     pub first_byte_timeout_ms: u64,
@@ -41,8 +42,8 @@ impl Default for SchedulerSection {
             max_body_bytes: 4 * 1024 * 1024,
             body_timeout_ms: 30_000,
             default_max_queue_depth: 16,
-            node_ttl_ms: 3_000,
             heartbeat_ms: 1_000,
+            missed_heartbeats: 3,
             connect_timeout_ms: 5_000,
             first_byte_timeout_ms: 60_000,
             request_timeout_ms: 600_000,
@@ -73,8 +74,8 @@ pub struct SchedulerConfig {
     pub max_body_bytes: usize,
     pub body_timeout: Duration,
     pub default_max_queue_depth: u64,
-    pub node_ttl: Duration,
     pub heartbeat: Duration,
+    pub missed_heartbeats: u32,
     pub timeouts: Timeouts,
     /// The token agents must present on heartbeats; None = no check.
     pub cluster_token: Option<Secret>,
@@ -93,7 +94,6 @@ impl SchedulerSection {
                 .ok(),
         };
         for (key, v) in [
-            ("scheduler.node_ttl_ms", self.node_ttl_ms),
             ("scheduler.body_timeout_ms", self.body_timeout_ms),
             ("scheduler.heartbeat_ms", self.heartbeat_ms),
             ("scheduler.connect_timeout_ms", self.connect_timeout_ms),
@@ -110,11 +110,8 @@ impl SchedulerSection {
         if self.max_body_bytes < 1024 {
             errors.push("scheduler.max_body_bytes: must be at least 1024".into());
         }
-        if self.node_ttl_ms <= self.heartbeat_ms {
-            errors.push(format!(
-                "scheduler.node_ttl_ms: {} must be greater than scheduler.heartbeat_ms ({})",
-                self.node_ttl_ms, self.heartbeat_ms
-            ));
+        if self.missed_heartbeats == 0 {
+            errors.push("scheduler.missed_heartbeats: must be at least 1".into());
         }
         let mut names = HashSet::new();
         for (i, p) in self.providers.iter().enumerate() {
@@ -167,8 +164,8 @@ impl SchedulerSection {
             max_body_bytes: self.max_body_bytes,
             body_timeout: Duration::from_millis(self.body_timeout_ms),
             default_max_queue_depth: self.default_max_queue_depth,
-            node_ttl: Duration::from_millis(self.node_ttl_ms),
             heartbeat: Duration::from_millis(self.heartbeat_ms),
+            missed_heartbeats: self.missed_heartbeats,
             timeouts: Timeouts {
                 connect: Duration::from_millis(self.connect_timeout_ms),
                 first_byte: Duration::from_millis(self.first_byte_timeout_ms),
@@ -188,8 +185,7 @@ mod tests {
     #[test]
     fn reports_every_error_together() {
         let s = SchedulerSection {
-            node_ttl_ms: 500,
-            heartbeat_ms: 1000,
+            missed_heartbeats: 0,
             providers: vec![ProviderConfig {
                 name: "a".into(),
                 base_url: "ftp://x".into(),
@@ -208,7 +204,7 @@ mod tests {
         };
         let errs = s.validate().unwrap_err();
         assert_eq!(errs.len(), 3, "{errs:?}");
-        assert!(errs.iter().any(|e| e.contains("node_ttl_ms")));
+        assert!(errs.iter().any(|e| e.contains("missed_heartbeats")));
         assert!(errs.iter().any(|e| e.contains("base_url")));
         assert!(errs.iter().any(|e| e.contains("`nope`")));
     }

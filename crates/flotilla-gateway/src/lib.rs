@@ -56,6 +56,7 @@ impl Scheduler {
 
     /// Serves until `shutdown` is cancelled, then lets in-flight requests finish.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), GatewayError> {
+        tokio::spawn(sweep_fleet(self.state.clone(), shutdown.clone()));
         let app = routes::router(self.state);
         // Stream chunks are small writes that must leave at once: no Nagle delay.
         let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
@@ -65,5 +66,27 @@ impl Scheduler {
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await?;
         Ok(())
+    }
+}
+
+/// Once per heartbeat interval: says when a node goes silent past the window (it is no
+/// longer routed to from that moment, as `Fleet` decides per request) and forgets nodes
+/// silent for long.
+async fn sweep_fleet(state: AppState, shutdown: CancellationToken) {
+    let every = state.inner.config.heartbeat;
+    let missed = state.inner.config.missed_heartbeats;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        for (node_id, silent) in state.inner.fleet.sweep(std::time::Instant::now()) {
+            tracing::warn!(
+                node_id = %node_id,
+                silent_ms = silent.as_millis() as u64,
+                missed_heartbeats = missed,
+                "node unhealthy: missed its heartbeats; routing elsewhere"
+            );
+        }
     }
 }

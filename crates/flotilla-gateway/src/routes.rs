@@ -15,6 +15,7 @@ use flotilla_api::protocol::{
     DEREGISTER_PATH, HEARTBEAT_PATH, HeartbeatAck, NodeReport, PROTOCOL_VERSION,
 };
 use flotilla_api::{ApiError, ErrorKind, headers};
+use flotilla_scheduler::Upsert;
 
 use crate::AppState;
 use crate::dispatch::{Endpoint, dispatch};
@@ -28,6 +29,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(|| async { "ok" }))
         .route("/status", get(status))
+        .route("/admin/v1/nodes", get(nodes))
         .route(HEARTBEAT_PATH, post(heartbeat))
         .route(
             &format!("{DEREGISTER_PATH}/{{node_id}}"),
@@ -110,6 +112,16 @@ async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
     }))
 }
 
+/// The fleet as `flotilla status` and the dashboard draw it.
+async fn nodes(State(s): State<AppState>) -> Json<serde_json::Value> {
+    let fleet = &s.inner.fleet;
+    Json(serde_json::json!({
+        "heartbeat_ms": s.inner.config.heartbeat.as_millis() as u64,
+        "missed_heartbeats": s.inner.config.missed_heartbeats,
+        "nodes": fleet.snapshot(Instant::now()),
+    }))
+}
+
 fn check_cluster_token(s: &AppState, h: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = &s.inner.cluster_token else {
         return Ok(());
@@ -150,8 +162,16 @@ async fn heartbeat(State(s): State<AppState>, h: HeaderMap, body: Body) -> Respo
         }
         let node_id = report.node_id.clone();
         let models: Vec<String> = report.models.iter().map(|m| m.name.clone()).collect();
-        if s.inner.fleet.upsert(report, Instant::now()) {
-            tracing::info!(node_id = %node_id, models = ?models, "node joined");
+        let gpus = report.gpus.len();
+        match s.inner.fleet.upsert(report, Instant::now()) {
+            Upsert::Joined => {
+                tracing::info!(node_id = %node_id, models = ?models, gpus, "node joined")
+            }
+            Upsert::Recovered => tracing::info!(node_id = %node_id, "node heartbeats again"),
+            Upsert::StartedDraining => {
+                tracing::info!(node_id = %node_id, "node draining: no new work goes to it")
+            }
+            Upsert::Unchanged => {}
         }
         Ok(Json(HeartbeatAck {
             heartbeat_ms: s.inner.config.heartbeat.as_millis() as u64,

@@ -33,7 +33,7 @@ impl AppState {
             providers.insert(p.name.clone(), up);
         }
         let cluster_token = config.cluster_token.clone();
-        let fleet = Fleet::new(config.node_ttl);
+        let fleet = Fleet::new(config.heartbeat, config.missed_heartbeats);
         Ok(AppState {
             inner: Arc::new(Inner {
                 config,

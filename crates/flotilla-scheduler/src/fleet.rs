@@ -1,12 +1,16 @@
 //! The registry of agents: their last report, when it came, and how many requests this
 //! scheduler has in flight on each. Shared between request handlers behind one mutex held
 //! only for map operations (no await inside).
+//!
+//! A node is routed to while it heartbeats: one that misses `missed_heartbeats` beats in a
+//! row is unhealthy (kept on the list, not routed to, forgotten after [`FORGET_AFTER`]); one
+//! that reports `draining` gets nothing new; one that says goodbye is removed at once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use flotilla_api::protocol::{ModelKind, NodeReport};
+use flotilla_api::protocol::{GpuStats, HostStats, ModelKind, NodeModel, NodeReport};
 
 use crate::policy::LocalCandidate;
 
@@ -17,31 +21,85 @@ struct NodeEntry {
     in_flight: HashMap<String, u64>,
     /// Set when a request to the node failed to connect; cleared by its next heartbeat.
     suspect: bool,
+    /// The sweep has announced this node as lost (so it says so once).
+    lost_announced: bool,
 }
 
-/// What `/v1/models` and status pages show about one node.
+/// A silent node stays listed as unhealthy this long, then is forgotten.
+pub const FORGET_AFTER: Duration = Duration::from_secs(600);
+
+/// What the fleet says about a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// Heartbeating and taking work.
+    Healthy,
+    /// Finishing its work before it leaves: no new work.
+    Draining,
+    /// Missed `missed_heartbeats` beats in a row: not routed to.
+    Unhealthy,
+    /// A request could not connect to it since its last heartbeat: not routed to.
+    Unreachable,
+}
+
+/// A model as the admin API shows it: the node's report plus what follows from it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelSnapshot {
+    #[serde(flatten)]
+    pub model: NodeModel,
+    pub free_slots: u64,
+    /// Requests this scheduler has in flight on it.
+    pub in_flight: u64,
+}
+
+/// What `/admin/v1/nodes` and `flotilla status` show about one node.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct NodeSnapshot {
     pub node_id: String,
     pub base_url: String,
+    pub state: NodeState,
+    /// Milliseconds since its last heartbeat.
     pub age_ms: u64,
+    /// Heartbeat intervals gone by without one.
+    pub missed_heartbeats: u64,
     pub healthy: bool,
-    pub models: Vec<flotilla_api::protocol::NodeModel>,
+    pub version: String,
+    pub models: Vec<ModelSnapshot>,
     pub in_flight: u64,
+    pub gpus: Vec<GpuStats>,
+    pub host: Option<HostStats>,
+}
+
+/// What a heartbeat changed, for the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upsert {
+    Joined,
+    /// Was unhealthy or unreachable, heartbeats again.
+    Recovered,
+    StartedDraining,
+    Unchanged,
 }
 
 pub struct Fleet {
     nodes: Mutex<HashMap<String, NodeEntry>>,
-    ttl: Duration,
+    heartbeat: Duration,
+    missed_heartbeats: u32,
 }
 
 impl Fleet {
-    /// `ttl`: a node whose last heartbeat is older than this is not routed to.
-    pub fn new(ttl: Duration) -> Arc<Self> {
+    /// A node is healthy while its last heartbeat is at most `missed_heartbeats` intervals
+    /// of `heartbeat` old.
+    pub fn new(heartbeat: Duration, missed_heartbeats: u32) -> Arc<Self> {
         Arc::new(Fleet {
             nodes: Mutex::new(HashMap::new()),
-            ttl,
+            heartbeat,
+            missed_heartbeats: missed_heartbeats.max(1),
         })
+    }
+
+    /// How long a node may stay silent and still be routed to.
+    pub fn ttl(&self) -> Duration {
+        self.heartbeat * self.missed_heartbeats
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, NodeEntry>> {
@@ -50,15 +108,25 @@ impl Fleet {
         self.nodes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a heartbeat; returns true when the node is new.
-    pub fn upsert(&self, report: NodeReport, now: Instant) -> bool {
+    /// Records a heartbeat and says what it changed.
+    pub fn upsert(&self, report: NodeReport, now: Instant) -> Upsert {
+        let ttl = self.ttl();
         let mut nodes = self.lock();
         match nodes.get_mut(&report.node_id) {
             Some(e) => {
+                let was_down = e.suspect || now.saturating_duration_since(e.last_seen) > ttl;
+                let drains = report.draining && !e.report.draining;
                 e.report = report;
                 e.last_seen = now;
                 e.suspect = false;
-                false
+                e.lost_announced = false;
+                if drains {
+                    Upsert::StartedDraining
+                } else if was_down {
+                    Upsert::Recovered
+                } else {
+                    Upsert::Unchanged
+                }
             }
             None => {
                 let id = report.node_id.clone();
@@ -69,11 +137,30 @@ impl Fleet {
                         last_seen: now,
                         in_flight: HashMap::new(),
                         suspect: false,
+                        lost_announced: false,
                     },
                 );
-                true
+                Upsert::Joined
             }
         }
+    }
+
+    /// Finds nodes that have just gone silent past the window (each returned once, with
+    /// how long it has been silent) and forgets those silent past [`FORGET_AFTER`].
+    pub fn sweep(&self, now: Instant) -> Vec<(String, Duration)> {
+        let ttl = self.ttl();
+        let mut nodes = self.lock();
+        nodes.retain(|_, e| now.saturating_duration_since(e.last_seen) <= FORGET_AFTER);
+        let mut lost = Vec::new();
+        for e in nodes.values_mut() {
+            let silent = now.saturating_duration_since(e.last_seen);
+            if silent > ttl && !e.lost_announced {
+                e.lost_announced = true;
+                lost.push((e.report.node_id.clone(), silent));
+            }
+        }
+        lost.sort();
+        lost
     }
 
     pub fn remove(&self, node_id: &str) -> bool {
@@ -87,8 +174,20 @@ impl Fleet {
         }
     }
 
+    fn state(&self, e: &NodeEntry, now: Instant) -> NodeState {
+        if now.saturating_duration_since(e.last_seen) > self.ttl() {
+            NodeState::Unhealthy
+        } else if e.suspect {
+            NodeState::Unreachable
+        } else if e.report.draining {
+            NodeState::Draining
+        } else {
+            NodeState::Healthy
+        }
+    }
+
     fn is_healthy(&self, e: &NodeEntry, now: Instant) -> bool {
-        !e.suspect && now.saturating_duration_since(e.last_seen) <= self.ttl
+        self.state(e, now) == NodeState::Healthy
     }
 
     /// Healthy nodes serving `model` with `kind`, with their load.
@@ -147,13 +246,31 @@ impl Fleet {
         let nodes = self.lock();
         let mut out: Vec<NodeSnapshot> = nodes
             .values()
-            .map(|e| NodeSnapshot {
-                node_id: e.report.node_id.clone(),
-                base_url: e.report.base_url.clone(),
-                age_ms: now.saturating_duration_since(e.last_seen).as_millis() as u64,
-                healthy: self.is_healthy(e, now),
-                models: e.report.models.clone(),
-                in_flight: e.in_flight.values().sum(),
+            .map(|e| {
+                let age = now.saturating_duration_since(e.last_seen);
+                let state = self.state(e, now);
+                NodeSnapshot {
+                    node_id: e.report.node_id.clone(),
+                    base_url: e.report.base_url.clone(),
+                    state,
+                    age_ms: age.as_millis() as u64,
+                    missed_heartbeats: (age.as_millis() / self.heartbeat.as_millis().max(1)) as u64,
+                    healthy: state == NodeState::Healthy,
+                    version: e.report.version.clone(),
+                    models: e
+                        .report
+                        .models
+                        .iter()
+                        .map(|m| ModelSnapshot {
+                            free_slots: m.free_slots(),
+                            in_flight: e.in_flight.get(&m.name).copied().unwrap_or(0),
+                            model: m.clone(),
+                        })
+                        .collect(),
+                    in_flight: e.in_flight.values().sum(),
+                    gpus: e.report.gpus.clone(),
+                    host: e.report.host.clone(),
+                }
             })
             .collect();
         out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
@@ -194,31 +311,21 @@ impl Drop for InFlightGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flotilla_api::protocol::NodeModel;
 
     fn report(id: &str) -> NodeReport {
-        NodeReport {
-            protocol: 1,
-            node_id: id.into(),
-            base_url: format!("http://{id}"),
-            models: vec![NodeModel {
-                name: "m".into(),
-                kind: ModelKind::Chat,
-                context_length: 2048,
-                running: 0,
-                waiting: 0,
-                max_running: 2,
-            }],
-            sent_at_ms: 0,
-        }
+        NodeReport::new(
+            id,
+            &format!("http://{id}"),
+            vec![NodeModel::idle("m", ModelKind::Chat, 2048, 2)],
+        )
     }
 
     #[test]
     fn stale_and_unreachable_nodes_are_not_candidates() {
-        let fleet = Fleet::new(Duration::from_secs(5));
+        let fleet = Fleet::new(Duration::from_secs(1), 5);
         let t0 = Instant::now();
-        assert!(fleet.upsert(report("a"), t0));
-        assert!(!fleet.upsert(report("a"), t0));
+        assert_eq!(fleet.upsert(report("a"), t0), Upsert::Joined);
+        assert_eq!(fleet.upsert(report("a"), t0), Upsert::Unchanged);
         assert_eq!(fleet.candidates("m", ModelKind::Chat, t0).len(), 1);
         assert!(fleet.candidates("m", ModelKind::Embedding, t0).is_empty());
         assert!(
@@ -233,8 +340,43 @@ mod tests {
     }
 
     #[test]
+    fn missed_heartbeats_make_a_node_unhealthy_once_then_forgotten() {
+        let fleet = Fleet::new(Duration::from_millis(100), 3);
+        let t0 = Instant::now();
+        fleet.upsert(report("a"), t0);
+        fleet.upsert(report("b"), t0);
+        let ms = Duration::from_millis;
+        assert!(fleet.sweep(t0 + ms(300)).is_empty());
+        fleet.upsert(report("b"), t0 + ms(250));
+        let lost = fleet.sweep(t0 + ms(301));
+        assert_eq!(lost, vec![("a".to_string(), ms(301))]);
+        assert!(fleet.sweep(t0 + ms(400)).is_empty(), "announced once");
+        let snap = fleet.snapshot(t0 + ms(400));
+        assert_eq!(snap[0].state, NodeState::Unhealthy);
+        assert_eq!(snap[0].missed_heartbeats, 4);
+        assert_eq!(snap[1].state, NodeState::Healthy);
+        assert_eq!(fleet.upsert(report("a"), t0 + ms(400)), Upsert::Recovered);
+        fleet.sweep(t0 + FORGET_AFTER + ms(500));
+        assert!(fleet.snapshot(t0).is_empty());
+    }
+
+    #[test]
+    fn draining_nodes_get_no_new_work() {
+        let fleet = Fleet::new(Duration::from_secs(1), 3);
+        let t0 = Instant::now();
+        fleet.upsert(report("a"), t0);
+        let mut r = report("a");
+        r.draining = true;
+        assert_eq!(fleet.upsert(r.clone(), t0), Upsert::StartedDraining);
+        assert_eq!(fleet.upsert(r, t0), Upsert::Unchanged);
+        assert!(fleet.candidates("m", ModelKind::Chat, t0).is_empty());
+        assert_eq!(fleet.snapshot(t0)[0].state, NodeState::Draining);
+        assert_eq!(fleet.snapshot(t0)[0].models[0].free_slots, 2);
+    }
+
+    #[test]
     fn in_flight_counts_follow_guards() {
-        let fleet = Fleet::new(Duration::from_secs(5));
+        let fleet = Fleet::new(Duration::from_secs(1), 5);
         let t0 = Instant::now();
         fleet.upsert(report("a"), t0);
         let g1 = fleet.acquire("a", "m");

@@ -10,7 +10,7 @@ pub mod fleet;
 pub mod policy;
 
 pub use error::SchedulerError;
-pub use fleet::{Fleet, InFlightGuard};
+pub use fleet::{Fleet, InFlightGuard, NodeSnapshot, NodeState, Upsert};
 pub use policy::{
     CloudTarget, LocalCandidate, ModelGroup, RoutePlan, RouteReason, Target, plan_route,
 };

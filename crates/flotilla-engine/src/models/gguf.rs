@@ -74,6 +74,45 @@ pub(crate) fn find_gguf(path: &Path) -> Result<Option<PathBuf>, EngineError> {
     }
 }
 
+/// The dimensions of a GGUF model from its header alone (no tensor is read), for sizing it
+/// before it loads. `None` when `path` holds no GGUF file.
+pub fn gguf_dims(path: &Path) -> Result<Option<GgufDims>, EngineError> {
+    let Some(file_path) = find_gguf(path)? else {
+        return Ok(None);
+    };
+    let mut file = File::open(&file_path).map_err(|e| EngineError::io(&file_path, e))?;
+    let file_bytes = file
+        .metadata()
+        .map_err(|e| EngineError::io(&file_path, e))?
+        .len();
+    let content = Content::read(&mut file)
+        .map_err(|e| EngineError::files(&file_path, format!("not a readable GGUF file: {e}")))?;
+    let cfg = config_from_gguf(&content).map_err(|m| EngineError::files(&file_path, m))?;
+    Ok(Some(GgufDims {
+        layers: cfg.num_layers as u64,
+        kv_heads: cfg.num_kv_heads as u64,
+        head_dim: cfg.head_dim as u64,
+        hidden: cfg.hidden_size as u64,
+        intermediate: cfg.intermediate_size as u64,
+        vocab: cfg.vocab_size as u64,
+        context: cfg.context_length as u64,
+        file_bytes,
+    }))
+}
+
+/// What [`gguf_dims`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GgufDims {
+    pub layers: u64,
+    pub kv_heads: u64,
+    pub head_dim: u64,
+    pub hidden: u64,
+    pub intermediate: u64,
+    pub vocab: u64,
+    pub context: u64,
+    pub file_bytes: u64,
+}
+
 fn is_gguf(path: &Path) -> bool {
     path.extension()
         .is_some_and(|x| x.eq_ignore_ascii_case("gguf"))

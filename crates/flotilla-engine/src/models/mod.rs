@@ -10,6 +10,7 @@ mod llama;
 mod weights;
 
 pub(crate) use config::ModelConfig;
+pub use gguf::{GgufDims, gguf_dims};
 pub(crate) use gguf::{GgufWeights, find_gguf};
 pub use gguf_write::{GgufQuant, write_gguf};
 pub(crate) use llama::{Batch, LlamaModel};
