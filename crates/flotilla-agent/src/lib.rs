@@ -76,15 +76,24 @@ pub struct Agent {
     state: AgentState,
 }
 
-/// Opens the probe the config asks for and places the models, loading nothing: what
-/// `flotilla agent --plan` prints and what [`Agent::load`] loads by.
+/// Opens the probe the config asks for and places the models, loading and downloading
+/// nothing: what `flotilla agent --plan` prints.
 pub async fn plan(config: &AgentConfig) -> Result<(AgentPlan, Arc<dyn GpuProbe>), AgentError> {
+    plan_with(config, false).await
+}
+
+/// Like [`plan`]; with `fetch`, a repo id that neither the hub cache nor the catalog knows
+/// is downloaded to be sized (it is about to be loaded anyway).
+async fn plan_with(
+    config: &AgentConfig,
+    fetch: bool,
+) -> Result<(AgentPlan, Arc<dyn GpuProbe>), AgentError> {
     let probe = flotilla_gpu::open_probe(config.gpus, &config.fixed_gpus)?;
     let p = probe.clone();
     let telemetry = tokio::task::spawn_blocking(move || p.read())
         .await
         .unwrap_or_default();
-    let plan = placement::plan_models(config, &*probe, &telemetry).await?;
+    let plan = placement::plan_models(config, &*probe, &telemetry, fetch).await?;
     Ok((plan, probe))
 }
 
@@ -92,7 +101,7 @@ impl Agent {
     /// Places every configured model, refuses at once when one fits nowhere, then loads
     /// them (on the engines' threads) and prepares to serve.
     pub async fn load(listener: TcpListener, config: AgentConfig) -> Result<Agent, AgentError> {
-        let (plan, probe) = plan(&config).await?;
+        let (plan, probe) = plan_with(&config, true).await?;
         plan.check()?;
         for p in &plan.plan.placements {
             tracing::info!(
@@ -104,7 +113,7 @@ impl Agent {
             );
         }
         let models = models::load_models(&config, &plan).await?;
-        Ok(Agent::with_models(listener, config, models)?.with_probe(probe))
+        Agent::with_parts(listener, config, models, probe)
     }
 
     /// Serves already-loaded engines (tests share one engine between agents this way).
@@ -115,6 +124,15 @@ impl Agent {
         models: Models,
     ) -> Result<Agent, AgentError> {
         let probe = flotilla_gpu::open_probe(config.gpus, &config.fixed_gpus)?;
+        Agent::with_parts(listener, config, models, probe)
+    }
+
+    fn with_parts(
+        listener: TcpListener,
+        config: AgentConfig,
+        models: Models,
+        probe: Arc<dyn GpuProbe>,
+    ) -> Result<Agent, AgentError> {
         let addr = listener.local_addr()?;
         let base_url = match &config.advertise_url {
             Some(u) => u.trim_end_matches('/').to_owned(),

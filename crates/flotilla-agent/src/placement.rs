@@ -67,11 +67,13 @@ pub fn catalog(cfg: &AgentConfig) -> Result<Catalog, AgentError> {
 }
 
 /// Sizes `spec` from what is on disk already (a directory, a GGUF file, the Hugging Face
-/// cache) or from the catalog; never downloads.
+/// cache) or from the catalog. A repo id known to neither is downloaded first when `fetch`
+/// (it is about to be loaded anyway), and refused otherwise (`--plan` downloads nothing).
 pub async fn model_shape(
     spec: &ModelSpec,
     catalog: &Catalog,
     cfg: &AgentConfig,
+    fetch: bool,
 ) -> Result<ModelShape, AgentError> {
     let embedding = spec.kind == ModelKind::Embedding;
     let err = |reason: String| AgentError::Load {
@@ -106,17 +108,25 @@ pub async fn model_shape(
     if let Some(path) = local {
         return shape_from_files(&path, embedding).map_err(err);
     }
-    catalog
-        .by_source(&spec.source)
-        .map(ModelShape::from_entry)
-        .ok_or_else(|| {
-            err(format!(
-                "cannot size `{}` before downloading it: it is neither on disk nor in \
+    if let Some(e) = catalog.by_source(&spec.source) {
+        return Ok(ModelShape::from_entry(e));
+    }
+    if fetch && !cfg.offline {
+        let dir = crate::models::resolve_source(
+            &spec.source,
+            &cfg.cache_dir,
+            &cfg.hf_cache_dir,
+            cfg.offline,
+        )
+        .await?;
+        return shape_from_files(&dir, embedding).map_err(err);
+    }
+    Err(err(format!(
+        "cannot size `{}` before downloading it: it is neither on disk nor in \
                  models/catalog.toml; set `catalog = \"<id>\"` on the model or add an entry \
                  with `agent.catalog_file`",
-                spec.source
-            ))
-        })
+        spec.source
+    )))
 }
 
 fn shape_from_files(path: &Path, embedding: bool) -> Result<ModelShape, String> {
@@ -151,11 +161,13 @@ fn budget(spec: &ModelSpec) -> EngineBudget {
     }
 }
 
-/// Places every configured model on the devices `telemetry` shows.
+/// Places every configured model on the devices `telemetry` shows (`fetch`: see
+/// [`model_shape`]).
 pub async fn plan_models(
     cfg: &AgentConfig,
     probe: &dyn GpuProbe,
     telemetry: &Telemetry,
+    fetch: bool,
 ) -> Result<AgentPlan, AgentError> {
     let catalog = catalog(cfg)?;
     let cuda_build = DeviceSpec::Cuda(0).check_build().is_ok();
@@ -200,7 +212,7 @@ pub async fn plan_models(
             // No reading of that GPU: opening the device at load says what is wrong.
             continue;
         }
-        let shape = model_shape(spec, &catalog, cfg).await?;
+        let shape = model_shape(spec, &catalog, cfg, fetch).await?;
         let b = budget(spec);
         let pin = match (spec.kind, spec.device) {
             // Embedding models run on the CPU.

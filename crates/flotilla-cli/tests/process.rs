@@ -303,3 +303,210 @@ fn bench_engine_and_to_gguf_run() {
     assert!(gguf.is_file());
     assert!(d.path().join("q8").join("tokenizer.json").is_file());
 }
+
+fn write_config(dir: &std::path::Path, toml: &str) -> String {
+    let path = dir.join("flotilla.toml");
+    std::fs::write(&path, toml).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+/// Waits for the process to exit by itself; its exit status.
+fn wait_exit(proc: &mut Proc, within: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(code) = proc.0.try_wait().unwrap() {
+            return code;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "did not exit in {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGTERM while streams run and queue on the agent: every stream completes in full, then
+/// the agent exits 0 and is gone from the scheduler's fleet.
+#[tokio::test]
+async fn sigterm_drains_running_streams_then_exits_and_leaves_the_fleet() {
+    let cache = tempfile::tempdir().unwrap();
+    let (_sched, sched_url) = spawn(&["scheduler", "--listen", "127.0.0.1:0"]);
+    // One batch slot: the streams run one after another.
+    let config = write_config(
+        cache.path(),
+        "[agent]\n[[agent.models]]\nname = \"tiny-llama\"\nsource = \"builtin:tiny-llama\"\nmax_num_seqs = 1\n",
+    );
+    let (mut agent, _agent_url) = spawn(&[
+        "agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--config",
+        &config,
+        "--scheduler-url",
+        &sched_url,
+        "--node-id",
+        "gpu-1",
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+    ]);
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let nodes = |c: reqwest::Client, url: String| async move {
+        let v: Value = c
+            .get(format!("{url}/admin/v1/nodes"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["nodes"].as_array().unwrap().clone()
+    };
+    assert_eq!(
+        nodes(c.clone(), sched_url.clone()).await[0]["node_id"],
+        "gpu-1"
+    );
+
+    let body = json!({"model": "tiny-llama", "messages": [{"role": "user", "content": "stream"}],
+                      "max_tokens": 300, "ignore_eos": true, "stream": true,
+                      "stream_options": {"include_usage": true}});
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let resp = c
+            .post(format!("{sched_url}/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        streams.push(tokio::spawn(async move { resp.text().await.unwrap() }));
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &agent.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let running_at_sigterm = streams.iter().filter(|s| !s.is_finished()).count();
+    assert!(
+        running_at_sigterm > 0,
+        "SIGTERM came after every stream ended"
+    );
+
+    for s in streams {
+        let text = s.await.unwrap();
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        assert!(!text.contains("\"error\""), "{text}");
+        assert!(text.contains("\"completion_tokens\":300"), "{text}");
+    }
+    let code = wait_exit(&mut agent, Duration::from_secs(30));
+    assert!(code.success(), "agent exit status {code}");
+    assert!(
+        nodes(c.clone(), sched_url.clone()).await.is_empty(),
+        "the drained node deregistered"
+    );
+}
+
+/// `agent --plan` on described GPUs: the placement table, and a refusal naming the
+/// shortfall with a non-zero exit; nothing is downloaded or loaded.
+#[test]
+fn agent_plan_places_on_described_gpus_and_refuses_what_cannot_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = dir.path().join("empty-hub");
+    std::fs::create_dir_all(&hub).unwrap();
+    let gpus = "[[agent.fixed_gpus]]\nname = \"NVIDIA L4\"\nmemory_gib = 24\n\
+                [[agent.fixed_gpus]]\nname = \"NVIDIA A100 80GB\"\nmemory_gib = 80\n";
+    let model = |name: &str, repo: &str| {
+        format!(
+            "[[agent.models]]\nname = \"{name}\"\nsource = \"{repo}\"\nkv_cache_bytes = 2147483648\n"
+        )
+    };
+    let head = format!(
+        "[agent]\noffline = true\nhf_cache_dir = \"{}\"\n",
+        hub.display()
+    );
+    let both = write_config(
+        dir.path(),
+        &format!(
+            "{head}{gpus}{}{}",
+            model("llama-8b", "meta-llama/Llama-3.1-8B-Instruct"),
+            model("llama-70b", "meta-llama/Llama-3.1-70B-Instruct")
+        ),
+    );
+    let out = Command::new(BIN)
+        .args(["agent", "--plan", "--config", &both])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stdout}");
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("llama-8b "))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        row.contains("cuda:0") && row.contains("catalog:llama-3.1-8b"),
+        "{row}"
+    );
+    let refusal = stdout
+        .lines()
+        .find(|l| l.starts_with("llama-70b "))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        refusal.contains("REFUSED") && refusal.contains("GPU 1 (NVIDIA A100 80GB)"),
+        "{refusal}"
+    );
+    assert!(refusal.contains("short"), "{refusal}");
+    assert!(stderr.contains("1 model(s) fit on no device"), "{stderr}");
+    assert!(stdout.contains("note: GPUs described"), "{stdout}");
+
+    let one = write_config(
+        dir.path(),
+        &format!(
+            "{head}{gpus}{}",
+            model("llama-8b", "meta-llama/Llama-3.1-8B-Instruct")
+        ),
+    );
+    let stdout = run_ok(&["agent", "--plan", "--config", &one]);
+    assert!(!stdout.contains("REFUSED"), "{stdout}");
+    // Nothing was fetched into the hub cache.
+    assert_eq!(std::fs::read_dir(&hub).unwrap().count(), 0);
+}
+
+/// `flotilla status` draws what the scheduler knows of its fleet.
+#[tokio::test]
+async fn status_shows_the_fleet() {
+    let cache = tempfile::tempdir().unwrap();
+    let (_sched, sched_url) = spawn(&["scheduler", "--listen", "127.0.0.1:0"]);
+    let (_agent, _) = spawn(&[
+        "agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--scheduler-url",
+        &sched_url,
+        "--node-id",
+        "node-7",
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+    ]);
+    let out = run_ok(&["status", "--scheduler-url", &sched_url]);
+    assert!(out.contains("node-7") && out.contains("healthy"), "{out}");
+    assert!(out.contains("tiny-llama") && out.contains("host"), "{out}");
+    let json: Value = serde_json::from_str(&run_ok(&[
+        "status",
+        "--scheduler-url",
+        &sched_url,
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(json["nodes"][0]["node_id"], "node-7");
+    // A scheduler that is not there is one clear line, not a panic.
+    let out = Command::new(BIN)
+        .args(["status", "--scheduler-url", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("error: asking the scheduler at"), "{err}");
+}
