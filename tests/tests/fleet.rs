@@ -16,8 +16,6 @@ use serde_json::{Value, json};
 
 fn h100(index: u32, used_gib: f64, util: u32) -> GpuStats {
     FixedGpu {
-        name: "NVIDIA H100 80GB HBM3".into(),
-        memory_gib: 80.0,
         used_gib,
         utilization_pct: Some(util),
         memory_utilization_pct: Some(util / 2),
@@ -26,6 +24,7 @@ fn h100(index: u32, used_gib: f64, util: u32) -> GpuStats {
         power_limit_w: Some(700.0),
         sm_clock_mhz: Some(1980),
         memory_clock_mhz: Some(2619),
+        ..FixedGpu::new("NVIDIA H100 80GB HBM3", 80.0)
     }
     .stats(index)
 }

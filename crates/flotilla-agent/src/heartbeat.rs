@@ -1,7 +1,6 @@
 //! Reports this node to the scheduler every `heartbeat_ms`, and deregisters it on shutdown
 //! so the scheduler stops routing here at once instead of after its TTL.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use flotilla_api::protocol::{
@@ -47,15 +46,15 @@ pub(crate) fn report(state: &AgentState, telemetry: Telemetry) -> NodeReport {
         });
     }
     for (name, m) in &state.models.embedding {
-        let in_flight = m.in_flight.load(Ordering::Relaxed);
+        let (running, waiting) = m.load();
         models.push(NodeModel {
             name: name.clone(),
             kind: ModelKind::Embedding,
             state: model_state,
             device: device(name),
             context_length: m.engine.max_input_tokens() as u64,
-            running: in_flight.min(EMBEDDING_SLOTS),
-            waiting: in_flight.saturating_sub(EMBEDDING_SLOTS),
+            running,
+            waiting,
             max_running: EMBEDDING_SLOTS,
             kv_blocks_free: 0,
             kv_blocks_total: 0,

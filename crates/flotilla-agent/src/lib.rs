@@ -60,15 +60,22 @@ pub(crate) struct AgentState {
     pub hostname: Arc<str>,
 }
 
+/// One reading of the GPUs and the host, off the async workers (NVML calls block).
+async fn read_telemetry(probe: &Arc<dyn GpuProbe>) -> Telemetry {
+    let probe = probe.clone();
+    tokio::task::spawn_blocking(move || probe.read())
+        .await
+        .unwrap_or_default()
+}
+
 impl AgentState {
-    /// One reading of the GPUs and the host, off the async workers (NVML calls block).
     pub(crate) async fn telemetry(&self) -> Telemetry {
-        let probe = self.probe.clone();
-        tokio::task::spawn_blocking(move || probe.read())
-            .await
-            .unwrap_or_default()
+        read_telemetry(&self.probe).await
     }
 }
+
+/// How long the server may take to close its connections once the drain is done.
+const SERVER_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// An agent bound to its listener with its models loaded.
 pub struct Agent {
@@ -89,10 +96,7 @@ async fn plan_with(
     fetch: bool,
 ) -> Result<(AgentPlan, Arc<dyn GpuProbe>), AgentError> {
     let probe = flotilla_gpu::open_probe(config.gpus, &config.fixed_gpus)?;
-    let p = probe.clone();
-    let telemetry = tokio::task::spawn_blocking(move || p.read())
-        .await
-        .unwrap_or_default();
+    let telemetry = read_telemetry(&probe).await;
     let plan = placement::plan_models(config, &*probe, &telemetry, fetch).await?;
     Ok((plan, probe))
 }
@@ -134,6 +138,12 @@ impl Agent {
         probe: Arc<dyn GpuProbe>,
     ) -> Result<Agent, AgentError> {
         let addr = listener.local_addr()?;
+        if config.cluster_token.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(
+                "listening beyond loopback without a cluster token: anyone who reaches this \
+                 port can drain this agent; set agent.cluster_token_env"
+            );
+        }
         let base_url = match &config.advertise_url {
             Some(u) => u.trim_end_matches('/').to_owned(),
             None if addr.ip().is_unspecified() => return Err(AgentError::NeedAdvertiseUrl(addr)),
@@ -226,10 +236,10 @@ impl Agent {
             in_flight = running,
             "draining: taking no new work, finishing what runs"
         );
-        if tokio::time::timeout(state.config.drain_timeout, state.drain.idle())
+        let timed_out = tokio::time::timeout(state.config.drain_timeout, state.drain.idle())
             .await
-            .is_err()
-        {
+            .is_err();
+        if timed_out {
             tracing::warn!(
                 in_flight = state.drain.in_flight(),
                 timeout_ms = state.config.drain_timeout.as_millis() as u64,
@@ -245,9 +255,17 @@ impl Agent {
             tracing::warn!("deregistration did not finish in 5 s");
         }
         server_stop.cancel();
-        match server.await {
-            Ok(r) => r?,
-            Err(e) => return Err(AgentError::Io(std::io::Error::other(e.to_string()))),
+        // Idle keep-alive connections close at once; after a timed-out drain the requests
+        // still running are cut rather than waited for without end.
+        let grace = if timed_out {
+            std::time::Duration::ZERO
+        } else {
+            SERVER_CLOSE_GRACE
+        };
+        match tokio::time::timeout(grace, &mut server).await {
+            Ok(Ok(r)) => r?,
+            Ok(Err(e)) => return Err(AgentError::Io(std::io::Error::other(e.to_string()))),
+            Err(_) => server.abort(),
         }
         tracing::info!("drained");
         Ok(())

@@ -1,8 +1,6 @@
 //! The agent's `/metrics`: GPU series under dcgm-exporter's names and labels, the host's
 //! CPU and memory, and per-model engine series after vLLM's.
 
-use std::sync::atomic::Ordering;
-
 use flotilla_api::metrics::{self as m, TextEncoder};
 use flotilla_api::protocol::{GpuStats, HostStats};
 
@@ -132,11 +130,11 @@ fn engine_series(e: &mut TextEncoder, s: &AgentState) {
         })
         .collect();
     for (n, em) in &embed {
-        let busy = em.in_flight.load(Ordering::Relaxed);
+        let (running, waiting) = em.load();
         load.push((
             n.as_str(),
-            busy.min(EMBEDDING_SLOTS) as f64,
-            busy.saturating_sub(EMBEDDING_SLOTS) as f64,
+            running as f64,
+            waiting as f64,
             EMBEDDING_SLOTS as f64,
         ));
     }

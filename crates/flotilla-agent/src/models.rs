@@ -20,6 +20,17 @@ pub struct EmbeddingModel {
     pub in_flight: AtomicU64,
 }
 
+impl EmbeddingModel {
+    /// (running, waiting): requests beyond [`EMBEDDING_SLOTS`] count as waiting.
+    pub fn load(&self) -> (u64, u64) {
+        let busy = self.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+        (
+            busy.min(EMBEDDING_SLOTS),
+            busy.saturating_sub(EMBEDDING_SLOTS),
+        )
+    }
+}
+
 /// The engines this agent serves, by model name.
 #[derive(Default, Clone)]
 pub struct Models {

@@ -20,8 +20,10 @@ use crate::config::{AgentConfig, ModelSpec};
 pub struct AgentPlan {
     pub plan: PlacementPlan,
     pub probe: ProbeKind,
-    /// Models placed on GPUs that nothing can run on here (described GPUs, or a build
-    /// without CUDA) run on the CPU; this says which case, for the table's header.
+    /// CUDA ordinal by NVML index, for the GPUs this process may use.
+    pub ordinals: Vec<(u32, u32)>,
+    /// Why placement and execution differ (described GPUs or a build without CUDA run
+    /// on the CPU; a device order CUDA may number differently), for the table's header.
     pub note: Option<String>,
 }
 
@@ -31,8 +33,11 @@ impl AgentPlan {
         if let Some(d) = spec.device {
             return d;
         }
-        match self.plan.device_of(&spec.name).and_then(|d| d.gpu) {
-            Some(i) if self.probe == ProbeKind::Nvml => DeviceSpec::Cuda(i as usize),
+        let gpu = self.plan.device_of(&spec.name).and_then(|d| d.gpu);
+        match self.ordinals.iter().find(|&&(i, _)| Some(i) == gpu) {
+            Some(&(_, ordinal)) if self.probe == ProbeKind::Nvml => {
+                DeviceSpec::Cuda(ordinal as usize)
+            }
             _ => DeviceSpec::Cpu,
         }
     }
@@ -135,6 +140,7 @@ fn shape_from_files(path: &Path, embedding: bool) -> Result<ModelShape, String> 
             origin: path.display().to_string(),
             parameters: 0,
             layers: d.layers,
+            heads: d.heads,
             kv_heads: d.kv_heads,
             head_dim: d.head_dim,
             hidden: d.hidden,
@@ -145,12 +151,14 @@ fn shape_from_files(path: &Path, embedding: bool) -> Result<ModelShape, String> 
             file_bytes: Some(d.file_bytes),
             quantized: true,
             embedding,
+            tied: false,
         });
     }
     ModelShape::from_dir(path, embedding).map_err(|e| e.to_string())
 }
 
-fn budget(spec: &ModelSpec) -> EngineBudget {
+/// The engine settings of `spec` that decide its memory beyond the weights.
+pub fn budget(spec: &ModelSpec) -> EngineBudget {
     let e = spec.engine_config();
     EngineBudget {
         max_num_seqs: e.max_num_seqs as u64,
@@ -189,22 +197,44 @@ pub async fn plan_models(
         ProbeKind::Nvml => true,
         ProbeKind::Host => false,
     };
+    let ordinals = if probe.kind() == ProbeKind::Nvml {
+        let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+        let distinct = telemetry.gpus.windows(2).any(|w| w[0].name != w[1].name);
+        if distinct && std::env::var("CUDA_DEVICE_ORDER").as_deref() != Ok("PCI_BUS_ID") {
+            note = Some(
+                "GPUs of different models: set CUDA_DEVICE_ORDER=PCI_BUS_ID so CUDA numbers \
+                 them in NVML's order"
+                    .into(),
+            );
+        }
+        flotilla_gpu::cuda_ordinals(&telemetry.gpus, visible.as_deref())
+    } else {
+        telemetry.gpus.iter().map(|g| (g.index, g.index)).collect()
+    };
     let mut devices: Vec<Device> = if use_gpus {
         telemetry
             .gpus
             .iter()
+            .filter(|g| ordinals.iter().any(|&(i, _)| i == g.index))
             .map(|g| Device::from_gpu(g, cfg.gpu_memory_utilization))
             .collect()
     } else {
         Vec::new()
     };
-    if let Some(h) = &telemetry.host {
-        devices.push(Device::host(
+    devices.push(match &telemetry.host {
+        Some(h) => Device::host(
             h.memory_available_bytes,
             h.memory_total_bytes,
             cfg.gpu_memory_utilization,
-        ));
-    }
+        ),
+        // Unreadable (no /proc): nothing to check against, so nothing is refused.
+        None => Device {
+            gpu: None,
+            name: "host (memory unknown)".into(),
+            total_bytes: 0,
+            usable_bytes: u64::MAX,
+        },
+    });
     let have_gpus = devices.iter().any(|d| d.gpu.is_some());
     let mut demands = Vec::with_capacity(cfg.models.len());
     for spec in &cfg.models {
@@ -218,7 +248,13 @@ pub async fn plan_models(
             // Embedding models run on the CPU.
             (ModelKind::Embedding, _) => Some(Pin::Host),
             (_, Some(DeviceSpec::Cpu)) => Some(Pin::Host),
-            (_, Some(DeviceSpec::Cuda(i))) => Some(Pin::Gpu(i as u32)),
+            // `cuda:N` is a CUDA ordinal; placement counts in NVML indices.
+            (_, Some(DeviceSpec::Cuda(n))) => Some(Pin::Gpu(
+                ordinals
+                    .iter()
+                    .find(|&&(_, o)| o as usize == n)
+                    .map_or(n as u32, |&(i, _)| i),
+            )),
             (_, None) => None,
         };
         demands.push(ModelDemand {
@@ -233,6 +269,7 @@ pub async fn plan_models(
     Ok(AgentPlan {
         plan: flotilla_gpu::plan(devices, &demands),
         probe: probe.kind(),
+        ordinals,
         note,
     })
 }

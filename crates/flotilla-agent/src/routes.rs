@@ -16,9 +16,9 @@ use flotilla_api::openai::{
 };
 use flotilla_api::{ApiError, ErrorKind};
 use flotilla_engine::{ChatMessage, Prompt, SamplingParams, TextEngine};
-use futures::StreamExt;
 
 use crate::AgentState;
+use crate::drain::WorkGuard;
 use crate::generate::{Format, Shape, respond_stream, respond_whole, start};
 
 pub(crate) fn router(state: AgentState) -> Router {
@@ -34,7 +34,7 @@ pub(crate) fn router(state: AgentState) -> Router {
     Router::new()
         .merge(work)
         .route("/v1/models", get(models))
-        .route("/health", get(|| async { "ok" }))
+        .route("/health", get(health))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/admin/drain", post(drain))
@@ -55,31 +55,55 @@ async fn track_work(State(s): State<AgentState>, req: Request, next: Next) -> Re
         .into_response();
     };
     let (parts, body) = next.run(req).await.into_parts();
-    let body = Body::from_stream(body.into_data_stream().map(move |chunk| {
-        let _held = &guard;
-        chunk
-    }));
-    Response::from_parts(parts, body)
+    Response::from_parts(
+        parts,
+        Body::new(Guarded {
+            inner: body,
+            _guard: guard,
+        }),
+    )
+}
+
+/// A response body that holds a drain guard until it is finished or dropped, and keeps
+/// the inner body's size (so whole JSON answers keep their Content-Length).
+struct Guarded {
+    inner: Body,
+    _guard: WorkGuard,
+}
+
+impl axum::body::HttpBody for Guarded {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// 503 while draining, so load balancers and readiness probes stop sending work too.
+async fn health(State(s): State<AgentState>) -> Response {
+    if s.drain.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else {
+        "ok".into_response()
+    }
 }
 
 /// The cluster token, when the agent has one, guards its admin endpoints.
 fn check_token(s: &AgentState, h: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = &s.config.cluster_token else {
-        return Ok(());
-    };
-    let given = h
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if expected.matches(given) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            ErrorKind::Unauthorized,
-            "missing or wrong cluster token",
-        ))
-    }
+    let auth = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    flotilla_api::check_bearer(s.config.cluster_token.as_ref(), auth, "cluster token")
 }
 
 async fn drain(State(s): State<AgentState>, h: HeaderMap) -> Response {

@@ -11,8 +11,6 @@ use tokio_util::sync::CancellationToken;
 
 fn gpu(name: &str, gib: f64, used: f64, util: u32, temp: u32, watts: f64) -> FixedGpu {
     FixedGpu {
-        name: name.into(),
-        memory_gib: gib,
         used_gib: used,
         utilization_pct: Some(util),
         memory_utilization_pct: Some(util / 3),
@@ -21,6 +19,7 @@ fn gpu(name: &str, gib: f64, used: f64, util: u32, temp: u32, watts: f64) -> Fix
         power_limit_w: Some(700.0),
         sm_clock_mhz: Some(1755),
         memory_clock_mhz: Some(2619),
+        ..FixedGpu::new(name, gib)
     }
 }
 

@@ -7,16 +7,8 @@ use flotilla_gpu::FixedGpu;
 
 fn l4() -> FixedGpu {
     FixedGpu {
-        name: "NVIDIA L4".into(),
-        memory_gib: 24.0,
         used_gib: 2.0,
-        utilization_pct: None,
-        memory_utilization_pct: None,
-        temperature_c: None,
-        power_draw_w: None,
-        power_limit_w: None,
-        sm_clock_mhz: None,
-        memory_clock_mhz: None,
+        ..FixedGpu::new("NVIDIA L4", 24.0)
     }
 }
 
@@ -97,4 +89,38 @@ async fn unknown_repo_ids_cannot_be_sized_before_download() {
     let err = err.to_string();
     assert!(err.contains("cannot size `someone/unknown-model`"), "{err}");
     assert!(err.contains("catalog"), "{err}");
+}
+
+/// The placement's KV estimate is what the engine really allocates, for the default budget
+/// and for explicit ones.
+#[test]
+fn kv_estimate_matches_the_engines_allocation() {
+    use flotilla_gpu::ModelShape;
+    use flotilla_gpu::catalog::DeviceKind;
+    let dir = tempfile::tempdir().unwrap();
+    flotilla_engine::make_test_model(dir.path()).unwrap();
+    let shape = ModelShape::from_dir(dir.path(), false).unwrap();
+    for (seqs, blocks, bytes) in [
+        (None, None, None),
+        (Some(3), None, None),
+        (None, None, Some(300_000)),
+        (None, Some(40), None),
+    ] {
+        let spec = ModelSpec {
+            max_num_seqs: seqs,
+            kv_cache_blocks: blocks,
+            kv_cache_bytes: bytes,
+            ..ModelSpec::new("tiny", dir.path().to_str().unwrap(), ModelKind::Chat)
+        };
+        let budget = flotilla_agent::placement::budget(&spec);
+        let engine =
+            flotilla_engine::TextEngine::load("tiny", dir.path(), spec.engine_config()).unwrap();
+        let st = engine.status();
+        let allocated =
+            (st.kv_blocks_total * st.kv_block_size) as u64 * shape.kv_bytes_per_token(4);
+        let e = shape.estimate(DeviceKind::Host, &budget);
+        assert_eq!(e.kv_cache, allocated, "{seqs:?} {blocks:?} {bytes:?}");
+        // f32 weights on the CPU: the safetensors file's parameters x 4 bytes.
+        assert_eq!(e.weights, shape.parameters * 4);
+    }
 }

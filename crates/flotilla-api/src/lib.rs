@@ -16,7 +16,7 @@ pub mod secret;
 pub mod sse;
 
 pub use error::{ApiError, ErrorKind};
-pub use secret::Secret;
+pub use secret::{Secret, check_bearer};
 
 /// Seconds since the Unix epoch, as OpenAI's `created` fields carry.
 pub fn unix_now() -> u64 {

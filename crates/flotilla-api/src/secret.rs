@@ -35,6 +35,29 @@ impl Secret {
     }
 }
 
+/// Checks an `Authorization: Bearer ...` value against the token a server requires; no
+/// token configured means no check. 401 names `what` was missing, never the value.
+pub fn check_bearer(
+    expected: Option<&Secret>,
+    authorization: Option<&str>,
+    what: &str,
+) -> Result<(), crate::ApiError> {
+    let Some(expected) = expected else {
+        return Ok(());
+    };
+    let given = authorization
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if expected.matches(given) {
+        Ok(())
+    } else {
+        Err(crate::ApiError::new(
+            crate::ErrorKind::Unauthorized,
+            format!("missing or wrong {what}"),
+        ))
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(***)")

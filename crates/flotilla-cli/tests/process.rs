@@ -101,22 +101,9 @@ async fn up_serves_chat_from_the_binary() {
     assert!(proc.extra_stdout().is_empty(), "{:?}", proc.extra_stdout());
 
     // SIGTERM drains and exits cleanly.
-    let pid = proc.0.id().to_string();
-    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(status.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(code) = proc.0.try_wait().unwrap() {
-            assert!(code.success(), "exit status {code}");
-            break;
-        }
-        // (checked again below once the process has gone)
-        assert!(
-            std::time::Instant::now() < deadline,
-            "did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    sigterm(&proc);
+    let code = wait_exit(&mut proc, Duration::from_secs(20));
+    assert!(code.success(), "exit status {code}");
 }
 
 #[tokio::test]
@@ -310,6 +297,17 @@ fn write_config(dir: &std::path::Path, toml: &str) -> String {
     path.to_str().unwrap().to_owned()
 }
 
+fn sigterm(proc: &Proc) {
+    let pid = proc.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
 /// Waits for the process to exit by itself; its exit status.
 fn wait_exit(proc: &mut Proc, within: Duration) -> std::process::ExitStatus {
     let deadline = std::time::Instant::now() + within;
@@ -383,11 +381,7 @@ async fn sigterm_drains_running_streams_then_exits_and_leaves_the_fleet() {
         assert_eq!(resp.status(), 200);
         streams.push(tokio::spawn(async move { resp.text().await.unwrap() }));
     }
-    let status = Command::new("kill")
-        .args(["-TERM", &agent.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    sigterm(&agent);
     let running_at_sigterm = streams.iter().filter(|s| !s.is_finished()).count();
     assert!(
         running_at_sigterm > 0,

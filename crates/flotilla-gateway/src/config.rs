@@ -24,6 +24,10 @@ pub struct SchedulerSection {
     /// An agent that misses this many heartbeats in a row is unhealthy: not routed to
     /// until it reports again.
     pub missed_heartbeats: u32,
+    /// Deprecated: the silence after which a node was dropped; read as
+    /// `missed_heartbeats = ceil(node_ttl_ms / heartbeat_ms)`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_ttl_ms: Option<u64>,
     pub connect_timeout_ms: u64,
     /// Until an upstream's response headers arrive, and between two stream chunks.
     pub first_byte_timeout_ms: u64,
@@ -44,6 +48,7 @@ impl Default for SchedulerSection {
             default_max_queue_depth: 16,
             heartbeat_ms: 1_000,
             missed_heartbeats: 3,
+            node_ttl_ms: None,
             connect_timeout_ms: 5_000,
             first_byte_timeout_ms: 60_000,
             request_timeout_ms: 600_000,
@@ -113,6 +118,29 @@ impl SchedulerSection {
         if self.missed_heartbeats == 0 {
             errors.push("scheduler.missed_heartbeats: must be at least 1".into());
         }
+        if self.heartbeat_ms > 3_600_000 {
+            errors.push("scheduler.heartbeat_ms: must be at most 3600000 (an hour)".into());
+        }
+        let missed_heartbeats = match self.node_ttl_ms {
+            Some(ttl) if ttl <= self.heartbeat_ms => {
+                errors.push(format!(
+                    "scheduler.node_ttl_ms: {ttl} must be greater than scheduler.heartbeat_ms ({}); \
+                     prefer scheduler.missed_heartbeats",
+                    self.heartbeat_ms
+                ));
+                self.missed_heartbeats
+            }
+            Some(ttl) => {
+                let missed = ttl.div_ceil(self.heartbeat_ms.max(1)).min(u32::MAX as u64) as u32;
+                tracing::warn!(
+                    node_ttl_ms = ttl,
+                    missed_heartbeats = missed,
+                    "scheduler.node_ttl_ms is deprecated; use scheduler.missed_heartbeats"
+                );
+                missed
+            }
+            None => self.missed_heartbeats,
+        };
         let mut names = HashSet::new();
         for (i, p) in self.providers.iter().enumerate() {
             if p.name.is_empty() {
@@ -165,7 +193,7 @@ impl SchedulerSection {
             body_timeout: Duration::from_millis(self.body_timeout_ms),
             default_max_queue_depth: self.default_max_queue_depth,
             heartbeat: Duration::from_millis(self.heartbeat_ms),
-            missed_heartbeats: self.missed_heartbeats,
+            missed_heartbeats,
             timeouts: Timeouts {
                 connect: Duration::from_millis(self.connect_timeout_ms),
                 first_byte: Duration::from_millis(self.first_byte_timeout_ms),
@@ -207,6 +235,25 @@ mod tests {
         assert!(errs.iter().any(|e| e.contains("missed_heartbeats")));
         assert!(errs.iter().any(|e| e.contains("base_url")));
         assert!(errs.iter().any(|e| e.contains("`nope`")));
+    }
+
+    #[test]
+    fn node_ttl_ms_still_reads_as_missed_heartbeats() {
+        let c = SchedulerSection {
+            heartbeat_ms: 1000,
+            node_ttl_ms: Some(2500),
+            ..SchedulerSection::default()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(c.missed_heartbeats, 3);
+        let e = SchedulerSection {
+            node_ttl_ms: Some(500),
+            ..SchedulerSection::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e[0].contains("node_ttl_ms"), "{e:?}");
     }
 
     #[test]

@@ -123,22 +123,10 @@ async fn nodes(State(s): State<AppState>) -> Json<serde_json::Value> {
 }
 
 fn check_cluster_token(s: &AppState, h: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = &s.inner.cluster_token else {
-        return Ok(());
-    };
-    let given = h
+    let auth = h
         .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if expected.matches(given) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            ErrorKind::Unauthorized,
-            "missing or wrong cluster token",
-        ))
-    }
+        .and_then(|v| v.to_str().ok());
+    flotilla_api::check_bearer(s.inner.cluster_token.as_ref(), auth, "cluster token")
 }
 
 async fn heartbeat(State(s): State<AppState>, h: HeaderMap, body: Body) -> Response {

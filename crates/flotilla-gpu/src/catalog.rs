@@ -36,6 +36,12 @@ pub struct CatalogEntry {
     /// `chat` (default) or `embedding` (no KV cache).
     #[serde(default = "chat")]
     pub kind: String,
+    /// The output head shares the embedding matrix (the engine still keeps two copies).
+    #[serde(default)]
+    pub tied: bool,
+    /// Attention window the engine clips the context to (Mistral 7B v0.1).
+    #[serde(default)]
+    pub sliding_window: Option<u64>,
 }
 
 fn chat() -> String {
@@ -110,6 +116,7 @@ pub struct ModelShape {
     pub origin: String,
     pub parameters: u64,
     pub layers: u64,
+    pub heads: u64,
     pub kv_heads: u64,
     pub head_dim: u64,
     pub hidden: u64,
@@ -125,6 +132,8 @@ pub struct ModelShape {
     pub quantized: bool,
     /// Embedding models keep no KV cache.
     pub embedding: bool,
+    /// Output head tied to the embeddings: the engine loads the matrix twice.
+    pub tied: bool,
 }
 
 fn dtype_bytes(dtype: &str) -> u64 {
@@ -140,16 +149,21 @@ impl ModelShape {
             origin: format!("catalog:{}", e.id),
             parameters: (e.parameters_b * 1e9).round() as u64,
             layers: e.layers,
+            heads: e.heads,
             kv_heads: e.kv_heads,
             head_dim: e.head_dim,
             hidden: e.hidden,
             intermediate: e.intermediate,
             vocab: e.vocab,
-            context: e.context,
+            context: e
+                .sliding_window
+                .filter(|&w| w > 0)
+                .map_or(e.context, |w| w.min(e.context)),
             dtype_bytes: dtype_bytes(&e.dtype),
             file_bytes: None,
             quantized: false,
             embedding: e.kind == "embedding",
+            tied: e.tied,
         }
     }
 
@@ -173,42 +187,52 @@ impl ModelShape {
                 ));
             }
         };
+        let context = c.context.unwrap_or(2048);
+        // The engine's rule (flotilla-engine models/config.rs): Mistral always attends
+        // within its window, Qwen2 when `use_sliding_window` says so; the context is clipped.
+        let window = match c.model_type.as_deref() {
+            Some("mistral") => c.sliding_window,
+            Some("qwen2") if c.use_sliding_window == Some(true) => c.sliding_window,
+            _ => None,
+        };
         let mut shape = ModelShape {
             origin: dir.display().to_string(),
             parameters: 0,
             layers,
+            heads,
             kv_heads: c.kv_heads.unwrap_or(heads),
             head_dim: c.head_dim.unwrap_or(hidden / heads),
             hidden,
             intermediate: c.intermediate.unwrap_or(4 * hidden),
             vocab: c.vocab.unwrap_or(32_000),
-            context: c.context.unwrap_or(2048),
+            context: window
+                .filter(|&w| w > 0)
+                .map_or(context, |w| w.min(context)),
             dtype_bytes: c.dtype.as_deref().map_or(2, dtype_bytes),
             file_bytes: None,
             quantized: false,
             embedding,
+            tied: c.tied.unwrap_or(false),
         };
         match safetensors_totals(dir).map_err(|e| err(e.to_string()))? {
             Some((params, bytes)) => {
                 shape.parameters = params;
                 shape.file_bytes = Some(bytes);
             }
-            None => {
-                shape.parameters =
-                    shape.formula_parameters(c.experts.unwrap_or(1), c.tied.unwrap_or(false))
-            }
+            None => shape.parameters = shape.formula_parameters(c.experts.unwrap_or(1)),
         }
         Ok(shape)
     }
 
     /// Parameters of a llama-style decoder with these dimensions.
-    fn formula_parameters(&self, experts: u64, tied: bool) -> u64 {
+    fn formula_parameters(&self, experts: u64) -> u64 {
         let (h, hd) = (self.hidden, self.head_dim);
-        let q_heads = h / hd.max(1);
-        let attn = h * q_heads * hd * 2 + h * self.kv_heads * hd * 2;
+        let attn = 2 * h * self.heads * hd + 2 * h * self.kv_heads * hd;
         let mlp = 3 * h * self.intermediate * experts.max(1);
-        let embed = self.vocab * h * if tied { 1 } else { 2 };
-        self.layers * (attn + mlp + 2 * h) + embed + h
+        let embed = self.vocab * h * if self.tied { 1 } else { 2 };
+        self.layers
+            .saturating_mul(attn + mlp + 2 * h)
+            .saturating_add(embed + h)
     }
 
     /// KV bytes per token on a device whose compute dtype has `bytes` per value.
@@ -216,7 +240,10 @@ impl ModelShape {
         if self.embedding {
             0
         } else {
-            2 * self.layers * self.kv_heads * self.head_dim * bytes
+            (2 * self.layers)
+                .saturating_mul(self.kv_heads)
+                .saturating_mul(self.head_dim)
+                .saturating_mul(bytes)
         }
     }
 }
@@ -249,6 +276,9 @@ struct HfDims {
     experts: Option<u64>,
     #[serde(alias = "tie_word_embeddings")]
     tied: Option<bool>,
+    model_type: Option<String>,
+    sliding_window: Option<u64>,
+    use_sliding_window: Option<bool>,
 }
 
 /// (parameters, bytes) over every `*.safetensors` file in `dir`, from their headers; None
@@ -283,11 +313,20 @@ fn safetensors_totals(dir: &Path) -> std::io::Result<Option<(u64, u64)>> {
             if name == "__metadata__" {
                 continue;
             }
-            let n: u64 = t
+            let n = t
                 .get("shape")
                 .and_then(|s| s.as_array())
-                .map_or(0, |dims| dims.iter().filter_map(|d| d.as_u64()).product());
-            params += n;
+                .map_or(Some(0), |dims| {
+                    dims.iter()
+                        .try_fold(1u64, |acc, d| acc.checked_mul(d.as_u64()?))
+                })
+                .ok_or_else(|| {
+                    std::io::Error::other(format!(
+                        "{}: tensor `{name}` has an invalid shape",
+                        path.display()
+                    ))
+                })?;
+            params = params.saturating_add(n);
         }
     }
     Ok(found.then_some((params, bytes)))
@@ -342,7 +381,9 @@ pub struct MemoryEstimate {
 
 impl MemoryEstimate {
     pub fn total(&self) -> u64 {
-        self.weights + self.kv_cache + self.activations
+        self.weights
+            .saturating_add(self.kv_cache)
+            .saturating_add(self.activations)
     }
 
     pub fn dtype_label(&self, quantized: bool) -> &'static str {
@@ -363,20 +404,23 @@ impl ModelShape {
             (true, _) | (false, DeviceKind::Host) => 4,
             (false, DeviceKind::Gpu) => self.dtype_bytes,
         };
+        // The engine keeps the token embedding dequantized (f32) beside quantized weights,
+        // and a tied output head as a second copy of the embedding matrix.
+        let embed = self.vocab.saturating_mul(self.hidden);
         let weights = match (self.quantized, self.file_bytes) {
-            (true, Some(b)) => b,
-            // Stored in one dtype, converted to the compute dtype at load.
-            (false, Some(b)) if self.parameters > 0 => {
-                (b as u128 * compute as u128 / self.dtype_bytes.max(1) as u128) as u64
-            }
-            _ => self.parameters * compute,
+            (true, Some(b)) => b.saturating_add(embed.saturating_mul(4)),
+            _ => self
+                .parameters
+                .saturating_add(if self.tied { embed } else { 0 })
+                .saturating_mul(compute),
         };
         let per_token = self.kv_bytes_per_token(compute);
         let kv_cache = if per_token == 0 {
             0
         } else {
             let bs = budget.block_size.max(1);
-            let per_block = per_token * bs;
+            let per_block = per_token.saturating_mul(bs);
+            // The engine's rule (flotilla-engine text.rs); a test checks the two agree.
             let blocks = match (budget.kv_cache_blocks, budget.kv_cache_bytes) {
                 (Some(n), _) => n,
                 (None, Some(bytes)) => bytes / per_block,
@@ -387,17 +431,32 @@ impl ModelShape {
                         .max(one)
                 }
             };
-            blocks * per_block
+            blocks.saturating_mul(per_block)
+        };
+        let tokens = if self.embedding {
+            EMBEDDING_BATCH.saturating_mul(self.context.min(512))
+        } else {
+            budget.max_batch_tokens
         };
         let activations = if self.embedding {
-            EMBEDDING_BATCH * self.context.min(512) * (4 * self.hidden + self.intermediate) * 4
+            tokens
+                .saturating_mul(4 * self.hidden + self.intermediate)
+                .saturating_mul(4)
         } else {
-            budget.max_batch_tokens * (4 * self.hidden + 3 * self.intermediate) * compute
-                + budget.max_num_seqs * self.vocab * 4
-        } + match device {
+            tokens
+                .saturating_mul(4 * self.hidden + 3 * self.intermediate)
+                .saturating_mul(compute)
+                .saturating_add(
+                    budget
+                        .max_num_seqs
+                        .saturating_mul(self.vocab)
+                        .saturating_mul(4),
+                )
+        }
+        .saturating_add(match device {
             DeviceKind::Gpu => GPU_RUNTIME_BYTES,
             DeviceKind::Host => 0,
-        };
+        });
         MemoryEstimate {
             weights,
             kv_cache,
@@ -472,6 +531,22 @@ mod tests {
     }
 
     #[test]
+    fn tied_heads_and_sliding_windows_follow_the_engine() {
+        let c = Catalog::builtin();
+        let one_b = ModelShape::from_entry(c.by_id("llama-3.2-1b").unwrap());
+        let e = one_b.estimate(DeviceKind::Gpu, &EngineBudget::default());
+        assert_eq!(e.weights, (1_236_000_000 + 128_256 * 2048) * 2);
+        let v01 = ModelShape::from_entry(c.by_id("mistral-7b-v0.1").unwrap());
+        assert_eq!(v01.context, 4096);
+        assert_eq!(
+            c.by_source("mistralai/Mistral-7B-Instruct-v0.3")
+                .unwrap()
+                .vocab,
+            32768
+        );
+    }
+
+    #[test]
     fn unknown_model_is_sized_from_config_and_files() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
@@ -492,7 +567,7 @@ mod tests {
         assert_eq!(s.file_bytes, Some(bytes.len() as u64));
         assert_eq!((s.kv_heads, s.head_dim, s.dtype_bytes), (2, 16, 4));
         let e = s.estimate(DeviceKind::Host, &EngineBudget::default());
-        assert_eq!(e.weights, bytes.len() as u64);
+        assert_eq!(e.weights, 6464 * 4);
         // 16 sequences x 256 tokens x (2 x 2 x 2 x 16 x 4 bytes) = 1 MiB, under the cap.
         assert_eq!(e.kv_cache, 16 * 256 * 512);
         let err = ModelShape::from_dir(&dir.path().join("nope"), false).unwrap_err();

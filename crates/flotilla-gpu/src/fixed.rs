@@ -37,6 +37,22 @@ pub struct FixedGpu {
 const GIB: f64 = (1u64 << 30) as f64;
 
 impl FixedGpu {
+    /// An idle GPU of `memory_gib` with no other readings.
+    pub fn new(name: &str, memory_gib: f64) -> FixedGpu {
+        FixedGpu {
+            name: name.into(),
+            memory_gib,
+            used_gib: 0.0,
+            utilization_pct: None,
+            memory_utilization_pct: None,
+            temperature_c: None,
+            power_draw_w: None,
+            power_limit_w: None,
+            sm_clock_mhz: None,
+            memory_clock_mhz: None,
+        }
+    }
+
     pub fn stats(&self, index: u32) -> GpuStats {
         let total = (self.memory_gib * GIB) as u64;
         let used = ((self.used_gib * GIB) as u64).min(total);

@@ -2,15 +2,27 @@
 //! and what its models are placed into.
 
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use flotilla_api::protocol::HostStats;
 
 use crate::{GpuProbe, ProbeKind, Telemetry};
 
-/// CPU utilisation needs two readings of `/proc/stat`; the previous one is kept here.
+/// CPU utilisation needs two readings of `/proc/stat` some time apart: the baseline and the
+/// last figure are kept here, and readers closer together than [`CPU_WINDOW`] (a heartbeat
+/// and a scrape, say) share the last figure instead of measuring a window of nothing.
 pub struct HostProbe {
-    last_cpu: Mutex<Option<CpuTimes>>,
+    cpu: Mutex<CpuState>,
 }
+
+#[derive(Default)]
+struct CpuState {
+    baseline: Option<(CpuTimes, Instant)>,
+    last: Option<f64>,
+}
+
+/// The shortest window CPU utilisation is measured over.
+const CPU_WINDOW: Duration = Duration::from_millis(500);
 
 #[derive(Clone, Copy)]
 struct CpuTimes {
@@ -26,34 +38,38 @@ impl Default for HostProbe {
 
 impl HostProbe {
     pub fn new() -> HostProbe {
-        let probe = HostProbe {
-            last_cpu: Mutex::new(None),
-        };
         // The first reading only sets the baseline for the next.
-        *probe.lock() = cpu_times();
-        probe
+        HostProbe {
+            cpu: Mutex::new(CpuState {
+                baseline: cpu_times().map(|t| (t, Instant::now())),
+                last: None,
+            }),
+        }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<CpuTimes>> {
-        self.last_cpu.lock().unwrap_or_else(|p| p.into_inner())
+    fn cpu_utilization(&self) -> Option<f64> {
+        let mut st = self.cpu.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if let Some((_, at)) = st.baseline
+            && now.duration_since(at) < CPU_WINDOW
+        {
+            return st.last;
+        }
+        let times = cpu_times()?;
+        if let Some((base, _)) = st.baseline
+            && times.total > base.total
+        {
+            st.last = Some(
+                times.busy.saturating_sub(base.busy) as f64 / (times.total - base.total) as f64,
+            );
+        }
+        st.baseline = Some((times, now));
+        st.last
     }
 
     pub fn read_host(&self) -> Option<HostStats> {
         let (total, available) = meminfo()?;
-        let now = cpu_times();
-        let cpu_utilization = {
-            let mut last = self.lock();
-            let util = match (*last, now) {
-                (Some(a), Some(b)) if b.total > a.total => {
-                    Some((b.busy.saturating_sub(a.busy)) as f64 / (b.total - a.total) as f64)
-                }
-                _ => None,
-            };
-            if now.is_some() {
-                *last = now;
-            }
-            util
-        };
+        let cpu_utilization = self.cpu_utilization();
         Some(HostStats {
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             cpu_utilization,

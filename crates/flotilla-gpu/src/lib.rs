@@ -20,7 +20,7 @@ pub use fixed::{FixedGpu, FixedProbe};
 use flotilla_api::protocol::{GpuStats, HostStats};
 pub use host::HostProbe;
 pub use nvml::NvmlProbe;
-pub use placement::{Device, ModelDemand, Placement, PlacementPlan, Refusal, plan};
+pub use placement::{Device, ModelDemand, Placement, PlacementPlan, Refusal, cuda_ordinals, plan};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {

@@ -74,6 +74,30 @@ impl Device {
     }
 }
 
+/// The CUDA ordinal of each GPU (by NVML index) this process can use. NVML lists every GPU
+/// in PCI order; CUDA numbers only those `CUDA_VISIBLE_DEVICES` lists (indices or UUID
+/// prefixes), in its order, stopping at the first entry that matches none, as CUDA does.
+pub fn cuda_ordinals(gpus: &[GpuStats], visible: Option<&str>) -> Vec<(u32, u32)> {
+    let Some(list) = visible else {
+        return gpus.iter().map(|g| (g.index, g.index)).collect();
+    };
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for entry in list.split(',').map(str::trim) {
+        let found = match entry.parse::<u32>() {
+            Ok(i) => gpus.iter().find(|g| g.index == i),
+            Err(_) if !entry.is_empty() => gpus.iter().find(|g| g.uuid.starts_with(entry)),
+            Err(_) => None,
+        };
+        match found {
+            Some(g) if !out.iter().any(|&(i, _)| i == g.index) => {
+                out.push((g.index, out.len() as u32))
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
 /// Where a model must go, when its config says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pin {
@@ -299,21 +323,10 @@ mod tests {
     use super::*;
     use crate::catalog::{Catalog, EngineBudget, ModelShape};
     use crate::fixed::FixedGpu;
+    use flotilla_api::protocol::GpuStats;
 
     fn gpu(name: &str, gib: f64, index: u32) -> Device {
-        let g = FixedGpu {
-            name: name.into(),
-            memory_gib: gib,
-            used_gib: 0.0,
-            utilization_pct: None,
-            memory_utilization_pct: None,
-            temperature_c: None,
-            power_draw_w: None,
-            power_limit_w: None,
-            sm_clock_mhz: None,
-            memory_clock_mhz: None,
-        };
-        Device::from_gpu(&g.stats(index), 0.9)
+        Device::from_gpu(&FixedGpu::new(name, gib).stats(index), 0.9)
     }
 
     fn demand(name: &str, id: &str, budget: EngineBudget, pin: Option<Pin>) -> ModelDemand {
@@ -373,7 +386,7 @@ mod tests {
     fn biggest_first_takes_the_big_card_and_small_ones_fill_in() {
         let devices = vec![gpu("L4", 24.0, 0), gpu("H100", 80.0, 1)];
         let models = [
-            demand("small", "llama-3.2-1b", kv(1), None),
+            demand("small", "qwen2.5-0.5b", kv(1), None),
             demand("mid", "llama-3.1-8b", kv(2), None),
             demand("qwen32", "qwen2.5-32b", kv(4), None),
         ];
@@ -382,7 +395,7 @@ mod tests {
         let order: Vec<&str> = p.placements.iter().map(|x| x.model.as_str()).collect();
         assert_eq!(order, ["qwen32", "mid", "small"]);
         assert_eq!(p.device_of("qwen32").unwrap().spec(), "cuda:1");
-        // The tightest fit for the 8B is the L4, and the 1B fits beside it there.
+        // The tightest fit for the 8B is the L4, and the 0.5B fits beside it there.
         assert_eq!(p.device_of("mid").unwrap().spec(), "cuda:0");
         assert_eq!(p.device_of("small").unwrap().spec(), "cuda:0");
     }
@@ -416,6 +429,18 @@ mod tests {
             reasons.iter().any(|r| r.contains("no GPU 7")),
             "{reasons:?}"
         );
+    }
+
+    #[test]
+    fn cuda_ordinals_follow_cuda_visible_devices() {
+        let gpus: Vec<GpuStats> = (0..4).map(|i| FixedGpu::new("g", 80.0).stats(i)).collect();
+        assert_eq!(cuda_ordinals(&gpus, None), [(0, 0), (1, 1), (2, 2), (3, 3)]);
+        assert_eq!(cuda_ordinals(&gpus, Some("2,0")), [(2, 0), (0, 1)]);
+        let uuid = gpus[3].uuid.clone();
+        assert_eq!(cuda_ordinals(&gpus, Some(&uuid)), [(3, 0)]);
+        // CUDA stops at the first entry that names no device.
+        assert_eq!(cuda_ordinals(&gpus, Some("1,9,2")), [(1, 0)]);
+        assert!(cuda_ordinals(&gpus, Some("")).is_empty());
     }
 
     #[test]

@@ -97,9 +97,12 @@ impl Fleet {
         })
     }
 
-    /// How long a node may stay silent and still be routed to.
+    /// How long a node may stay silent and still be routed to: the missed beats plus half
+    /// an interval, since each beat also takes a telemetry read and a round trip.
     pub fn ttl(&self) -> Duration {
-        self.heartbeat * self.missed_heartbeats
+        self.heartbeat
+            .saturating_mul(self.missed_heartbeats)
+            .saturating_add(self.heartbeat / 2)
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, NodeEntry>> {
@@ -346,10 +349,11 @@ mod tests {
         fleet.upsert(report("a"), t0);
         fleet.upsert(report("b"), t0);
         let ms = Duration::from_millis;
-        assert!(fleet.sweep(t0 + ms(300)).is_empty());
+        // 3 beats of 100 ms plus half a beat of grace.
+        assert!(fleet.sweep(t0 + ms(350)).is_empty());
         fleet.upsert(report("b"), t0 + ms(250));
-        let lost = fleet.sweep(t0 + ms(301));
-        assert_eq!(lost, vec![("a".to_string(), ms(301))]);
+        let lost = fleet.sweep(t0 + ms(351));
+        assert_eq!(lost, vec![("a".to_string(), ms(351))]);
         assert!(fleet.sweep(t0 + ms(400)).is_empty(), "announced once");
         let snap = fleet.snapshot(t0 + ms(400));
         assert_eq!(snap[0].state, NodeState::Unhealthy);

@@ -90,6 +90,7 @@ pub fn gguf_dims(path: &Path) -> Result<Option<GgufDims>, EngineError> {
     let cfg = config_from_gguf(&content).map_err(|m| EngineError::files(&file_path, m))?;
     Ok(Some(GgufDims {
         layers: cfg.num_layers as u64,
+        heads: cfg.num_heads as u64,
         kv_heads: cfg.num_kv_heads as u64,
         head_dim: cfg.head_dim as u64,
         hidden: cfg.hidden_size as u64,
@@ -104,6 +105,7 @@ pub fn gguf_dims(path: &Path) -> Result<Option<GgufDims>, EngineError> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GgufDims {
     pub layers: u64,
+    pub heads: u64,
     pub kv_heads: u64,
     pub head_dim: u64,
     pub hidden: u64,
