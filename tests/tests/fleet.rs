@@ -302,3 +302,35 @@ async fn admin_drain_needs_the_cluster_token() {
         .unwrap();
     sched.stop().await;
 }
+
+#[tokio::test]
+async fn the_nodes_endpoint_needs_the_admin_token_when_one_is_set() {
+    let mut cfg = scheduler_section().validate().unwrap();
+    cfg.admin_token = Some(Secret::new("admin-s3cret".into()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let scheduler = flotilla_gateway::Scheduler::new(listener, cfg).unwrap();
+    let url = format!("http://{}/admin/v1/nodes", scheduler.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(scheduler.run(stop.clone()));
+    for (token, status) in [
+        (None, 401),
+        (Some("nope"), 401),
+        (Some("admin-s3cret"), 200),
+    ] {
+        let mut req = client().get(&url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), status, "token {token:?}");
+        let body: Value = r.json().await.unwrap();
+        if status == 401 {
+            assert_eq!(body["error"]["code"], "invalid_token", "{body}");
+            assert_eq!(body["error"]["type"], "authentication_error");
+        } else {
+            assert!(body["nodes"].as_array().unwrap().is_empty());
+        }
+    }
+    stop.cancel();
+    let _ = task.await;
+}

@@ -54,7 +54,8 @@ pub fn check_bearer(
         Err(crate::ApiError::new(
             crate::ErrorKind::Unauthorized,
             format!("missing or wrong {what}"),
-        ))
+        )
+        .with_code("invalid_token"))
     }
 }
 

@@ -157,6 +157,9 @@ pub struct StatusArgs {
         default_value = "http://127.0.0.1:8080"
     )]
     pub scheduler_url: String,
+    /// The scheduler's admin token, when it requires one (`scheduler.admin_token_env`).
+    #[arg(long, env = "FLOTILLA_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Print the scheduler's JSON instead of tables.
     #[arg(long)]
     pub json: bool,

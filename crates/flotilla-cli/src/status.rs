@@ -53,10 +53,14 @@ pub async fn run(args: &StatusArgs) -> anyhow::Result<()> {
         "{}/admin/v1/nodes",
         args.scheduler_url.trim_end_matches('/')
     );
-    let resp = reqwest::Client::builder()
+    let mut req = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(10))
         .build()?
-        .get(&url)
+        .get(&url);
+    if let Some(t) = &args.admin_token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req
         .send()
         .await
         .with_context(|| format!("asking the scheduler at {url}"))?;

@@ -35,6 +35,9 @@ pub struct SchedulerSection {
     pub request_timeout_ms: u64,
     /// Environment variable holding the token agents must present; unset = no check.
     pub cluster_token_env: Option<String>,
+    /// Environment variable holding the token `/admin/...` requires; unset = open (warned
+    /// about beyond loopback).
+    pub admin_token_env: Option<String>,
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelSection>,
 }
@@ -53,6 +56,7 @@ impl Default for SchedulerSection {
             first_byte_timeout_ms: 60_000,
             request_timeout_ms: 600_000,
             cluster_token_env: None,
+            admin_token_env: None,
             providers: Vec::new(),
             models: Vec::new(),
         }
@@ -84,6 +88,8 @@ pub struct SchedulerConfig {
     pub timeouts: Timeouts,
     /// The token agents must present on heartbeats; None = no check.
     pub cluster_token: Option<Secret>,
+    /// The token the admin API requires; None = no check.
+    pub admin_token: Option<Secret>,
     pub providers: Vec<ProviderConfig>,
     pub groups: HashMap<String, ModelGroup>,
 }
@@ -92,6 +98,12 @@ impl SchedulerSection {
     /// Resolves the section, or returns every problem found (each prefixed with its key).
     pub fn validate(&self) -> Result<SchedulerConfig, Vec<String>> {
         let mut errors = Vec::new();
+        let admin_token = match &self.admin_token_env {
+            None => None,
+            Some(var) => Secret::from_env(var)
+                .map_err(|e| errors.push(format!("scheduler.admin_token_env: {e}")))
+                .ok(),
+        };
         let cluster_token = match &self.cluster_token_env {
             None => None,
             Some(var) => Secret::from_env(var)
@@ -200,6 +212,7 @@ impl SchedulerSection {
                 total: Duration::from_millis(self.request_timeout_ms),
             },
             cluster_token,
+            admin_token,
             providers: self.providers.clone(),
             groups,
         })

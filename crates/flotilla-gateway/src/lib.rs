@@ -43,6 +43,14 @@ impl Scheduler {
                  can register an agent; set scheduler.cluster_token_env"
             );
         }
+        if state.inner.config.admin_token.is_none()
+            && listener.local_addr().is_ok_and(|a| !a.ip().is_loopback())
+        {
+            tracing::warn!(
+                "listening beyond loopback without an admin token: anyone who reaches this port \
+                 can read /admin/v1/...; set scheduler.admin_token_env"
+            );
+        }
         Ok(Scheduler { listener, state })
     }
 

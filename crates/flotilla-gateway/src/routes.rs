@@ -113,13 +113,21 @@ async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
 }
 
 /// The fleet as `flotilla status` and the dashboard draw it.
-async fn nodes(State(s): State<AppState>) -> Json<serde_json::Value> {
-    let fleet = &s.inner.fleet;
+async fn nodes(State(s): State<AppState>, h: HeaderMap) -> Response {
+    let auth = h
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Err(e) =
+        flotilla_api::check_bearer(s.inner.config.admin_token.as_ref(), auth, "admin token")
+    {
+        return e.into_response();
+    }
     Json(serde_json::json!({
         "heartbeat_ms": s.inner.config.heartbeat.as_millis() as u64,
         "missed_heartbeats": s.inner.config.missed_heartbeats,
-        "nodes": fleet.snapshot(Instant::now()),
+        "nodes": s.inner.fleet.snapshot(Instant::now()),
     }))
+    .into_response()
 }
 
 fn check_cluster_token(s: &AppState, h: &HeaderMap) -> Result<(), ApiError> {
