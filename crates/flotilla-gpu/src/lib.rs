@@ -87,7 +87,7 @@ pub fn open_probe(choice: ProbeChoice, fixed: &[FixedGpu]) -> Result<Arc<dyn Gpu
         ProbeChoice::Auto => match NvmlProbe::init() {
             Ok(p) => Ok(Arc::new(p)),
             Err(e) => {
-                tracing::info!(reason = %e, "no GPU found: serving on the CPU and reporting host memory");
+                tracing::info!(reason = %e, "no GPU found through NVML: reporting host memory; models not pinned to a GPU run on the CPU");
                 Ok(Arc::new(HostProbe::new()))
             }
         },
