@@ -61,6 +61,37 @@ fn spawn(args: &[&str]) -> (Proc, String) {
     (proc, url)
 }
 
+/// `flotilla agent` registering with `sched_url` as `node_id`, models made under `cache`.
+fn spawn_agent(
+    sched_url: &str,
+    node_id: &str,
+    cache: &std::path::Path,
+    extra: &[&str],
+) -> (Proc, String) {
+    let cache = cache.to_str().unwrap();
+    let mut args = vec![
+        "agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--scheduler-url",
+        sched_url,
+        "--node-id",
+        node_id,
+        "--cache-dir",
+        cache,
+    ];
+    args.extend_from_slice(extra);
+    spawn(&args)
+}
+
+/// An HTTP client whose every request is bounded.
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn up_serves_chat_from_the_binary() {
     let cache = tempfile::tempdir().unwrap();
@@ -80,10 +111,7 @@ async fn up_serves_chat_from_the_binary() {
             .is_file()
     );
 
-    let c = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
+    let c = http();
     let resp = c
         .post(format!("{url}/v1/chat/completions"))
         .json(&json!({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}))
@@ -110,21 +138,8 @@ async fn up_serves_chat_from_the_binary() {
 async fn scheduler_and_agent_as_separate_processes() {
     let cache = tempfile::tempdir().unwrap();
     let (_sched, sched_url) = spawn(&["scheduler", "--listen", "127.0.0.1:0"]);
-    let (_agent, agent_url) = spawn(&[
-        "agent",
-        "--listen",
-        "127.0.0.1:0",
-        "--scheduler-url",
-        &sched_url,
-        "--node-id",
-        "gpu-1",
-        "--cache-dir",
-        cache.path().to_str().unwrap(),
-    ]);
-    let c = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
+    let (_agent, agent_url) = spawn_agent(&sched_url, "gpu-1", cache.path(), &[]);
+    let c = http();
     // The agent answers directly too.
     let models: Value = c
         .get(format!("{agent_url}/v1/models"))
@@ -334,23 +349,8 @@ async fn sigterm_drains_running_streams_then_exits_and_leaves_the_fleet() {
         cache.path(),
         "[agent]\n[[agent.models]]\nname = \"tiny-llama\"\nsource = \"builtin:tiny-llama\"\nmax_num_seqs = 1\n",
     );
-    let (mut agent, _agent_url) = spawn(&[
-        "agent",
-        "--listen",
-        "127.0.0.1:0",
-        "--config",
-        &config,
-        "--scheduler-url",
-        &sched_url,
-        "--node-id",
-        "gpu-1",
-        "--cache-dir",
-        cache.path().to_str().unwrap(),
-    ]);
-    let c = reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap();
+    let (mut agent, _) = spawn_agent(&sched_url, "gpu-1", cache.path(), &["--config", &config]);
+    let c = http();
     let nodes = |c: reqwest::Client, url: String| async move {
         let v: Value = c
             .get(format!("{url}/admin/v1/nodes"))
@@ -473,17 +473,7 @@ fn agent_plan_places_on_described_gpus_and_refuses_what_cannot_fit() {
 async fn status_shows_the_fleet() {
     let cache = tempfile::tempdir().unwrap();
     let (_sched, sched_url) = spawn(&["scheduler", "--listen", "127.0.0.1:0"]);
-    let (_agent, _) = spawn(&[
-        "agent",
-        "--listen",
-        "127.0.0.1:0",
-        "--scheduler-url",
-        &sched_url,
-        "--node-id",
-        "node-7",
-        "--cache-dir",
-        cache.path().to_str().unwrap(),
-    ]);
+    let (_agent, _) = spawn_agent(&sched_url, "node-7", cache.path(), &[]);
     let out = run_ok(&["status", "--scheduler-url", &sched_url]);
     assert!(out.contains("node-7") && out.contains("healthy"), "{out}");
     assert!(out.contains("tiny-llama") && out.contains("host"), "{out}");
