@@ -84,6 +84,11 @@ fn spawn_agent(
     spawn(&args)
 }
 
+/// GETs `url` and parses the answer as JSON.
+async fn get_json(url: &str) -> Value {
+    http().get(url).send().await.unwrap().json().await.unwrap()
+}
+
 /// An HTTP client whose every request is bounded.
 fn http() -> reqwest::Client {
     reqwest::Client::builder()
@@ -141,14 +146,7 @@ async fn scheduler_and_agent_as_separate_processes() {
     let (_agent, agent_url) = spawn_agent(&sched_url, "gpu-1", cache.path(), &[]);
     let c = http();
     // The agent answers directly too.
-    let models: Value = c
-        .get(format!("{agent_url}/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = get_json(&format!("{agent_url}/v1/models")).await;
     assert!(
         models["data"]
             .as_array()
@@ -351,21 +349,13 @@ async fn sigterm_drains_running_streams_then_exits_and_leaves_the_fleet() {
     );
     let (mut agent, _) = spawn_agent(&sched_url, "gpu-1", cache.path(), &["--config", &config]);
     let c = http();
-    let nodes = |c: reqwest::Client, url: String| async move {
-        let v: Value = c
-            .get(format!("{url}/admin/v1/nodes"))
-            .send()
-            .await
+    let nodes = |url: String| async move {
+        get_json(&format!("{url}/admin/v1/nodes")).await["nodes"]
+            .as_array()
             .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v["nodes"].as_array().unwrap().clone()
+            .clone()
     };
-    assert_eq!(
-        nodes(c.clone(), sched_url.clone()).await[0]["node_id"],
-        "gpu-1"
-    );
+    assert_eq!(nodes(sched_url.clone()).await[0]["node_id"], "gpu-1");
 
     let body = json!({"model": "tiny-llama", "messages": [{"role": "user", "content": "stream"}],
                       "max_tokens": 300, "ignore_eos": true, "stream": true,
@@ -397,7 +387,7 @@ async fn sigterm_drains_running_streams_then_exits_and_leaves_the_fleet() {
     let code = wait_exit(&mut agent, Duration::from_secs(30));
     assert!(code.success(), "agent exit status {code}");
     assert!(
-        nodes(c.clone(), sched_url.clone()).await.is_empty(),
+        nodes(sched_url.clone()).await.is_empty(),
         "the drained node deregistered"
     );
 }
