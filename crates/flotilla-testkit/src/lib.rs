@@ -4,4 +4,4 @@
 
 mod mock;
 
-pub use mock::{Behavior, MockUpstream, Recorded, closed_port_url};
+pub use mock::{Behavior, MockOptions, MockUpstream, Recorded, closed_port_url};

@@ -1,5 +1,6 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,6 +38,14 @@ impl Behavior {
             latency: Duration::ZERO,
         }
     }
+    /// A reply of `chunks` words, so a stream carries that many content chunks.
+    pub fn reply_chunks(chunks: usize) -> Self {
+        let text: String = (0..chunks).map(|i| format!("w{i} ")).collect();
+        Behavior::Reply {
+            text,
+            latency: Duration::ZERO,
+        }
+    }
     pub fn status(code: u16) -> Self {
         Behavior::Status {
             code,
@@ -54,10 +63,49 @@ pub struct Recorded {
     pub body: Value,
 }
 
+/// How the mock serves every request, whatever its behaviour.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MockOptions {
+    /// Pause before each SSE event, so a stream arrives in several reads as a real one
+    /// does. 2 ms by default; zero for benchmarks that measure the relay, not the pause.
+    pub event_pause: Duration,
+    /// Keep every request for [`MockUpstream::requests`]. On by default; off for load
+    /// tests, where the list would grow without bound and its lock would be measured.
+    pub record: bool,
+    /// Answer a zero-latency reply at once. Off by default: the reply then still waits on
+    /// Tokio's timer, which rounds up to its next millisecond tick (about 1 ms on an idle
+    /// server), as it always has; benchmarks turn this on so that pause is not measured.
+    pub skip_zero_sleep: bool,
+}
+
+impl Default for MockOptions {
+    fn default() -> Self {
+        MockOptions {
+            event_pause: Duration::from_millis(2),
+            record: true,
+            skip_zero_sleep: false,
+        }
+    }
+}
+
+impl MockOptions {
+    /// No pause between events, no timer for zero latency and no recording: the fastest
+    /// upstream the mock can be.
+    pub fn bench() -> Self {
+        MockOptions {
+            event_pause: Duration::ZERO,
+            record: false,
+            skip_zero_sleep: true,
+        }
+    }
+}
+
 struct MockState {
     script: Mutex<VecDeque<Behavior>>,
     default: Mutex<Behavior>,
     requests: Mutex<Vec<Recorded>>,
+    hits: AtomicUsize,
+    options: MockOptions,
 }
 
 /// An OpenAI-compatible server on `127.0.0.1:0`. Stops when dropped.
@@ -65,6 +113,8 @@ pub struct MockUpstream {
     addr: SocketAddr,
     state: Arc<MockState>,
     task: tokio::task::JoinHandle<()>,
+    /// A second handle on every accepted connection, so [`MockUpstream::kill`] can cut them.
+    conns: Arc<Mutex<Vec<std::net::TcpStream>>>,
 }
 
 impl Drop for MockUpstream {
@@ -81,25 +131,61 @@ impl MockUpstream {
     /// Starts a mock that behaves as `default` unless a scripted behaviour is queued.
     pub async fn start(default: Behavior) -> std::io::Result<MockUpstream> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_with(listener, default, MockOptions::default()).await
+    }
+
+    /// Starts a mock on a listener the caller bound (any address), serving with `options`.
+    pub async fn start_with(
+        listener: tokio::net::TcpListener,
+        default: Behavior,
+        options: MockOptions,
+    ) -> std::io::Result<MockUpstream> {
         let addr = listener.local_addr()?;
         let state = Arc::new(MockState {
             script: Mutex::new(VecDeque::new()),
             default: Mutex::new(default),
             requests: Mutex::new(Vec::new()),
+            hits: AtomicUsize::new(0),
+            options,
         });
         let app = Router::new()
             .route("/v1/chat/completions", post(handle))
             .route("/v1/completions", post(handle))
             .route("/v1/embeddings", post(handle))
             .with_state(Arc::clone(&state));
+        let conns: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let record = state.options.record.then(|| Arc::clone(&conns));
         let task = tokio::spawn(async move {
             // Chunks go out as written, as a real provider's do.
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let listener = axum::serve::ListenerExt::tap_io(listener, move |tcp| {
                 let _ = tcp.set_nodelay(true);
+                if let Some(conns) = &record
+                    && let Ok(fd) = std::os::fd::AsFd::as_fd(tcp).try_clone_to_owned()
+                {
+                    lock(conns).push(std::net::TcpStream::from(fd));
+                }
             });
             let _ = axum::serve(listener, app).await;
         });
-        Ok(MockUpstream { addr, state, task })
+        Ok(MockUpstream {
+            addr,
+            state,
+            task,
+            conns,
+        })
+    }
+
+    /// Dies like a killed process: stops listening (new connections are refused) and cuts
+    /// every open connection, answered or not.
+    pub fn kill(&self) {
+        self.task.abort();
+        for c in lock(&self.conns).drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// Base URL with the `/v1` segment, as a provider's `base_url` is configured.
@@ -116,12 +202,18 @@ impl MockUpstream {
         *lock(&self.state.default) = b;
     }
 
+    /// Every request received, in order; empty when the options turned recording off.
     pub fn requests(&self) -> Vec<Recorded> {
         lock(&self.state.requests).clone()
     }
 
+    /// How many requests arrived, recorded or not.
     pub fn hits(&self) -> usize {
-        lock(&self.state.requests).len()
+        if self.state.options.record {
+            lock(&self.state.requests).len()
+        } else {
+            self.state.hits.load(Ordering::Relaxed)
+        }
     }
 }
 
@@ -142,14 +234,19 @@ async fn handle(
 ) -> Response {
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let path = uri.path().to_owned();
-    lock(&state.requests).push(Recorded {
-        path: path.clone(),
-        authorization: headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
-        body: body.clone(),
-    });
+    if state.options.record {
+        lock(&state.requests).push(Recorded {
+            path: path.clone(),
+            authorization: headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            body: body.clone(),
+        });
+    } else {
+        state.hits.fetch_add(1, Ordering::Relaxed);
+    }
+    let pause = state.options.event_pause;
     let behavior = lock(&state.script)
         .pop_front()
         .unwrap_or_else(|| lock(&state.default).clone());
@@ -185,26 +282,28 @@ async fn handle(
             resp
         }
         Behavior::Reply { text, latency } => {
-            tokio::time::sleep(latency).await;
+            if !(latency.is_zero() && state.options.skip_zero_sleep) {
+                tokio::time::sleep(latency).await;
+            }
             if path.ends_with("/embeddings") {
                 return axum::Json(embeddings(&model, &body)).into_response();
             }
             let words: Vec<String> = text.split_inclusive(' ').map(str::to_owned).collect();
             if stream {
-                sse(stream_chunks(chat, &model, &words, include_usage, None))
+                sse(
+                    stream_chunks(chat, &model, &words, include_usage, None),
+                    pause,
+                )
             } else {
                 axum::Json(whole(chat, &model, &text, words.len())).into_response()
             }
         }
         Behavior::StreamCut { after_chunks } => {
             let words: Vec<String> = (0..after_chunks + 5).map(|i| format!("w{i} ")).collect();
-            sse(stream_chunks(
-                chat,
-                &model,
-                &words,
-                include_usage,
-                Some(after_chunks),
-            ))
+            sse(
+                stream_chunks(chat, &model, &words, include_usage, Some(after_chunks)),
+                pause,
+            )
         }
     }
 }
@@ -287,16 +386,57 @@ fn stream_chunks(
     out
 }
 
-fn sse(events: Vec<Result<Bytes, std::io::Error>>) -> Response {
-    // A short pause between events makes the stream arrive in several reads, as a real one does.
-    let stream = futures::stream::unfold(events.into_iter(), |mut it| async move {
-        let next = it.next()?;
-        tokio::time::sleep(Duration::from_millis(2)).await;
-        Some((next, it))
-    });
+fn sse(events: Vec<Result<Bytes, std::io::Error>>, pause: Duration) -> Response {
+    let body = if pause.is_zero() {
+        Body::from_stream(futures::stream::iter(events))
+    } else {
+        // A short pause between events makes the stream arrive in several reads, as a real one does.
+        Body::from_stream(futures::stream::unfold(
+            events.into_iter(),
+            move |mut it| async move {
+                let next = it.next()?;
+                tokio::time::sleep(pause).await;
+                Some((next, it))
+            },
+        ))
+    };
     Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "text/event-stream")
-        .body(Body::from_stream(stream))
+        .body(body)
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bench_options_stream_every_chunk_and_count_without_recording() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mock =
+            MockUpstream::start_with(listener, Behavior::reply_chunks(5), MockOptions::bench())
+                .await
+                .unwrap();
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let url = format!("{}/chat/completions", mock.base_url());
+        for _ in 0..3 {
+            let body = client
+                .post(&url)
+                .json(&json!({"model": "m", "messages": [], "stream": true}))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let events: Vec<&str> = body.lines().filter(|l| l.starts_with("data: ")).collect();
+            // Role chunk, 5 content chunks, finish chunk, [DONE].
+            assert_eq!(events.len(), 8, "{body}");
+            assert_eq!(events.last(), Some(&"data: [DONE]"));
+            assert!(events[5].contains("w4 "), "{body}");
+        }
+        assert_eq!(mock.hits(), 3);
+        assert!(mock.requests().is_empty());
+    }
 }
