@@ -102,15 +102,10 @@ async fn main() {
             base_url: mock.base_url(),
             api_key_env: None,
         }],
-        models: vec![ModelSection {
-            name: "cloud-only".into(),
-            local_model: None,
-            max_queue_depth: None,
-            cloud: vec![CloudTarget {
-                provider: "mock".into(),
-                model: "m".into(),
-            }],
-        }],
+        models: vec![ModelSection::new(
+            "cloud-only",
+            vec![CloudTarget::new("mock", "m")],
+        )],
         ..scheduler_section()
     })
     .await;

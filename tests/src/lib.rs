@@ -243,3 +243,54 @@ pub async fn start_long_stream(sched_url: &str) -> reqwest::Response {
     );
     post(&format!("{sched_url}/v1/chat/completions"), &body).await
 }
+
+/// A cloud provider at `base_url`, without a key.
+pub fn provider(name: &str, base_url: &str) -> flotilla_providers::ProviderConfig {
+    flotilla_providers::ProviderConfig {
+        name: name.into(),
+        base_url: base_url.into(),
+        api_key_env: None,
+    }
+}
+
+/// Where the scheduler sent the request (`x-flotilla-target`).
+pub fn target(resp: &reqwest::Response) -> String {
+    resp.headers()["x-flotilla-target"]
+        .to_str()
+        .expect("ASCII header")
+        .to_owned()
+}
+
+/// Registers a node with `max_running` slots for `tiny-llama` whose OpenAI API is
+/// `base_url` (without `/v1`), as an agent's heartbeat would.
+pub async fn register_node(sched_url: &str, node_id: &str, base_url: &str, max_running: u64) {
+    use flotilla_api::protocol::{HEARTBEAT_PATH, ModelKind, NodeModel, NodeReport};
+    let report = NodeReport::new(
+        node_id,
+        base_url,
+        vec![NodeModel::idle(
+            "tiny-llama",
+            ModelKind::Chat,
+            2048,
+            max_running,
+        )],
+    );
+    let r = client()
+        .post(format!("{sched_url}{HEARTBEAT_PATH}"))
+        .json(&report)
+        .send()
+        .await
+        .expect("send heartbeat");
+    assert_eq!(r.status(), 200);
+}
+
+/// Polls `cond` every 10 ms for up to 5 s; false if it never held.
+pub async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    for _ in 0..500 {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cond()
+}

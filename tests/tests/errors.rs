@@ -203,12 +203,7 @@ async fn no_target_is_503() {
 
     // A configured model with no agent and no cloud target: 503.
     let sched2 = start_scheduler(SchedulerSection {
-        models: vec![flotilla_gateway::ModelSection {
-            name: "configured".into(),
-            local_model: None,
-            max_queue_depth: None,
-            cloud: vec![],
-        }],
+        models: vec![flotilla_gateway::ModelSection::new("configured", vec![])],
         ..scheduler_section()
     })
     .await;

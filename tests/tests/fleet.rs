@@ -174,7 +174,9 @@ async fn a_node_that_stops_heartbeating_is_unhealthy_and_traffic_goes_elsewhere(
         node(&sched.url, "a-ghost").await.unwrap()["state"],
         "healthy"
     );
-    let r = post(&url, &body).await;
+    // A new prompt: "hi" would stick to b-real, which served it last (prefix affinity).
+    let fresh = chat_body("tiny-llama", "a new prompt", json!({"max_tokens": 3}));
+    let r = post(&url, &fresh).await;
     assert_eq!(r.headers()["x-flotilla-target"], "local:a-ghost/tiny-llama");
     real.stop().await;
     sched.stop().await;
@@ -194,13 +196,8 @@ async fn drain_finishes_running_streams_then_leaves_the_fleet() {
             api_key_env: None,
         }],
         models: vec![ModelSection {
-            name: "tiny-llama".into(),
-            local_model: None,
             max_queue_depth: Some(64),
-            cloud: vec![CloudTarget {
-                provider: "mock".into(),
-                model: "cloud-model".into(),
-            }],
+            ..ModelSection::new("tiny-llama", vec![CloudTarget::new("mock", "cloud-model")])
         }],
         ..scheduler_section()
     })

@@ -1,7 +1,6 @@
 //! Overflow to the cloud and failover between targets, with the testkit's mock upstream
 //! standing in for cloud providers.
 
-use flotilla_api::protocol::{HEARTBEAT_PATH, ModelKind, NodeModel, NodeReport};
 use flotilla_e2e::*;
 use flotilla_gateway::{ModelSection, SchedulerSection};
 use flotilla_providers::ProviderConfig;
@@ -9,14 +8,6 @@ use flotilla_scheduler::CloudTarget;
 use flotilla_testkit::{Behavior, MockUpstream, closed_port_url};
 use futures::StreamExt;
 use serde_json::{Value, json};
-
-fn provider(name: &str, base_url: &str) -> ProviderConfig {
-    ProviderConfig {
-        name: name.into(),
-        base_url: base_url.into(),
-        api_key_env: None,
-    }
-}
 
 /// `tiny-llama` with the given cloud targets (provider name, provider model) in order.
 fn section(
@@ -27,16 +18,11 @@ fn section(
     SchedulerSection {
         providers,
         models: vec![ModelSection {
-            name: "tiny-llama".into(),
-            local_model: None,
             max_queue_depth: Some(max_queue_depth),
-            cloud: cloud
-                .iter()
-                .map(|(p, m)| CloudTarget {
-                    provider: (*p).into(),
-                    model: (*m).into(),
-                })
-                .collect(),
+            ..ModelSection::new(
+                "tiny-llama",
+                cloud.iter().map(|(p, m)| CloudTarget::new(p, m)).collect(),
+            )
         }],
         ..scheduler_section()
     }
@@ -52,35 +38,6 @@ async fn chat(url: &str, stream: bool) -> reqwest::Response {
         ),
     )
     .await
-}
-
-fn target(resp: &reqwest::Response) -> String {
-    resp.headers()["x-flotilla-target"]
-        .to_str()
-        .unwrap()
-        .to_owned()
-}
-
-/// Registers a node with one slot for `tiny-llama` whose OpenAI API is `base_url` (without
-/// `/v1`), as an agent's heartbeat would.
-async fn register_node(sched_url: &str, node_id: &str, base_url: &str, max_running: u64) {
-    let report = NodeReport::new(
-        node_id,
-        base_url,
-        vec![NodeModel::idle(
-            "tiny-llama",
-            ModelKind::Chat,
-            2048,
-            max_running,
-        )],
-    );
-    let r = client()
-        .post(format!("{sched_url}{HEARTBEAT_PATH}"))
-        .json(&report)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
 }
 
 #[tokio::test]
@@ -268,13 +225,18 @@ async fn failover_on_500_429_and_closed_port_is_invisible_to_the_client() {
         provider("p429", &failing_429.base_url()),
         provider("good", &good.base_url()),
     ];
-    // No agent: the cloud list is the whole failover order.
-    let sched = start_scheduler(section(
-        8,
-        providers,
-        &[("closed", "a"), ("p500", "b"), ("p429", "c"), ("good", "d")],
-    ))
-    .await;
+    // No agent: the cloud list is the whole failover order, all four tried.
+    let mut section = SchedulerSection {
+        max_attempts: 4,
+        ..section(
+            8,
+            providers,
+            &[("closed", "a"), ("p500", "b"), ("p429", "c"), ("good", "d")],
+        )
+    };
+    // In this order every time (`cost` would learn that `good` answers fastest).
+    section.models[0].strategy = Some(flotilla_scheduler::Strategy::Failover);
+    let sched = start_scheduler(section).await;
     for stream in [false, true] {
         let resp = chat(&sched.url, stream).await;
         assert_eq!(resp.status(), 200);
@@ -289,7 +251,8 @@ async fn failover_on_500_429_and_closed_port_is_invisible_to_the_client() {
         }
     }
     assert_eq!(failing_500.hits(), 2);
-    assert_eq!(failing_429.hits(), 2);
+    // Its Retry-After of 7 s keeps the rate-limited target aside for the second request.
+    assert_eq!(failing_429.hits(), 1);
     assert_eq!(good.hits(), 2);
     sched.stop().await;
 }

@@ -5,3 +5,15 @@
 pub const TARGET: &str = "x-flotilla-target";
 /// Set on every response: the request id the scheduler assigned.
 pub const REQUEST_ID: &str = "x-request-id";
+/// Set on routed responses: why the scheduler chose the target (a reason code).
+pub const ROUTE_REASON: &str = "x-flotilla-route-reason";
+/// Request: `interactive` or `batch`.
+pub const PRIORITY: &str = "x-flotilla-priority";
+/// Request: the first token must arrive within this many milliseconds.
+pub const TTFT_MS: &str = "x-flotilla-ttft-ms";
+/// Request: the whole answer must arrive within this many milliseconds.
+pub const DEADLINE_MS: &str = "x-flotilla-deadline-ms";
+/// Request: `cost`, `latency`, `failover`, `weighted`, `local-only` or `cloud-only`.
+pub const ROUTE: &str = "x-flotilla-route";
+/// Request: a free-form tag routing rules can match.
+pub const TAG: &str = "x-flotilla-tag";

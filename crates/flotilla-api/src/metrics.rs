@@ -45,6 +45,16 @@ pub const TTFT: &str = "flotilla_time_to_first_token_seconds";
 pub const TPOT: &str = "flotilla_time_per_output_token_seconds";
 pub const AGENT_DRAINING: &str = "flotilla_agent_draining";
 
+// Scheduler series.
+pub const SCHED_PREDICTED_TTFT: &str = "flotilla_scheduler_predicted_ttft_seconds";
+pub const SCHED_TTFT: &str = "flotilla_scheduler_ttft_seconds";
+pub const SCHED_TTFT_ERROR: &str = "flotilla_scheduler_ttft_prediction_error_seconds";
+pub const SCHED_DECISIONS: &str = "flotilla_scheduler_routing_decisions_total";
+pub const SCHED_ATTEMPTS: &str = "flotilla_scheduler_attempts_total";
+pub const SCHED_QUEUE_DEPTH: &str = "flotilla_scheduler_queue_depth";
+pub const SCHED_BREAKER_STATE: &str = "flotilla_scheduler_breaker_state";
+pub const SCHED_TARGET_EWMA_TTFT: &str = "flotilla_scheduler_target_ttft_ewma_seconds";
+
 /// TTFT buckets, seconds (vLLM's, which dashboards already plot).
 pub const TTFT_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,

@@ -13,7 +13,7 @@ pub const HEARTBEAT_PATH: &str = "/internal/v1/heartbeat";
 pub const DEREGISTER_PATH: &str = "/internal/v1/nodes";
 pub const PROTOCOL_VERSION: u32 = 1;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelKind {
     Chat,

@@ -5,8 +5,80 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use flotilla_providers::{ProviderConfig, Secret, Timeouts};
-use flotilla_scheduler::{CloudTarget, ModelGroup};
+use flotilla_scheduler::{
+    Capability, CloudTarget, HealthConfig, MidStream, ModelGroup, PolicySettings, Priority, Rule,
+    Strategy,
+};
 use serde::{Deserialize, Serialize};
+
+/// How requests spread over agents with free slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LocalBalance {
+    /// Fill one agent's batch before the next (requests share batches and KV cache).
+    #[default]
+    Pack,
+    /// Least loaded first.
+    Spread,
+}
+
+/// Circuit breaker and EWMA settings (`[scheduler.health]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthSection {
+    /// Weight of the newest sample in the TTFT, latency and tokens/s EWMAs.
+    pub ewma_alpha: f64,
+    /// The error rate is measured over this window.
+    pub window_ms: u64,
+    /// Fewer requests than this in the window never open the breaker.
+    pub min_requests: u32,
+    /// Error rate (0..1] that opens the breaker.
+    pub error_rate: f64,
+    /// How long an open breaker waits before one probe request.
+    pub open_ms: u64,
+    /// How long a 429 without `Retry-After` keeps a target aside.
+    pub default_retry_after_ms: u64,
+}
+
+impl Default for HealthSection {
+    fn default() -> Self {
+        let d = HealthConfig::default();
+        HealthSection {
+            ewma_alpha: d.ewma_alpha,
+            window_ms: d.window.as_millis() as u64,
+            min_requests: d.min_requests,
+            error_rate: d.error_rate,
+            open_ms: d.open_for.as_millis() as u64,
+            default_retry_after_ms: d.default_retry_after.as_millis() as u64,
+        }
+    }
+}
+
+/// Deadlines a request of one class gets when its headers set none (0 = none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClassSection {
+    pub ttft_ms: u64,
+    pub deadline_ms: u64,
+}
+
+
+/// A class's deadlines, resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ClassDefaults {
+    pub ttft: Option<Duration>,
+    pub deadline: Option<Duration>,
+}
+
+impl ClassSection {
+    fn resolve(&self) -> ClassDefaults {
+        let d = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
+        ClassDefaults {
+            ttft: d(self.ttft_ms),
+            deadline: d(self.deadline_ms),
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -38,6 +110,42 @@ pub struct SchedulerSection {
     /// Environment variable holding the token `/admin/...` requires; unset = open (warned
     /// about beyond loopback).
     pub admin_token_env: Option<String>,
+    /// Routing strategy of models whose entry sets none: cost | latency | failover |
+    /// weighted | local-only | cloud-only.
+    pub default_strategy: Strategy,
+    /// Amortised price of one local GPU-hour in US dollars, for the `cost` strategy.
+    pub gpu_hour_usd: f64,
+    /// Class of requests without `x-flotilla-priority`.
+    pub default_priority: Priority,
+    /// Deadlines per class when the request's headers set none.
+    pub interactive: ClassSection,
+    pub batch: ClassSection,
+    /// Batch work that has waited this long is dispatched like interactive work.
+    pub batch_age_boost_ms: u64,
+    /// Most requests one model's local queue holds; past it they spill or get 503.
+    pub max_queued: u64,
+    /// Longest a request waits in the local queue before it gets 504.
+    pub max_queue_wait_ms: u64,
+    /// Prefix affinity may load a node this many requests above the least loaded one.
+    pub affinity_max_imbalance: u64,
+    pub local_balance: LocalBalance,
+    /// Targets tried per request, the first included.
+    pub max_attempts: u32,
+    /// Pause before the second attempt; doubles for each next one (capped at 1 s).
+    pub retry_backoff_ms: u64,
+    /// No new attempt starts this long after the request arrived.
+    pub retry_budget_ms: u64,
+    /// A stream broken after its first byte: `error` (an SSE error event) or `continue`
+    /// (the next target continues the answer).
+    pub mid_stream: MidStream,
+    /// Completion length assumed for cost and finish-time estimates when the request sets
+    /// no `max_tokens`.
+    pub default_max_tokens: u64,
+    /// Assumed until measured: a target's TTFT, a local request's latency, tokens/s.
+    pub prior_ttft_ms: u64,
+    pub prior_latency_ms: u64,
+    pub prior_tokens_per_s: f64,
+    pub health: HealthSection,
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelSection>,
 }
@@ -57,6 +165,28 @@ impl Default for SchedulerSection {
             request_timeout_ms: 600_000,
             cluster_token_env: None,
             admin_token_env: None,
+            default_strategy: Strategy::Cost,
+            gpu_hour_usd: 2.0,
+            default_priority: Priority::Interactive,
+            interactive: ClassSection {
+                ttft_ms: 10_000,
+                deadline_ms: 0,
+            },
+            batch: ClassSection::default(),
+            batch_age_boost_ms: 30_000,
+            max_queued: 1024,
+            max_queue_wait_ms: 600_000,
+            affinity_max_imbalance: 2,
+            local_balance: LocalBalance::Pack,
+            max_attempts: 3,
+            retry_backoff_ms: 25,
+            retry_budget_ms: 30_000,
+            mid_stream: MidStream::Error,
+            default_max_tokens: 256,
+            prior_ttft_ms: 500,
+            prior_latency_ms: 5_000,
+            prior_tokens_per_s: 30.0,
+            health: HealthSection::default(),
             providers: Vec::new(),
             models: Vec::new(),
         }
@@ -75,6 +205,41 @@ pub struct ModelSection {
     /// Cloud equivalents, tried in this order.
     #[serde(default)]
     pub cloud: Vec<CloudTarget>,
+    /// Overrides `scheduler.default_strategy`.
+    #[serde(default)]
+    pub strategy: Option<Strategy>,
+    /// Local agents' share under `weighted` (default 1).
+    #[serde(default)]
+    pub local_weight: Option<u32>,
+    /// What the local deployment supports: tools, vision, json_schema.
+    #[serde(default)]
+    pub local_capabilities: Vec<Capability>,
+    /// Overrides `scheduler.gpu_hour_usd`.
+    #[serde(default)]
+    pub gpu_hour_usd: Option<f64>,
+    /// First matching rule chooses the target set.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    /// Overrides `scheduler.mid_stream`.
+    #[serde(default)]
+    pub mid_stream: Option<MidStream>,
+}
+
+impl ModelSection {
+    pub fn new(name: &str, cloud: Vec<CloudTarget>) -> Self {
+        ModelSection {
+            name: name.to_owned(),
+            local_model: None,
+            max_queue_depth: None,
+            cloud,
+            strategy: None,
+            local_weight: None,
+            local_capabilities: Vec::new(),
+            gpu_hour_usd: None,
+            rules: Vec::new(),
+            mid_stream: None,
+        }
+    }
 }
 
 /// What the scheduler runs with.
@@ -92,6 +257,38 @@ pub struct SchedulerConfig {
     pub admin_token: Option<Secret>,
     pub providers: Vec<ProviderConfig>,
     pub groups: HashMap<String, ModelGroup>,
+    pub default_strategy: Strategy,
+    pub gpu_hour_usd: f64,
+    pub default_priority: Priority,
+    pub interactive: ClassDefaults,
+    pub batch: ClassDefaults,
+    pub policy: PolicySettings,
+    pub health: HealthConfig,
+    pub max_queue_wait: Duration,
+    pub max_attempts: u32,
+    pub retry_backoff: Duration,
+    pub retry_budget: Duration,
+    pub mid_stream: MidStream,
+    pub default_max_tokens: u64,
+}
+
+impl SchedulerConfig {
+    /// The group for a model agents serve but the config does not name.
+    pub fn implicit_group(&self, name: &str) -> ModelGroup {
+        ModelGroup {
+            strategy: self.default_strategy,
+            gpu_hour_usd: self.gpu_hour_usd,
+            mid_stream: self.mid_stream,
+            ..ModelGroup::implicit(name, self.default_max_queue_depth)
+        }
+    }
+
+    pub fn class(&self, p: Priority) -> ClassDefaults {
+        match p {
+            Priority::Interactive => self.interactive,
+            Priority::Batch => self.batch,
+        }
+    }
 }
 
 impl SchedulerSection {
@@ -119,6 +316,12 @@ impl SchedulerSection {
                 self.first_byte_timeout_ms,
             ),
             ("scheduler.request_timeout_ms", self.request_timeout_ms),
+            ("scheduler.max_queue_wait_ms", self.max_queue_wait_ms),
+            ("scheduler.retry_budget_ms", self.retry_budget_ms),
+            ("scheduler.health.window_ms", self.health.window_ms),
+            ("scheduler.health.open_ms", self.health.open_ms),
+            ("scheduler.max_queued", self.max_queued),
+            ("scheduler.default_max_tokens", self.default_max_tokens),
         ] {
             if v == 0 {
                 errors.push(format!("{key}: must be greater than 0"));
@@ -126,6 +329,21 @@ impl SchedulerSection {
         }
         if self.max_body_bytes < 1024 {
             errors.push("scheduler.max_body_bytes: must be at least 1024".into());
+        }
+        if self.max_attempts == 0 {
+            errors.push("scheduler.max_attempts: must be at least 1".into());
+        }
+        if !(self.health.ewma_alpha > 0.0 && self.health.ewma_alpha <= 1.0) {
+            errors.push("scheduler.health.ewma_alpha: must be in (0, 1]".into());
+        }
+        if !(self.health.error_rate > 0.0 && self.health.error_rate <= 1.0) {
+            errors.push("scheduler.health.error_rate: must be in (0, 1]".into());
+        }
+        if !(self.prior_tokens_per_s > 0.0 && self.prior_tokens_per_s.is_finite()) {
+            errors.push("scheduler.prior_tokens_per_s: must be greater than 0".into());
+        }
+        if !(self.gpu_hour_usd >= 0.0 && self.gpu_hour_usd.is_finite()) {
+            errors.push("scheduler.gpu_hour_usd: must be a non-negative number".into());
         }
         if self.missed_heartbeats == 0 {
             errors.push("scheduler.missed_heartbeats: must be at least 1".into());
@@ -176,19 +394,18 @@ impl SchedulerSection {
                 errors.push(format!("scheduler.models[{i}].name: must not be empty"));
                 continue;
             }
-            for (j, c) in m.cloud.iter().enumerate() {
-                if !names.contains(c.provider.as_str()) {
-                    errors.push(format!(
-                        "scheduler.models[{i}].cloud[{j}].provider: `{}` is not a configured provider",
-                        c.provider
-                    ));
-                }
-            }
+            check_model(i, m, &names, &mut errors);
             let group = ModelGroup {
                 name: m.name.clone(),
                 local_model: m.local_model.clone().unwrap_or_else(|| m.name.clone()),
                 max_queue_depth: m.max_queue_depth.unwrap_or(self.default_max_queue_depth),
                 cloud: m.cloud.clone(),
+                strategy: m.strategy.unwrap_or(self.default_strategy),
+                local_weight: m.local_weight.unwrap_or(1),
+                local_capabilities: m.local_capabilities.clone(),
+                gpu_hour_usd: m.gpu_hour_usd.unwrap_or(self.gpu_hour_usd),
+                rules: m.rules.clone(),
+                mid_stream: m.mid_stream.unwrap_or(self.mid_stream),
             };
             if groups.insert(m.name.clone(), group).is_some() {
                 errors.push(format!(
@@ -215,7 +432,82 @@ impl SchedulerSection {
             admin_token,
             providers: self.providers.clone(),
             groups,
+            default_strategy: self.default_strategy,
+            gpu_hour_usd: self.gpu_hour_usd,
+            default_priority: self.default_priority,
+            interactive: self.interactive.resolve(),
+            batch: self.batch.resolve(),
+            policy: PolicySettings {
+                age_boost: Duration::from_millis(self.batch_age_boost_ms),
+                max_queued: self.max_queued,
+                affinity_max_imbalance: self.affinity_max_imbalance,
+                pack: self.local_balance == LocalBalance::Pack,
+                prior_ttft: Duration::from_millis(self.prior_ttft_ms),
+                prior_latency: Duration::from_millis(self.prior_latency_ms),
+                prior_tokens_per_s: self.prior_tokens_per_s,
+            },
+            health: HealthConfig {
+                ewma_alpha: self.health.ewma_alpha,
+                window: Duration::from_millis(self.health.window_ms),
+                min_requests: self.health.min_requests,
+                error_rate: self.health.error_rate,
+                open_for: Duration::from_millis(self.health.open_ms),
+                default_retry_after: Duration::from_millis(self.health.default_retry_after_ms),
+            },
+            max_queue_wait: Duration::from_millis(self.max_queue_wait_ms),
+            max_attempts: self.max_attempts,
+            retry_backoff: Duration::from_millis(self.retry_backoff_ms),
+            retry_budget: Duration::from_millis(self.retry_budget_ms),
+            mid_stream: self.mid_stream,
+            default_max_tokens: self.default_max_tokens,
         })
+    }
+}
+
+/// Checks one model entry's cloud targets and rules against the configured providers.
+fn check_model(i: usize, m: &ModelSection, providers: &HashSet<&str>, errors: &mut Vec<String>) {
+    let key = format!("scheduler.models[{i}]");
+    let mut labels: HashSet<String> = HashSet::from(["local".to_owned()]);
+    for (j, c) in m.cloud.iter().enumerate() {
+        if !providers.contains(c.provider.as_str()) {
+            errors.push(format!(
+                "{key}.cloud[{j}].provider: `{}` is not a configured provider",
+                c.provider
+            ));
+        }
+        for (what, v) in [
+            ("input_usd_per_mtok", c.input_usd_per_mtok),
+            ("output_usd_per_mtok", c.output_usd_per_mtok),
+        ] {
+            if v.is_some_and(|p| !(p >= 0.0 && p.is_finite())) {
+                errors.push(format!("{key}.cloud[{j}].{what}: must be a non-negative number"));
+            }
+        }
+        labels.insert(c.label());
+    }
+    if m.gpu_hour_usd.is_some_and(|p| !(p >= 0.0 && p.is_finite())) {
+        errors.push(format!("{key}.gpu_hour_usd: must be a non-negative number"));
+    }
+    if m.strategy == Some(Strategy::Weighted)
+        && m.local_weight.unwrap_or(1) == 0
+        && m.cloud.iter().all(|c| c.weight == 0)
+    {
+        errors.push(format!("{key}.strategy: `weighted` needs a non-zero weight somewhere"));
+    }
+    for (j, r) in m.rules.iter().enumerate() {
+        if r.targets.is_empty() {
+            errors.push(format!("{key}.rules[{j}].targets: must name at least one target"));
+        }
+        for t in &r.targets {
+            if !labels.contains(t) {
+                let mut known: Vec<&String> = labels.iter().collect();
+                known.sort();
+                errors.push(format!(
+                    "{key}.rules[{j}].targets: `{t}` is not one of this model's targets ({})",
+                    known.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                ));
+            }
+        }
     }
 }
 
@@ -233,18 +525,17 @@ mod tests {
                 api_key_env: None,
             }],
             models: vec![ModelSection {
-                name: "m".into(),
-                local_model: None,
-                max_queue_depth: None,
-                cloud: vec![CloudTarget {
-                    provider: "nope".into(),
-                    model: "x".into(),
+                rules: vec![Rule {
+                    targets: vec!["cloud:elsewhere".into()],
+                    ..Rule::default()
                 }],
+                ..ModelSection::new("m", vec![CloudTarget::new("nope", "x")])
             }],
             ..SchedulerSection::default()
         };
         let errs = s.validate().unwrap_err();
-        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert_eq!(errs.len(), 4, "{errs:?}");
+        assert!(errs.iter().any(|e| e.contains("`cloud:elsewhere`")));
         assert!(errs.iter().any(|e| e.contains("missed_heartbeats")));
         assert!(errs.iter().any(|e| e.contains("base_url")));
         assert!(errs.iter().any(|e| e.contains("`nope`")));

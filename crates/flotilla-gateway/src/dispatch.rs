@@ -1,20 +1,31 @@
-//! Carries one request down the scheduler's ordered target list until a target answers.
+//! One request from decision to answer: ask the policy, wait in the local queue when it
+//! says so (spilling to the cloud when the wait would miss the deadline), then carry the
+//! request down its target list — retrying connection errors, timeouts, 5xx and 429 before
+//! the first byte on the next target with backoff, within an attempt count and a time
+//! budget — and record every attempt's outcome in the targets' health.
 
-use std::time::Instant;
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use flotilla_api::protocol::ModelKind;
 use flotilla_api::{ApiError, ErrorKind, headers};
 use flotilla_providers::{ProviderError, Upstream};
-use flotilla_scheduler::{ModelGroup, Target, plan_route};
+use flotilla_scheduler::{
+    Action, Decision, InFlightGuard, MidStream, ModelGroup, Outcome, RequestInfo, Snapshot,
+    Target, decide,
+};
 use serde_json::Value;
 
 use crate::AppState;
-use crate::stream::relay_sse;
+use crate::health::health_key;
+use crate::queue::Wake;
+use crate::stream::{Continuation, RelayCtx, relay_sse};
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Endpoint {
     Chat,
     Completions,
@@ -22,7 +33,7 @@ pub(crate) enum Endpoint {
 }
 
 impl Endpoint {
-    fn path(self) -> &'static str {
+    pub(crate) fn path(self) -> &'static str {
         match self {
             Endpoint::Chat => "/chat/completions",
             Endpoint::Completions => "/completions",
@@ -37,15 +48,26 @@ impl Endpoint {
     }
 }
 
-fn resolve_group(s: &AppState, model: &str, kind: ModelKind) -> Result<ModelGroup, ApiError> {
+/// A request ready to route.
+pub(crate) struct Routed<'a> {
+    pub ep: Endpoint,
+    pub model: &'a str,
+    pub stream: bool,
+    pub body: Value,
+    pub headers: &'a HeaderMap,
+    pub request_id: &'a str,
+}
+
+fn resolve_group<'a>(
+    s: &'a AppState,
+    model: &str,
+    kind: ModelKind,
+) -> Result<Cow<'a, ModelGroup>, ApiError> {
     if let Some(g) = s.inner.config.groups.get(model) {
-        return Ok(g.clone());
+        return Ok(Cow::Borrowed(g));
     }
     if s.inner.fleet.knows_model(model, Some(kind)) {
-        return Ok(ModelGroup::implicit(
-            model,
-            s.inner.config.default_max_queue_depth,
-        ));
+        return Ok(Cow::Owned(s.inner.config.implicit_group(model)));
     }
     if s.inner.fleet.knows_model(model, None) {
         let what = match kind {
@@ -60,150 +82,378 @@ fn resolve_group(s: &AppState, model: &str, kind: ModelKind) -> Result<ModelGrou
     Err(ApiError::model_not_found(model))
 }
 
-/// Tries each target of the plan in order. A target that fails before the first byte of
-/// its answer with a retryable error (connection, timeout, 5xx, 429) hands the request to
-/// the next; a non-retryable answer (the request's own fault, e.g. context too long) goes
-/// back to the client as it is.
-pub(crate) async fn dispatch(
+/// Asks the policy, with the current fleet, health and queue.
+fn decide_now(
+    s: &AppState,
+    group: &ModelGroup,
+    kind: ModelKind,
+    info: &RequestInfo,
+) -> Result<Decision, ApiError> {
+    let inner = &s.inner;
+    let now = Instant::now();
+    let mut locals = inner.fleet.candidates(&group.local_model, kind, now);
+    for c in &mut locals {
+        let key = format!("local:{}/{}", c.node_id, c.model);
+        c.health = inner.health.view(&key, 0, now);
+    }
+    let cloud: Vec<_> = group
+        .cloud
+        .iter()
+        .map(|c| {
+            let key = format!("cloud:{}/{}", c.provider, c.model);
+            inner.health.view(&key, c.max_concurrency, now)
+        })
+        .collect();
+    let waiting = inner.queues.waiting(&group.local_model, kind);
+    let affinity = info
+        .prefix
+        .and_then(|p| inner.affinity(&group.local_model, p));
+    let snap = Snapshot {
+        group,
+        locals: &locals,
+        cloud: &cloud,
+        waiting: &waiting,
+        affinity: affinity.as_deref(),
+        settings: &inner.config.policy,
+        now,
+    };
+    Ok(decide(&snap, info)?)
+}
+
+/// Routes one request and returns the answer (or the error every target gave).
+pub(crate) async fn dispatch(s: &AppState, r: Routed<'_>) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let cfg = &s.inner.config;
+    let group = resolve_group(s, r.model, r.ep.kind())?;
+    let mut info = crate::features::request_info(cfg, &r.body, r.headers, r.request_id)?;
+    loop {
+        info.waited = arrived.elapsed();
+        let decision = decide_now(s, &group, r.ep.kind(), &info)?;
+        s.inner.metrics.decision(decision.code);
+        tracing::info!(
+            request_id = r.request_id,
+            model = r.model,
+            priority = info.priority.as_str(),
+            strategy = decision.strategy.as_str(),
+            reason = decision.code.as_str(),
+            detail = %decision.reason,
+            predicted_ttft_ms = decision.predicted_ttft.as_millis() as u64,
+            position = decision.position,
+            queued = matches!(decision.action, Action::Enqueue { .. }),
+            "route decision"
+        );
+        let spill_after = match decision.action {
+            Action::Dispatch => {
+                return carry(s, &r, &group, &info, &decision, decision.targets.clone(), None, arrived)
+                    .await;
+            }
+            Action::Enqueue { spill_after } => spill_after,
+        };
+        let mut ticket = s
+            .inner
+            .queues
+            .enqueue(&group.local_model, r.ep.kind(), info.priority);
+        let left = cfg.max_queue_wait.saturating_sub(arrived.elapsed());
+        let limit = spill_after.map_or(left, |sp| sp.min(left));
+        let woke = tokio::select! {
+            w = &mut ticket.rx => w.ok(),
+            _ = tokio::time::sleep(limit) => {
+                // The pump may have handed us a slot just as time ran out.
+                ticket.rx.try_recv().ok()
+            }
+        };
+        drop(ticket);
+        match woke {
+            Some(Wake::Slot(target, guard)) => {
+                let mut targets = vec![target];
+                targets.extend(decision.targets.iter().cloned());
+                return carry(s, &r, &group, &info, &decision, targets, Some(guard), arrived)
+                    .await;
+            }
+            Some(Wake::Reconsider) => continue,
+            // Time to leave the queue: for the deadline, or after the longest wait allowed.
+            None if !decision.targets.is_empty() => {
+                tracing::info!(
+                    request_id = r.request_id,
+                    model = r.model,
+                    waited_ms = arrived.elapsed().as_millis() as u64,
+                    upstream = %decision.targets[0].label(),
+                    "spilled: no local slot in time for the deadline"
+                );
+                s.inner.metrics.decision(flotilla_scheduler::ReasonCode::DeadlineMiss);
+                return carry(s, &r, &group, &info, &decision, decision.targets.clone(), None, arrived)
+                    .await;
+            }
+            None => {
+                return Err(flotilla_scheduler::SchedulerError::QueueTimeout {
+                    model: group.name.clone(),
+                    waited_ms: arrived.elapsed().as_millis() as u64,
+                }
+                .into());
+            }
+        }
+    }
+}
+
+/// The part of a non-streaming answer the scheduler reads; the rest is relayed as it came.
+#[derive(serde::Deserialize)]
+struct UsageOnly {
+    #[serde(default)]
+    usage: Option<UsageCounts>,
+}
+
+#[derive(serde::Deserialize)]
+struct UsageCounts {
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+}
+
+/// One attempt in progress.
+pub(crate) struct Attempt {
+    pub target: Target,
+    pub label: String,
+    pub health_key: String,
+    pub started: Instant,
+}
+
+fn outcome_of(e: &ProviderError) -> (Outcome, usize) {
+    match e {
+        ProviderError::Status {
+            status: 429,
+            retry_after,
+            ..
+        } => (
+            Outcome::RateLimited {
+                retry_after: *retry_after,
+            },
+            2,
+        ),
+        e if !e.is_retryable() => (Outcome::Rejected, 3),
+        _ => (Outcome::Failure, 1),
+    }
+}
+
+fn upstream_for(s: &AppState, target: &Target, label: &str) -> Result<Upstream, ProviderError> {
+    match target {
+        Target::Local { base_url, .. } => Ok(s.inner.pool.upstream(
+            label,
+            &format!("{}/v1", base_url.trim_end_matches('/')),
+            None,
+        )),
+        Target::Cloud { provider, .. } => match s.inner.providers.get(provider) {
+            Some(Ok(up)) => Ok(up.clone()),
+            Some(Err(reason)) => Err(ProviderError::Connect {
+                target: label.to_owned(),
+                reason: reason.clone(),
+            }),
+            None => Err(ProviderError::Connect {
+                target: label.to_owned(),
+                reason: "provider not configured".into(),
+            }),
+        },
+    }
+}
+
+/// Sends `body` to `target` and waits for the response headers. The attempt counts in the
+/// target's health from here; a failure is recorded before it is returned.
+pub(crate) async fn open_attempt(
     s: &AppState,
     ep: Endpoint,
-    model: &str,
+    target: &Target,
+    body: &Value,
     stream: bool,
-    mut body: Value,
-    request_id: &str,
-) -> Result<Response, ApiError> {
+    guard: Option<InFlightGuard>,
+) -> Result<(Attempt, reqwest::Response, Option<InFlightGuard>), ProviderError> {
+    let label = target.label();
+    let upstream = upstream_for(s, target, &label)?;
+    let key = health_key(target);
     let started = Instant::now();
-    let group = resolve_group(s, model, ep.kind())?;
-    let candidates = s
-        .inner
-        .fleet
-        .candidates(&group.local_model, ep.kind(), started);
-    let plan = plan_route(&group, &candidates)?;
-    let mut failures: Vec<ProviderError> = Vec::new();
-
-    for target in &plan.targets {
-        let label = target.label();
-        let (upstream, guard) = match target {
-            Target::Local {
-                node_id,
-                base_url,
-                model,
-            } => (
-                s.inner.pool.upstream(
-                    &label,
-                    &format!("{}/v1", base_url.trim_end_matches('/')),
-                    None,
-                ),
-                Some(s.inner.fleet.acquire(node_id, model)),
-            ),
-            Target::Cloud { provider, .. } => match s.inner.providers.get(provider) {
-                Some(Ok(up)) => (up.clone(), None),
-                Some(Err(reason)) => {
-                    failures.push(ProviderError::Connect {
-                        target: label,
-                        reason: reason.clone(),
-                    });
-                    continue;
-                }
-                None => {
-                    failures.push(ProviderError::Connect {
-                        target: label,
-                        reason: "provider not configured".into(),
-                    });
-                    continue;
-                }
+    let admit = s.inner.health.try_start(&key, started);
+    if !admit.allowed() {
+        return Err(ProviderError::Connect {
+            target: label,
+            reason: format!("not tried: {}", admit.as_str()),
+        });
+    }
+    let guard = match (target, guard) {
+        (_, Some(g)) => Some(g),
+        (Target::Local { node_id, model, .. }, None) => Some(s.inner.fleet.acquire(node_id, model)),
+        (Target::Cloud { .. }, None) => None,
+    };
+    let mut body = body.clone();
+    body["model"] = Value::String(target.model().to_owned());
+    match upstream.post_json(ep.path(), &body, stream).await {
+        Ok(resp) => Ok((
+            Attempt {
+                target: target.clone(),
+                label,
+                health_key: key,
+                started,
             },
-        };
-        body["model"] = Value::String(target.model().to_owned());
-
-        let result = match upstream.post_json(ep.path(), &body, stream).await {
-            Ok(resp) if stream => Ok(Answer::Stream(resp)),
-            Ok(resp) => upstream.read_json(resp).await.map(Answer::Json),
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(answer) => {
-                tracing::info!(
-                    request_id,
-                    model,
-                    reason = plan.reason.as_str(),
-                    upstream = %label,
-                    failed_attempts = failures.len(),
-                    stream,
-                    "routed"
-                );
-                return Ok(respond(answer, &upstream, &label, request_id, s, guard));
+            resp,
+            guard,
+        )),
+        Err(e) => {
+            let (outcome, n) = outcome_of(&e);
+            s.inner.metrics.attempt(n);
+            s.inner.health.finish(&key, outcome, Instant::now());
+            // An agent that refuses connections or does not answer in time gets no more
+            // work until its next heartbeat says it is alive.
+            if let (
+                Target::Local { node_id, .. },
+                ProviderError::Connect { .. } | ProviderError::Timeout { .. },
+            ) = (target, &e)
+            {
+                s.inner.fleet.mark_unreachable(node_id);
+                s.inner.queues.wake.notify_one();
             }
+            Err(e)
+        }
+    }
+}
+
+/// Tries `targets` in order until one answers.
+#[allow(clippy::too_many_arguments)]
+async fn carry(
+    s: &AppState,
+    r: &Routed<'_>,
+    group: &ModelGroup,
+    info: &RequestInfo,
+    decision: &Decision,
+    targets: Vec<Target>,
+    mut first_guard: Option<InFlightGuard>,
+    arrived: Instant,
+) -> Result<Response, ApiError> {
+    let cfg = &s.inner.config;
+    let mut targets: VecDeque<Target> = targets.into();
+    let mut failures: Vec<ProviderError> = Vec::new();
+    let mut attempts = 0u32;
+    while let Some(target) = targets.pop_front() {
+        if attempts >= cfg.max_attempts {
+            break;
+        }
+        let label = target.label();
+        if attempts > 0 {
+            let backoff = cfg
+                .retry_backoff
+                .saturating_mul(1 << (attempts - 1).min(10))
+                .min(Duration::from_secs(1));
+            if arrived.elapsed() + backoff >= cfg.retry_budget {
+                tracing::warn!(request_id = r.request_id, "retry budget spent");
+                break;
+            }
+            tokio::time::sleep(backoff).await;
+        }
+        // What happened since the decision (a 429, an opened breaker, a wait in the queue)
+        // applies at once; a skipped target is not an attempt.
+        let admit = s.inner.health.admit(&health_key(&target), Instant::now());
+        if !admit.allowed() {
+            tracing::info!(request_id = r.request_id, upstream = %label, admit = admit.as_str(), "skipping target");
+            continue;
+        }
+        attempts += 1;
+        let guard = if target.is_local() { first_guard.take() } else { None };
+        let opened = open_attempt(s, r.ep, &target, &r.body, r.stream, guard).await;
+        let (attempt, resp, guard) = match opened {
+            Ok(x) => x,
             Err(e) => {
-                // An agent that refuses connections or does not answer in time gets no
-                // more work until its next heartbeat says it is alive.
-                if let (
-                    Target::Local { node_id, .. },
-                    ProviderError::Connect { .. } | ProviderError::Timeout { .. },
-                ) = (target, &e)
-                {
-                    s.inner.fleet.mark_unreachable(node_id);
-                }
                 if !e.is_retryable() {
-                    tracing::info!(request_id, model, upstream = %label, error = %e, "upstream rejected the request");
+                    tracing::info!(request_id = r.request_id, model = r.model, upstream = %label, error = %e, "upstream rejected the request");
                     return Err(e.to_api_error());
                 }
-                tracing::warn!(request_id, model, upstream = %label, error = %e, "attempt failed; trying the next target");
+                tracing::warn!(request_id = r.request_id, model = r.model, upstream = %label, error = %e, "attempt failed; trying the next target");
+                failures.push(e);
+                continue;
+            }
+        };
+        if let (Target::Local { node_id, .. }, Some(p)) = (&target, info.prefix) {
+            s.inner.remember_affinity(&group.local_model, p, node_id);
+        }
+        // The prediction was for the first target; later ones are compared with theirs.
+        let predicted = decision.predicted_ttft;
+        let builder = Response::builder()
+            .status(StatusCode::OK)
+            .header(headers::TARGET, hv(&label))
+            .header(headers::REQUEST_ID, hv(r.request_id))
+            .header(headers::ROUTE_REASON, decision.code.as_str());
+        if r.stream {
+            s.inner.metrics.attempt(0);
+            tracing::info!(request_id = r.request_id, model = r.model, upstream = %label, failed_attempts = failures.len(), stream = true, "routed");
+            let cont = (group.mid_stream == MidStream::Continue && r.ep == Endpoint::Chat).then(
+                || Continuation {
+                    state: s.clone(),
+                    targets: targets.clone(),
+                    body: r.body.clone(),
+                    request_id: r.request_id.to_owned(),
+                    attempts_left: cfg.max_attempts.saturating_sub(attempts),
+                },
+            );
+            let body = relay_sse(
+                resp,
+                RelayCtx {
+                    state: s.clone(),
+                    attempt,
+                    idle: cfg.timeouts.first_byte,
+                    guard,
+                    predicted_ttft: predicted,
+                    cont,
+                },
+            );
+            return Ok(builder
+                .header(header::CONTENT_TYPE, "text/event-stream")
+                .header(header::CACHE_CONTROL, "no-cache")
+                .body(body)
+                .unwrap_or_else(|e| ApiError::new(ErrorKind::Internal, e.to_string()).into_response()));
+        }
+        let upstream = match upstream_for(s, &target, &label) {
+            Ok(u) => u,
+            Err(e) => return Err(e.to_api_error()),
+        };
+        match upstream.read_answer::<UsageOnly>(resp).await {
+            Ok((bytes, answer)) => {
+                let took = attempt.started.elapsed();
+                let tokens = answer.usage.and_then(|u| u.completion_tokens);
+                s.inner.health.finish(
+                    &attempt.health_key,
+                    Outcome::Success {
+                        ttft: took,
+                        latency: took,
+                        tokens,
+                    },
+                    Instant::now(),
+                );
+                s.inner.metrics.attempt(0);
+                s.inner.metrics.observe_ttft(target.is_local(), predicted, took);
+                drop(guard);
+                tracing::info!(request_id = r.request_id, model = r.model, upstream = %label, failed_attempts = failures.len(), stream = false, latency_ms = took.as_millis() as u64, "routed");
+                return Ok(builder
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(bytes))
+                    .unwrap_or_else(|e| {
+                        ApiError::new(ErrorKind::Internal, e.to_string()).into_response()
+                    }));
+            }
+            Err(e) => {
+                s.inner.metrics.attempt(1);
+                s.inner
+                    .health
+                    .finish(&attempt.health_key, Outcome::Failure, Instant::now());
+                tracing::warn!(request_id = r.request_id, upstream = %label, error = %e, "reading the answer failed; trying the next target");
                 failures.push(e);
             }
         }
     }
-
     tracing::warn!(
-        request_id,
-        model,
+        request_id = r.request_id,
+        model = r.model,
         attempts = failures.len(),
         "every target failed"
     );
-    Err(all_failed(model, &failures))
+    Err(all_failed(r.model, &failures))
 }
 
-enum Answer {
-    Stream(reqwest::Response),
-    Json(Value),
-}
-
-fn respond(
-    answer: Answer,
-    upstream: &Upstream,
-    label: &str,
-    request_id: &str,
-    s: &AppState,
-    guard: Option<flotilla_scheduler::InFlightGuard>,
-) -> Response {
-    let builder = Response::builder()
-        .status(StatusCode::OK)
-        .header(
-            headers::TARGET,
-            HeaderValue::from_str(label).unwrap_or(HeaderValue::from_static("unknown")),
-        )
-        .header(
-            headers::REQUEST_ID,
-            HeaderValue::from_str(request_id).unwrap_or(HeaderValue::from_static("")),
-        );
-    let built = match answer {
-        Answer::Stream(resp) => builder
-            .header(header::CONTENT_TYPE, "text/event-stream")
-            .header(header::CACHE_CONTROL, "no-cache")
-            .body(relay_sse(
-                resp,
-                upstream.label().to_owned(),
-                s.inner.config.timeouts.first_byte,
-                guard,
-            )),
-        Answer::Json(v) => {
-            drop(guard);
-            builder
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from(v.to_string()))
-        }
-    };
-    built.unwrap_or_else(|e| ApiError::new(ErrorKind::Internal, e.to_string()).into_response())
+fn hv(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
 /// 503 naming every attempt, or the last upstream's own status when that is more telling

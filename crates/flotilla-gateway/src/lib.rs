@@ -7,13 +7,19 @@
 
 pub mod config;
 mod dispatch;
+mod features;
+mod health;
+mod metrics;
+mod queue;
 mod routes;
 mod state;
 mod stream;
 
 use std::net::SocketAddr;
 
-pub use config::{ModelSection, SchedulerConfig, SchedulerSection};
+pub use config::{
+    ClassSection, HealthSection, LocalBalance, ModelSection, SchedulerConfig, SchedulerSection,
+};
 pub use state::AppState;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -65,6 +71,13 @@ impl Scheduler {
     /// Serves until `shutdown` is cancelled, then lets in-flight requests finish.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), GatewayError> {
         tokio::spawn(sweep_fleet(self.state.clone(), shutdown.clone()));
+        // The pump also runs on every heartbeat interval, so load figures that changed
+        // without a release (another scheduler's work finishing) are acted on.
+        tokio::spawn(queue::pump(
+            self.state.clone(),
+            shutdown.clone(),
+            self.state.inner.config.heartbeat.min(std::time::Duration::from_millis(250)),
+        ));
         let app = routes::router(self.state);
         // Stream chunks are small writes that must leave at once: no Nagle delay.
         let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
@@ -88,7 +101,11 @@ async fn sweep_fleet(state: AppState, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        for (node_id, silent) in state.inner.fleet.sweep(std::time::Instant::now()) {
+        let lost = state.inner.fleet.sweep(std::time::Instant::now());
+        if !lost.is_empty() {
+            state.inner.queues.wake.notify_one();
+        }
+        for (node_id, silent) in lost {
             tracing::warn!(
                 node_id = %node_id,
                 silent_ms = silent.as_millis() as u64,

@@ -18,7 +18,7 @@ use flotilla_api::{ApiError, ErrorKind, headers};
 use flotilla_scheduler::Upsert;
 
 use crate::AppState;
-use crate::dispatch::{Endpoint, dispatch};
+use crate::dispatch::{Endpoint, Routed, dispatch};
 use flotilla_api::body::{parse_json, read_limited};
 
 pub(crate) fn router(state: AppState) -> Router {
@@ -29,6 +29,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(|| async { "ok" }))
         .route("/status", get(status))
+        .route("/metrics", get(metrics))
         .route("/admin/v1/nodes", get(nodes))
         .route(HEARTBEAT_PATH, post(heartbeat))
         .route(
@@ -55,21 +56,37 @@ pub(crate) fn error_response(err: ApiError, request_id: &str) -> Response {
     resp
 }
 
-async fn chat(State(s): State<AppState>, body: Body) -> Response {
-    handle::<ChatCompletionRequest>(&s, Endpoint::Chat, body).await
+async fn chat(State(s): State<AppState>, h: HeaderMap, body: Body) -> Response {
+    handle::<ChatCompletionRequest>(&s, Endpoint::Chat, &h, body).await
 }
 
-async fn completions(State(s): State<AppState>, body: Body) -> Response {
-    handle::<CompletionRequest>(&s, Endpoint::Completions, body).await
+async fn completions(State(s): State<AppState>, h: HeaderMap, body: Body) -> Response {
+    handle::<CompletionRequest>(&s, Endpoint::Completions, &h, body).await
 }
 
-async fn embeddings(State(s): State<AppState>, body: Body) -> Response {
-    handle::<EmbeddingRequest>(&s, Endpoint::Embeddings, body).await
+async fn embeddings(State(s): State<AppState>, h: HeaderMap, body: Body) -> Response {
+    handle::<EmbeddingRequest>(&s, Endpoint::Embeddings, &h, body).await
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            flotilla_api::metrics::TEXT_CONTENT_TYPE,
+        )],
+        crate::metrics::render(&s),
+    )
+        .into_response()
 }
 
 /// Read, parse and validate one OpenAI request, then hand it to the failover loop. Errors
 /// carry the request id like answers do.
-async fn handle<R: OpenAiRequest>(s: &AppState, ep: Endpoint, body: Body) -> Response {
+async fn handle<R: OpenAiRequest>(
+    s: &AppState,
+    ep: Endpoint,
+    headers: &HeaderMap,
+    body: Body,
+) -> Response {
     let id = new_request_id();
     let cfg = &s.inner.config;
     let res = async {
@@ -77,7 +94,18 @@ async fn handle<R: OpenAiRequest>(s: &AppState, ep: Endpoint, body: Body) -> Res
         let req: R = parse_json(&bytes)?;
         req.validate()?;
         let value = serde_json::to_value(&req).map_err(|e| ApiError::invalid(e.to_string()))?;
-        dispatch(s, ep, req.model(), req.is_stream(), value, &id).await
+        dispatch(
+            s,
+            Routed {
+                ep,
+                model: req.model(),
+                stream: req.is_stream(),
+                body: value,
+                headers,
+                request_id: &id,
+            },
+        )
+        .await
     }
     .await;
     res.unwrap_or_else(|e| error_response(e, &id))
@@ -159,7 +187,10 @@ async fn heartbeat(State(s): State<AppState>, h: HeaderMap, body: Body) -> Respo
         let node_id = report.node_id.clone();
         let models: Vec<String> = report.models.iter().map(|m| m.name.clone()).collect();
         let gpus = report.gpus.len();
-        match s.inner.fleet.upsert(report, Instant::now()) {
+        let change = s.inner.fleet.upsert(report, Instant::now());
+        // New load figures may free slots for queued requests.
+        s.inner.queues.wake.notify_one();
+        match change {
             Upsert::Joined => {
                 tracing::info!(node_id = %node_id, models = ?models, gpus, "node joined")
             }
@@ -187,6 +218,7 @@ async fn deregister(
         return e.into_response();
     }
     if s.inner.fleet.remove(&node_id) {
+        s.inner.queues.wake.notify_one();
         tracing::info!(node_id = %node_id, "node left");
         StatusCode::NO_CONTENT.into_response()
     } else {

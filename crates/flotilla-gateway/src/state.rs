@@ -1,10 +1,16 @@
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use flotilla_providers::{ProviderError, Upstream, UpstreamPool};
 use flotilla_scheduler::Fleet;
 
+use crate::health::HealthBook;
+use crate::metrics::GatewayMetrics;
+use crate::queue::Queues;
 use crate::{GatewayError, SchedulerConfig};
+
+/// Prefix hashes remembered for affinity; past this the map starts over.
+const AFFINITY_ENTRIES: usize = 65_536;
 
 /// Everything a request handler needs, cheap to clone.
 #[derive(Clone)]
@@ -19,6 +25,11 @@ pub(crate) struct Inner {
     /// Configured providers; the error of one whose key is missing, reported on use.
     pub providers: HashMap<String, Result<Upstream, String>>,
     pub cluster_token: Option<flotilla_providers::Secret>,
+    pub health: HealthBook,
+    pub queues: Arc<Queues>,
+    pub metrics: GatewayMetrics,
+    /// (local model, prefix hash) -> the node that served it last.
+    affinity: Mutex<HashMap<(String, u64), String>>,
 }
 
 impl AppState {
@@ -34,18 +45,44 @@ impl AppState {
         }
         let cluster_token = config.cluster_token.clone();
         let fleet = Fleet::new(config.heartbeat, config.missed_heartbeats);
+        let queues = Arc::new(Queues::default());
+        // A finished request frees a slot: the pump hands it to the next waiter.
+        let q = Arc::clone(&queues);
+        fleet.on_release(Box::new(move || q.wake.notify_one()));
         Ok(AppState {
             inner: Arc::new(Inner {
+                health: HealthBook::new(config.health),
                 config,
                 fleet,
                 pool,
                 providers,
                 cluster_token,
+                queues,
+                metrics: GatewayMetrics::default(),
+                affinity: Mutex::new(HashMap::new()),
             }),
         })
     }
 
     pub fn fleet(&self) -> &Arc<Fleet> {
         &self.inner.fleet
+    }
+}
+
+impl Inner {
+    pub fn affinity(&self, model: &str, prefix: u64) -> Option<String> {
+        self.affinity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(model.to_owned(), prefix))
+            .cloned()
+    }
+
+    pub fn remember_affinity(&self, model: &str, prefix: u64, node: &str) {
+        let mut map = self.affinity.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= AFFINITY_ENTRIES {
+            map.clear();
+        }
+        map.insert((model.to_owned(), prefix), node.to_owned());
     }
 }

@@ -190,6 +190,17 @@ impl Upstream {
         &self,
         resp: reqwest::Response,
     ) -> Result<serde_json::Value, ProviderError> {
+        let (_, value) = self.read_answer::<serde_json::Value>(resp).await?;
+        Ok(value)
+    }
+
+    /// Reads a whole non-streaming body within the total timeout and checks it is JSON of
+    /// shape `T`, returning the bytes as they came (to relay untouched) and `T` (e.g. only
+    /// the `usage` field, which serde reads without building the rest).
+    pub async fn read_answer<T: serde::de::DeserializeOwned>(
+        &self,
+        resp: reqwest::Response,
+    ) -> Result<(bytes::Bytes, T), ProviderError> {
         match tokio::time::timeout(self.timeouts.total, resp.bytes()).await {
             Err(_) => Err(ProviderError::Timeout {
                 target: self.label.clone(),
@@ -199,10 +210,13 @@ impl Upstream {
                 target: self.label.clone(),
                 reason: e.to_string(),
             }),
-            Ok(Ok(bytes)) => serde_json::from_slice(&bytes).map_err(|e| ProviderError::Body {
-                target: self.label.clone(),
-                reason: format!("invalid JSON: {e}"),
-            }),
+            Ok(Ok(bytes)) => match serde_json::from_slice(&bytes) {
+                Ok(v) => Ok((bytes, v)),
+                Err(e) => Err(ProviderError::Body {
+                    target: self.label.clone(),
+                    reason: format!("invalid JSON: {e}"),
+                }),
+            },
         }
     }
 

@@ -7,11 +7,12 @@
 //! that reports `draining` gets nothing new; one that says goodbye is removed at once.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use flotilla_api::protocol::{GpuStats, HostStats, ModelKind, NodeModel, NodeReport};
 
+use crate::health::HealthView;
 use crate::policy::LocalCandidate;
 
 struct NodeEntry {
@@ -80,8 +81,12 @@ pub enum Upsert {
     Unchanged,
 }
 
+/// Called after a slot is released, so queued requests can take it.
+pub type OnRelease = Box<dyn Fn() + Send + Sync>;
+
 pub struct Fleet {
     nodes: Mutex<HashMap<String, NodeEntry>>,
+    on_release: OnceLock<OnRelease>,
     heartbeat: Duration,
     missed_heartbeats: u32,
 }
@@ -92,6 +97,7 @@ impl Fleet {
     pub fn new(heartbeat: Duration, missed_heartbeats: u32) -> Arc<Self> {
         Arc::new(Fleet {
             nodes: Mutex::new(HashMap::new()),
+            on_release: OnceLock::new(),
             heartbeat,
             missed_heartbeats: missed_heartbeats.max(1),
         })
@@ -166,6 +172,11 @@ impl Fleet {
         lost
     }
 
+    /// Sets what runs each time an in-flight request releases its slot (once).
+    pub fn on_release(&self, f: OnRelease) {
+        let _ = self.on_release.set(f);
+    }
+
     pub fn remove(&self, node_id: &str) -> bool {
         self.lock().remove(node_id).is_some()
     }
@@ -214,6 +225,13 @@ impl Fleet {
                     in_flight: e.in_flight.get(model).copied().unwrap_or(0),
                     reported_load: m.running.saturating_add(m.waiting),
                     max_running: m.max_running,
+                    context_length: m.context_length,
+                    tokens_per_second: if m.tokens_per_second.is_finite() {
+                        m.tokens_per_second.max(0.0)
+                    } else {
+                        0.0
+                    },
+                    health: HealthView::default(),
                 });
             }
         }
@@ -307,6 +325,10 @@ impl Drop for InFlightGuard {
             && let Some(n) = e.in_flight.get_mut(&self.model)
         {
             *n = n.saturating_sub(1);
+        }
+        // The lock is released: the callback may read the fleet.
+        if let Some(f) = self.fleet.on_release.get() {
+            f();
         }
     }
 }

@@ -1,0 +1,456 @@
+//! Per-target health: EWMAs of TTFT, total latency and tokens/s, updated on every request;
+//! a circuit breaker on the error rate over a sliding window; 429 `Retry-After`; and a
+//! concurrency limit. Time is passed in, never read, so the simulator drives it in virtual
+//! time and tests step it by hand.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// Breaker and EWMA settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HealthConfig {
+    /// Weight of the newest sample in each EWMA (0..=1).
+    pub ewma_alpha: f64,
+    /// The error rate is measured over this window.
+    pub window: Duration,
+    /// The breaker does not judge a target on fewer requests than this in the window.
+    pub min_requests: u32,
+    /// Error rate (0..=1) at or above which the breaker opens.
+    pub error_rate: f64,
+    /// How long an open breaker stays open before one probe is let through.
+    pub open_for: Duration,
+    /// Without a `Retry-After`, a 429 keeps the target aside this long.
+    pub default_retry_after: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            ewma_alpha: 0.2,
+            window: Duration::from_secs(30),
+            min_requests: 5,
+            error_rate: 0.5,
+            open_for: Duration::from_secs(10),
+            default_retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerState {
+    Closed,
+    Open,
+    /// The open period is over; one probe request decides.
+    HalfOpen,
+}
+
+/// How one attempt at a target ended, as far as the target's health is concerned.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Outcome {
+    Success {
+        ttft: Duration,
+        latency: Duration,
+        /// Completion tokens, when the answer said.
+        tokens: Option<u64>,
+    },
+    /// Connection error, timeout, 5xx, or a stream broken mid-way.
+    Failure,
+    /// 429: not a fault, but the target wants no traffic for this long.
+    RateLimited { retry_after: Option<Duration> },
+    /// The request's own fault (400-class): says nothing about the target.
+    Rejected,
+}
+
+/// Whether a target may take a request now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "admit", rename_all = "snake_case")]
+pub enum Admit {
+    Yes,
+    /// Half-open: this request is the probe.
+    Probe,
+    BreakerOpen,
+    /// Half-open and its probe is still out.
+    ProbeInFlight,
+    RateLimited,
+    AtConcurrencyLimit,
+}
+
+impl Admit {
+    pub fn allowed(self) -> bool {
+        matches!(self, Admit::Yes | Admit::Probe)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Admit::Yes => "yes",
+            Admit::Probe => "probe",
+            Admit::BreakerOpen => "breaker_open",
+            Admit::ProbeInFlight => "probe_in_flight",
+            Admit::RateLimited => "rate_limited",
+            Admit::AtConcurrencyLimit => "at_concurrency_limit",
+        }
+    }
+}
+
+/// An exponentially weighted moving average and variance; empty until its first sample.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Ewma {
+    mean: Option<f64>,
+    var: f64,
+}
+
+impl Ewma {
+    pub fn add(&mut self, sample: f64, alpha: f64) {
+        if !sample.is_finite() {
+            return;
+        }
+        match self.mean {
+            None => self.mean = Some(sample),
+            Some(m) => {
+                let diff = sample - m;
+                let incr = alpha * diff;
+                self.mean = Some(m + incr);
+                self.var = (1.0 - alpha) * (self.var + diff * incr);
+            }
+        }
+    }
+    pub fn get(&self) -> Option<f64> {
+        self.mean
+    }
+    /// Standard deviation around the mean (0 after one sample).
+    pub fn dev(&self) -> Option<f64> {
+        self.mean.map(|_| self.var.max(0.0).sqrt())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TargetHealth {
+    pub ttft_s: Ewma,
+    pub latency_s: Ewma,
+    pub tokens_per_s: Ewma,
+    /// (when, failed) for each judged request in the window.
+    window: VecDeque<(Instant, bool)>,
+    state: BreakerState,
+    opened_at: Option<Instant>,
+    probe_out: bool,
+    rate_limited_until: Option<Instant>,
+    pub in_flight: u32,
+    /// 0 = no limit.
+    pub max_concurrency: u32,
+    pub successes: u64,
+    pub failures: u64,
+}
+
+impl Default for TargetHealth {
+    fn default() -> Self {
+        TargetHealth::new(0)
+    }
+}
+
+impl TargetHealth {
+    pub fn new(max_concurrency: u32) -> Self {
+        TargetHealth {
+            ttft_s: Ewma::default(),
+            latency_s: Ewma::default(),
+            tokens_per_s: Ewma::default(),
+            window: VecDeque::new(),
+            state: BreakerState::Closed,
+            opened_at: None,
+            probe_out: false,
+            rate_limited_until: None,
+            in_flight: 0,
+            max_concurrency,
+            successes: 0,
+            failures: 0,
+        }
+    }
+
+    /// The breaker's state at `now` (an open breaker turns half-open once `open_for` passed).
+    pub fn breaker(&self, cfg: &HealthConfig, now: Instant) -> BreakerState {
+        match (self.state, self.opened_at) {
+            (BreakerState::Open, Some(t)) if now.saturating_duration_since(t) >= cfg.open_for => {
+                BreakerState::HalfOpen
+            }
+            (s, _) => s,
+        }
+    }
+
+    pub fn admit(&self, cfg: &HealthConfig, now: Instant) -> Admit {
+        if self.rate_limited_until.is_some_and(|t| now < t) {
+            return Admit::RateLimited;
+        }
+        match self.breaker(cfg, now) {
+            BreakerState::Open => return Admit::BreakerOpen,
+            BreakerState::HalfOpen if self.probe_out => return Admit::ProbeInFlight,
+            BreakerState::HalfOpen => return Admit::Probe,
+            BreakerState::Closed => {}
+        }
+        if self.max_concurrency > 0 && self.in_flight >= self.max_concurrency {
+            return Admit::AtConcurrencyLimit;
+        }
+        Admit::Yes
+    }
+
+    /// Until when a 429 keeps this target aside.
+    pub fn rate_limited_until(&self) -> Option<Instant> {
+        self.rate_limited_until
+    }
+
+    /// A request starts: counts toward the concurrency limit, and is the probe when the
+    /// breaker is half-open.
+    pub fn start(&mut self, cfg: &HealthConfig, now: Instant) {
+        self.in_flight = self.in_flight.saturating_add(1);
+        if self.breaker(cfg, now) == BreakerState::HalfOpen {
+            self.state = BreakerState::HalfOpen;
+            self.probe_out = true;
+        }
+    }
+
+    /// A request ended; returns the breaker's state if this changed it.
+    pub fn finish(
+        &mut self,
+        cfg: &HealthConfig,
+        outcome: Outcome,
+        now: Instant,
+    ) -> Option<BreakerState> {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let before = self.breaker(cfg, now);
+        let failed = match outcome {
+            Outcome::Success {
+                ttft,
+                latency,
+                tokens,
+            } => {
+                self.successes += 1;
+                self.ttft_s.add(ttft.as_secs_f64(), cfg.ewma_alpha);
+                self.latency_s.add(latency.as_secs_f64(), cfg.ewma_alpha);
+                // Tokens/s over the decode part only: TTFT is already its own figure.
+                let decode = latency.saturating_sub(ttft).as_secs_f64();
+                if let Some(n) = tokens
+                    && n > 1
+                    && decode > 0.0
+                {
+                    self.tokens_per_s.add(n as f64 / decode, cfg.ewma_alpha);
+                }
+                Some(false)
+            }
+            Outcome::Failure => {
+                self.failures += 1;
+                Some(true)
+            }
+            Outcome::RateLimited { retry_after } => {
+                let wait = retry_after.unwrap_or(cfg.default_retry_after);
+                self.rate_limited_until = Some(now + wait);
+                None
+            }
+            Outcome::Rejected => None,
+        };
+        if before == BreakerState::HalfOpen && self.probe_out {
+            self.probe_out = false;
+            match failed {
+                Some(false) => {
+                    self.state = BreakerState::Closed;
+                    self.opened_at = None;
+                    self.window.clear();
+                    return Some(BreakerState::Closed);
+                }
+                Some(true) => {
+                    self.state = BreakerState::Open;
+                    self.opened_at = Some(now);
+                    return Some(BreakerState::Open);
+                }
+                // A rate-limited or rejected probe says nothing: the next request probes.
+                None => return None,
+            }
+        }
+        let failed = failed?;
+        self.window.push_back((now, failed));
+        while let Some(&(t, _)) = self.window.front() {
+            if now.saturating_duration_since(t) > cfg.window {
+                self.window.pop_front();
+            } else {
+                break;
+            }
+        }
+        if before == BreakerState::Closed {
+            let n = self.window.len();
+            let errors = self.window.iter().filter(|(_, f)| *f).count();
+            if n >= cfg.min_requests as usize && errors as f64 >= cfg.error_rate * n as f64 {
+                self.state = BreakerState::Open;
+                self.opened_at = Some(now);
+                return Some(BreakerState::Open);
+            }
+        }
+        None
+    }
+
+    /// Errors / judged requests in the window.
+    pub fn error_rate(&self) -> Option<f64> {
+        let n = self.window.len();
+        (n > 0).then(|| self.window.iter().filter(|(_, f)| *f).count() as f64 / n as f64)
+    }
+
+    /// The policy's view of this target now.
+    pub fn view(&self, cfg: &HealthConfig, now: Instant) -> HealthView {
+        HealthView {
+            ttft: self.ttft_s.get().map(Duration::from_secs_f64),
+            ttft_dev: self.ttft_s.dev().map(Duration::from_secs_f64),
+            latency: self.latency_s.get().map(Duration::from_secs_f64),
+            tokens_per_s: self.tokens_per_s.get(),
+            admit: self.admit(cfg, now),
+        }
+    }
+}
+
+/// What routing needs to know about a target's health.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HealthView {
+    pub ttft: Option<Duration>,
+    /// How far TTFT strays from its mean (one standard deviation).
+    pub ttft_dev: Option<Duration>,
+    pub latency: Option<Duration>,
+    pub tokens_per_s: Option<f64>,
+    pub admit: Admit,
+}
+
+impl Default for HealthView {
+    fn default() -> Self {
+        HealthView {
+            ttft: None,
+            ttft_dev: None,
+            latency: None,
+            tokens_per_s: None,
+            admit: Admit::Yes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn ok() -> Outcome {
+        Outcome::Success {
+            ttft: ms(100),
+            latency: ms(600),
+            tokens: Some(51),
+        }
+    }
+
+    #[test]
+    fn breaker_opens_half_opens_and_closes() {
+        let cfg = HealthConfig {
+            min_requests: 3,
+            error_rate: 0.5,
+            open_for: ms(1000),
+            ..HealthConfig::default()
+        };
+        let t0 = Instant::now();
+        let mut h = TargetHealth::new(0);
+        // Two failures are below the minimum count: still closed.
+        for i in 0..2 {
+            h.start(&cfg, t0);
+            assert_eq!(h.finish(&cfg, Outcome::Failure, t0 + ms(i)), None);
+        }
+        assert_eq!(h.admit(&cfg, t0), Admit::Yes);
+        h.start(&cfg, t0);
+        assert_eq!(
+            h.finish(&cfg, Outcome::Failure, t0 + ms(3)),
+            Some(BreakerState::Open)
+        );
+        assert_eq!(h.admit(&cfg, t0 + ms(500)), Admit::BreakerOpen);
+        // After open_for, exactly one probe goes through.
+        let t1 = t0 + ms(1003);
+        assert_eq!(h.admit(&cfg, t1), Admit::Probe);
+        h.start(&cfg, t1);
+        assert_eq!(h.admit(&cfg, t1), Admit::ProbeInFlight);
+        // The probe fails: open again for another period.
+        assert_eq!(
+            h.finish(&cfg, Outcome::Failure, t1),
+            Some(BreakerState::Open)
+        );
+        assert_eq!(h.admit(&cfg, t1 + ms(999)), Admit::BreakerOpen);
+        let t2 = t1 + ms(1000);
+        assert_eq!(h.admit(&cfg, t2), Admit::Probe);
+        h.start(&cfg, t2);
+        assert_eq!(h.finish(&cfg, ok(), t2), Some(BreakerState::Closed));
+        assert_eq!(h.admit(&cfg, t2), Admit::Yes);
+        assert_eq!(h.error_rate(), None, "a closed breaker starts a fresh window");
+    }
+
+    #[test]
+    fn old_failures_leave_the_window() {
+        let cfg = HealthConfig {
+            min_requests: 2,
+            window: ms(100),
+            ..HealthConfig::default()
+        };
+        let t0 = Instant::now();
+        let mut h = TargetHealth::new(0);
+        h.start(&cfg, t0);
+        h.finish(&cfg, Outcome::Failure, t0);
+        h.start(&cfg, t0);
+        // 200 ms later the first failure no longer counts: one failure in one request
+        // is under the minimum.
+        assert_eq!(h.finish(&cfg, Outcome::Failure, t0 + ms(200)), None);
+        assert_eq!(h.breaker(&cfg, t0 + ms(200)), BreakerState::Closed);
+    }
+
+    #[test]
+    fn retry_after_keeps_the_target_aside() {
+        let cfg = HealthConfig::default();
+        let t0 = Instant::now();
+        let mut h = TargetHealth::new(0);
+        h.start(&cfg, t0);
+        h.finish(
+            &cfg,
+            Outcome::RateLimited {
+                retry_after: Some(ms(2000)),
+            },
+            t0,
+        );
+        assert_eq!(h.admit(&cfg, t0 + ms(1999)), Admit::RateLimited);
+        assert_eq!(h.admit(&cfg, t0 + ms(2000)), Admit::Yes);
+        assert_eq!(h.breaker(&cfg, t0), BreakerState::Closed, "429 is not a fault");
+    }
+
+    #[test]
+    fn ewmas_and_concurrency() {
+        let cfg = HealthConfig {
+            ewma_alpha: 0.5,
+            ..HealthConfig::default()
+        };
+        let t0 = Instant::now();
+        let mut h = TargetHealth::new(1);
+        h.start(&cfg, t0);
+        assert_eq!(h.admit(&cfg, t0), Admit::AtConcurrencyLimit);
+        h.finish(&cfg, ok(), t0);
+        h.start(&cfg, t0);
+        h.finish(
+            &cfg,
+            Outcome::Success {
+                ttft: ms(300),
+                latency: ms(300),
+                tokens: None,
+            },
+            t0,
+        );
+        let v = h.view(&cfg, t0);
+        assert_eq!(v.ttft, Some(ms(200)));
+        // Samples 100 and 300 ms with alpha 0.5: variance 0.5 * (0 + 0.2 * 0.1) s².
+        assert_eq!(v.ttft_dev, Some(Duration::from_secs_f64(0.01f64.sqrt())));
+        assert_eq!(v.latency, Some(ms(450)));
+        // 51 tokens over the 500 ms after the first.
+        assert_eq!(v.tokens_per_s, Some(102.0));
+        assert_eq!(v.admit, Admit::Yes);
+        h.start(&cfg, t0);
+        h.finish(&cfg, Outcome::Rejected, t0);
+        assert_eq!(h.error_rate(), Some(0.0), "rejections are not judged");
+    }
+}

@@ -1,0 +1,425 @@
+//! SLA-aware overflow, priority classes, routing strategies, rate limits, circuit breakers
+//! and mid-stream continuation, through real HTTP with the testkit's mock upstreams standing
+//! in for cloud providers and, where a test must hold a slot for as long as it likes, for
+//! an agent's OpenAI API.
+
+use std::time::Duration;
+
+use flotilla_e2e::*;
+use flotilla_gateway::{HealthSection, ModelSection, SchedulerSection};
+use flotilla_scheduler::{CloudTarget, MidStream, Strategy};
+use flotilla_testkit::{Behavior, MockUpstream};
+use serde_json::{Value, json};
+
+/// `tiny-llama` routed over `cloud` (provider, model) with mock providers of the same names.
+fn section(cloud: &[(&str, &MockUpstream)], edit: impl FnOnce(&mut ModelSection)) -> SchedulerSection {
+    let mut model = ModelSection::new(
+        "tiny-llama",
+        cloud.iter().map(|(p, _)| CloudTarget::new(p, &format!("{p}-model"))).collect(),
+    );
+    edit(&mut model);
+    SchedulerSection {
+        providers: cloud.iter().map(|(p, m)| provider(p, &m.base_url())).collect(),
+        models: vec![model],
+        ..scheduler_section()
+    }
+}
+
+async fn chat_with(url: &str, headers: &[(&str, &str)], stream: bool) -> reqwest::Response {
+    let mut req = client().post(format!("{url}/v1/chat/completions")).json(&chat_body(
+        "tiny-llama",
+        "hi",
+        json!({"max_tokens": 4, "stream": stream}),
+    ));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.expect("send")
+}
+
+fn reason(resp: &reqwest::Response) -> String {
+    resp.headers()["x-flotilla-route-reason"]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+async fn content(resp: reqwest::Response) -> String {
+    let v: Value = resp.json().await.unwrap();
+    v["choices"][0]["message"]["content"].as_str().unwrap().to_owned()
+}
+
+/// A local node with one slot served by a mock, whose first request hangs until the
+/// returned task is aborted (the client giving up frees the slot).
+async fn one_busy_slot(sched_url: &str) -> (MockUpstream, tokio::task::JoinHandle<()>) {
+    let local = MockUpstream::start(Behavior::reply("from the local node"))
+        .await
+        .unwrap();
+    local.push(Behavior::Hang);
+    let base = local.base_url().trim_end_matches("/v1").to_owned();
+    register_node(sched_url, "node-a", &base, 1).await;
+    let url = sched_url.to_owned();
+    let hanging = tokio::spawn(async move {
+        let _ = chat_with(&url, &[], false).await;
+    });
+    assert!(eventually(|| local.hits() == 1).await, "the slot is taken");
+    (local, hanging)
+}
+
+async fn metric(url: &str, line_start: &str) -> Option<f64> {
+    let text = client()
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn a_deadline_shorter_than_the_predicted_wait_spills_at_once_and_a_longer_one_waits() {
+    let cloud = MockUpstream::start(Behavior::reply("from the cloud"))
+        .await
+        .unwrap();
+    let sched = start_scheduler(section(&[("mockcloud", &cloud)], |m| {
+        m.max_queue_depth = Some(8)
+    }))
+    .await;
+    let (local, hanging) = one_busy_slot(&sched.url).await;
+
+    // One ahead, nothing measured yet: the prior 5 s latency predicts ~5.5 s to the first
+    // token, far past 200 ms.
+    let resp = chat_with(&sched.url, &[("x-flotilla-ttft-ms", "200")], false).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(target(&resp), "cloud:mockcloud");
+    assert_eq!(reason(&resp), "deadline_miss");
+
+    // A minute is enough to wait for the local slot.
+    let url = sched.url.clone();
+    let waiting = tokio::spawn(async move {
+        chat_with(&url, &[("x-flotilla-ttft-ms", "60000")], false).await
+    });
+    let depth = r#"flotilla_scheduler_queue_depth{model="tiny-llama",priority="interactive"}"#;
+    let mut queued = false;
+    for _ in 0..100 {
+        if metric(&sched.url, depth).await == Some(1.0) {
+            queued = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(queued, "the request waits in the local queue");
+    assert_eq!(cloud.hits(), 1, "and does not go to the cloud");
+    hanging.abort();
+    let resp = waiting.await.unwrap();
+    assert_eq!(target(&resp), "local:node-a/tiny-llama");
+    assert_eq!(content(resp).await, "from the local node");
+    assert_eq!(local.hits(), 2);
+    let decisions = r#"flotilla_scheduler_routing_decisions_total{reason="deadline_miss"}"#;
+    assert_eq!(metric(&sched.url, decisions).await, Some(1.0));
+    sched.stop().await;
+}
+
+#[tokio::test]
+async fn batch_work_without_a_deadline_waits_for_local_capacity() {
+    let cloud = MockUpstream::start(Behavior::reply("from the cloud"))
+        .await
+        .unwrap();
+    let sched = start_scheduler(section(&[("mockcloud", &cloud)], |m| {
+        m.max_queue_depth = Some(0)
+    }))
+    .await;
+    let (_local, hanging) = one_busy_slot(&sched.url).await;
+    // Interactive work past the queue depth spills...
+    let resp = chat_with(&sched.url, &[], false).await;
+    assert_eq!(target(&resp), "cloud:mockcloud");
+    assert_eq!(reason(&resp), "queue_depth_exceeded");
+    // ...batch work without a deadline waits for the local slot.
+    let url = sched.url.clone();
+    let batch = tokio::spawn(async move {
+        chat_with(&url, &[("x-flotilla-priority", "batch")], true).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!batch.is_finished());
+    assert_eq!(cloud.hits(), 1);
+    hanging.abort();
+    let resp = batch.await.unwrap();
+    assert_eq!(target(&resp), "local:node-a/tiny-llama");
+    assert_eq!(reason(&resp), "batch_waits");
+    let sse = read_sse(resp).await;
+    assert!(sse.saw_done);
+    assert_eq!(sse.text(), "from the local node");
+    sched.stop().await;
+}
+
+#[tokio::test]
+async fn bad_scheduling_headers_get_a_400_naming_the_header() {
+    let cloud = MockUpstream::start(Behavior::reply("x")).await.unwrap();
+    let sched = start_scheduler(section(&[("mockcloud", &cloud)], |_| {})).await;
+    for (h, v) in [
+        ("x-flotilla-priority", "urgent"),
+        ("x-flotilla-ttft-ms", "-5"),
+        ("x-flotilla-route", "cheapest"),
+    ] {
+        let resp = chat_with(&sched.url, &[(h, v)], false).await;
+        assert_eq!(resp.status(), 400);
+        let e: Value = resp.json().await.unwrap();
+        assert_eq!(e["error"]["param"], h, "{e}");
+    }
+    assert_eq!(cloud.hits(), 0);
+    sched.stop().await;
+}
+
+#[tokio::test]
+async fn cost_and_latency_strategies_pick_different_targets() {
+    let cheap = MockUpstream::start(Behavior::Reply {
+        text: "cheap".into(),
+        latency: Duration::from_millis(300),
+    })
+    .await
+    .unwrap();
+    let fast = MockUpstream::start(Behavior::reply("fast")).await.unwrap();
+    let sched = start_scheduler(section(&[("cheap", &cheap), ("fast", &fast)], |m| {
+        for (c, price) in m.cloud.iter_mut().zip([0.1, 5.0]) {
+            c.input_usd_per_mtok = Some(price);
+            c.output_usd_per_mtok = Some(price * 4.0);
+            c.expected_ttft_ms = Some(100);
+        }
+    }))
+    .await;
+    // Cost: the cheap one. Its measured TTFT (~300 ms) now replaces the 100 ms expected.
+    let resp = chat_with(&sched.url, &[], false).await;
+    assert_eq!(target(&resp), "cloud:cheap");
+    assert_eq!(content(resp).await, "cheap");
+    // Latency: the fast one (100 ms expected < ~300 ms measured).
+    let resp = chat_with(&sched.url, &[("x-flotilla-route", "latency")], false).await;
+    assert_eq!(target(&resp), "cloud:fast");
+    assert_eq!(reason(&resp), "fastest");
+    // Cost again: still the cheap one...
+    let resp = chat_with(&sched.url, &[], false).await;
+    assert_eq!(target(&resp), "cloud:cheap");
+    // ...unless its measured TTFT misses the request's deadline.
+    let resp = chat_with(&sched.url, &[("x-flotilla-ttft-ms", "200")], false).await;
+    assert_eq!(target(&resp), "cloud:fast");
+    // cloud-only and failover keep the configured order.
+    let resp = chat_with(&sched.url, &[("x-flotilla-route", "failover")], false).await;
+    assert_eq!(target(&resp), "cloud:cheap");
+    let ewma = r#"flotilla_scheduler_target_ttft_ewma_seconds{target="cloud:cheap/cheap-model"}"#;
+    assert!(metric(&sched.url, ewma).await.unwrap() >= 0.3);
+    sched.stop().await;
+}
+
+#[tokio::test]
+async fn weighted_splits_and_rules_choose_targets() {
+    let a = MockUpstream::start(Behavior::reply("a")).await.unwrap();
+    let b = MockUpstream::start(Behavior::reply("b")).await.unwrap();
+    let sched = start_scheduler(section(&[("a", &a), ("b", &b)], |m| {
+        m.strategy = Some(Strategy::Weighted);
+        m.cloud[0].weight = 3;
+        m.cloud[1].weight = 1;
+        m.rules = vec![flotilla_scheduler::Rule {
+            tag: Some("canary".into()),
+            targets: vec!["cloud:b".into()],
+            ..Default::default()
+        }];
+    }))
+    .await;
+    for _ in 0..40 {
+        assert_eq!(chat_with(&sched.url, &[], false).await.status(), 200);
+    }
+    // Request ids are random: 3:1 within a wide margin.
+    assert!((20..=38).contains(&a.hits()), "a got {}", a.hits());
+    let before = b.hits();
+    for _ in 0..5 {
+        let resp = chat_with(&sched.url, &[("x-flotilla-tag", "canary")], false).await;
+        assert_eq!(target(&resp), "cloud:b");
+    }
+    assert_eq!(b.hits(), before + 5);
+    sched.stop().await;
+}
+
+#[tokio::test]
+async fn a_429_with_retry_after_sends_traffic_elsewhere_until_it_passes() {
+    let limited = MockUpstream::start(Behavior::Status {
+        code: 429,
+        retry_after_s: Some(1),
+        message: "slow down".into(),
+    })
+    .await
+    .unwrap();
+    let good = MockUpstream::start(Behavior::reply("good")).await.unwrap();
+    let sched = start_scheduler(section(&[("limited", &limited), ("good", &good)], |m| {
+        m.strategy = Some(Strategy::Failover)
+    }))
+    .await;
+    for _ in 0..3 {
+        let resp = chat_with(&sched.url, &[], false).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(target(&resp), "cloud:good");
+    }
+    assert_eq!(limited.hits(), 1, "asked once, then left alone for its Retry-After");
+    limited.set_default(Behavior::reply("limited no more"));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let resp = chat_with(&sched.url, &[], false).await;
+    assert_eq!(target(&resp), "cloud:limited");
+    sched.stop().await;
+}
+
+#[tokio::test]
+async fn the_breaker_opens_after_failures_half_opens_and_closes_on_recovery() {
+    let flaky = MockUpstream::start(Behavior::status(500)).await.unwrap();
+    let good = MockUpstream::start(Behavior::reply("good")).await.unwrap();
+    let sched = start_scheduler(SchedulerSection {
+        health: HealthSection {
+            min_requests: 3,
+            error_rate: 0.5,
+            open_ms: 400,
+            ..HealthSection::default()
+        },
+        ..section(&[("flaky", &flaky), ("good", &good)], |m| {
+            m.strategy = Some(Strategy::Failover)
+        })
+    })
+    .await;
+    let state = r#"flotilla_scheduler_breaker_state{target="cloud:flaky/flaky-model"}"#;
+    for _ in 0..3 {
+        let resp = chat_with(&sched.url, &[], false).await;
+        assert_eq!(target(&resp), "cloud:good");
+    }
+    assert_eq!(flaky.hits(), 3);
+    assert_eq!(metric(&sched.url, state).await, Some(2.0), "open");
+    // Open: not even tried.
+    for _ in 0..3 {
+        assert_eq!(target(&chat_with(&sched.url, &[], false).await), "cloud:good");
+    }
+    assert_eq!(flaky.hits(), 3);
+    // It recovers; after the open period one probe goes through and closes the breaker.
+    flaky.set_default(Behavior::reply("flaky is back"));
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(metric(&sched.url, state).await, Some(1.0), "half-open");
+    let resp = chat_with(&sched.url, &[], false).await;
+    assert_eq!(target(&resp), "cloud:flaky");
+    assert_eq!(metric(&sched.url, state).await, Some(0.0), "closed");
+    assert_eq!(target(&chat_with(&sched.url, &[], false).await), "cloud:flaky");
+    assert_eq!(flaky.hits(), 5);
+    sched.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_cut_mid_way_continues_on_the_next_target_as_one_stream() {
+    let cut = MockUpstream::start(Behavior::StreamCut { after_chunks: 3 })
+        .await
+        .unwrap();
+    let rest = MockUpstream::start(Behavior::reply("and the rest."))
+        .await
+        .unwrap();
+    let sched = start_scheduler(section(&[("cut", &cut), ("rest", &rest)], |m| {
+        m.strategy = Some(Strategy::Failover);
+        m.mid_stream = Some(MidStream::Continue);
+    }))
+    .await;
+    let resp = chat_with(&sched.url, &[], true).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(target(&resp), "cloud:cut");
+    let sse = read_sse(resp).await;
+    assert!(sse.saw_done, "{}", sse.raw);
+    assert_eq!(sse.after_done, 0);
+    assert_eq!(sse.raw.matches("[DONE]").count(), 1);
+    assert!(sse.events.iter().all(|e| e.get("error").is_none()), "{}", sse.raw);
+    assert_eq!(sse.text(), "w0 w1 w2 and the rest.");
+    let roles = sse
+        .events
+        .iter()
+        .filter(|e| e.pointer("/choices/0/delta/role").is_some())
+        .count();
+    assert_eq!(roles, 1, "one assistant turn: {}", sse.raw);
+    let ids: std::collections::HashSet<&str> =
+        sse.events.iter().filter_map(|e| e["id"].as_str()).collect();
+    assert_eq!(ids.len(), 1, "one stream id: {ids:?}");
+    // The next target got the partial answer as an assistant prefix and only the budget
+    // left (4 asked, 3 sent).
+    let sent = &rest.requests()[0].body;
+    let msgs = sent["messages"].as_array().unwrap();
+    assert_eq!(msgs.last().unwrap(), &json!({"role": "assistant", "content": "w0 w1 w2 "}));
+    assert_eq!(sent["max_tokens"], 1);
+    assert_eq!(sent["model"], "rest-model");
+    sched.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_no_target_can_fit_is_a_400_not_a_retry() {
+    let cloud = MockUpstream::start(Behavior::reply("x")).await.unwrap();
+    let sched = start_scheduler(section(&[("mockcloud", &cloud)], |m| {
+        m.cloud[0].capabilities = Some(vec![flotilla_scheduler::Capability::Tools]);
+    }))
+    .await;
+    let body = json!({"model": "tiny-llama", "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]});
+    let resp = post(&format!("{}/v1/chat/completions", sched.url), &body).await;
+    assert_eq!(resp.status(), 400);
+    let e: Value = resp.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "no_fitting_target");
+    assert!(e["error"]["message"].as_str().unwrap().contains("vision"), "{e}");
+    assert_eq!(cloud.hits(), 0);
+    sched.stop().await;
+}
+
+#[tokio::test]
+async fn requests_queued_for_an_agent_that_dies_complete_elsewhere() {
+    let cloud = MockUpstream::start(Behavior::reply("from the cloud"))
+        .await
+        .unwrap();
+    let sched = start_scheduler(section(&[("mockcloud", &cloud)], |m| {
+        m.max_queue_depth = Some(8)
+    }))
+    .await;
+    // The agent holds its one slot and never answers; three more requests queue for it.
+    let local = MockUpstream::start(Behavior::Hang).await.unwrap();
+    let base = local.base_url().trim_end_matches("/v1").to_owned();
+    register_node(&sched.url, "node-a", &base, 1).await;
+    let mut clients = Vec::new();
+    for stream in [false, true, false, true] {
+        let url = sched.url.clone();
+        clients.push(tokio::spawn(async move {
+            let resp = chat_with(&url, &[("x-flotilla-ttft-ms", "60000")], stream).await;
+            let t = target(&resp);
+            let text = if stream {
+                let sse = read_sse(resp).await;
+                assert!(sse.saw_done, "{}", sse.raw);
+                sse.text()
+            } else {
+                content(resp).await
+            };
+            (t, text)
+        }));
+        if clients.len() == 1 {
+            assert!(eventually(|| local.hits() == 1).await);
+        }
+    }
+    let depth = r#"flotilla_scheduler_queue_depth{model="tiny-llama",priority="interactive"}"#;
+    let mut queued = false;
+    for _ in 0..100 {
+        if metric(&sched.url, depth).await == Some(3.0) {
+            queued = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(queued, "three wait for the busy agent");
+    assert_eq!(cloud.hits(), 0);
+    local.kill();
+    for c in clients {
+        let (t, text) = c.await.unwrap();
+        assert_eq!(t, "cloud:mockcloud");
+        assert_eq!(text, "from the cloud");
+    }
+    assert_eq!(cloud.hits(), 4);
+    assert_eq!(local.hits(), 1, "nothing else reached the dead agent");
+    sched.stop().await;
+}
