@@ -45,6 +45,9 @@ pub enum Command {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+    /// Replay a request trace against a simulated fleet under several routing policies, in
+    /// virtual time: cost, SLA attainment, TTFT and spillover per policy.
+    Simulate(SimulateArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -96,6 +99,46 @@ pub struct BenchEngineArgs {
     /// Device memory bandwidth for the roofline column, TB/s (H200: 4.8).
     #[arg(long, default_value_t = 4.8)]
     pub hbm_tb_s: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// JSONL trace, one request a line: t_ms, model, prompt_tokens, completion_tokens,
+    /// priority (interactive | batch), and optionally ttft_ms, deadline_ms, tag.
+    #[arg(long, required_unless_present = "generate")]
+    pub trace: Option<PathBuf>,
+    /// Simulated fleet (TOML): agents' throughput, cloud targets' latency, prices and
+    /// failure windows (see examples/sim/config.toml).
+    #[arg(long, required_unless_present = "generate")]
+    pub config: Option<PathBuf>,
+    /// A policy to replay (repeatable): flotilla, cloud-only, local-only, round-robin,
+    /// ordered-fallback. Default: all five.
+    #[arg(long = "policy", value_name = "NAME", value_parser = parse_policy)]
+    pub policies: Vec<flotilla_scheduler::sim::SimPolicy>,
+    /// Print JSON instead of a markdown table.
+    #[arg(long)]
+    pub json: bool,
+    /// Write a generated example trace (bursty interactive/batch mix) to this file instead
+    /// of simulating.
+    #[arg(long, value_name = "OUT.jsonl", conflicts_with_all = ["trace", "config", "policies", "json"])]
+    pub generate: Option<PathBuf>,
+    /// Requests in the generated trace.
+    #[arg(long, default_value_t = 5000, requires = "generate")]
+    pub requests: usize,
+    /// Span of the generated trace, seconds.
+    #[arg(long, default_value_t = 600.0, requires = "generate")]
+    pub duration_s: f64,
+    /// Model name in the generated trace (the config's `model` must match it).
+    #[arg(long, default_value = "chat-model", requires = "generate")]
+    pub model: String,
+    /// Seed of the generated trace; when simulating, overrides the config's `seed` (cloud
+    /// latency and failure draws).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+fn parse_policy(s: &str) -> Result<flotilla_scheduler::sim::SimPolicy, String> {
+    flotilla_scheduler::sim::SimPolicy::parse(s).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Args)]

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod simulate;
 pub mod status;
 
 use std::io::Write;

@@ -16,6 +16,12 @@ async fn main() -> std::process::ExitCode {
         Command::Models {
             command: ModelsCommand::ToGguf { model, out, quant },
         } => flotilla_cli::to_gguf(&model, &out, quant),
+        Command::Simulate(args) => {
+            // CPU work, seconds for large traces: off the runtime's workers.
+            tokio::task::spawn_blocking(move || flotilla_cli::simulate::run(&args))
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("simulation panicked: {e}")))
+        }
         Command::Bench {
             command: BenchCommand::Engine(args),
         } => {

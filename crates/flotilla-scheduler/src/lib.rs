@@ -14,6 +14,7 @@ pub mod health;
 pub mod policy;
 pub mod queue;
 pub mod request;
+pub mod sim;
 
 pub use error::SchedulerError;
 pub use fleet::{Fleet, InFlightGuard, NodeSnapshot, NodeState, Upsert};
