@@ -25,6 +25,7 @@
 #   BENCH_NO_INSTALL=1      exit instead of installing wrk when it is missing
 #   BENCH_KEEP=1            keep the work directory (logs, wrk outputs) after success
 #   FLOTILLA_LOG=info       the scheduler's log filter, as `flotilla scheduler` reads it
+#   BENCH_SCHED_WORKERS=N   the scheduler's tokio worker threads (default: one per core)
 #   CARGO_TARGET_DIR=target/bench   release build kept apart from the dev build
 set -euo pipefail
 
@@ -143,7 +144,14 @@ base_url = "$MOCK_URL/v1"
 name = "bench"
 cloud = [{ provider = "mock", model = "bench" }]
 EOF
-"$SCHED_BIN" "$WORK/scheduler.toml" >"$WORK/scheduler.out" 2>"$WORK/scheduler.err" &
+# BENCH_SCHED_WORKERS sets the scheduler's tokio worker threads (TOKIO_WORKER_THREADS) only,
+# not the mock's or the probe's; unset = one per core, as `flotilla scheduler` runs.
+if [[ -n "${BENCH_SCHED_WORKERS:-}" ]]; then
+    TOKIO_WORKER_THREADS="$BENCH_SCHED_WORKERS" "$SCHED_BIN" "$WORK/scheduler.toml" \
+        >"$WORK/scheduler.out" 2>"$WORK/scheduler.err" &
+else
+    "$SCHED_BIN" "$WORK/scheduler.toml" >"$WORK/scheduler.out" 2>"$WORK/scheduler.err" &
+fi
 SCHED_PID=$!
 PIDS+=("$SCHED_PID")
 SCHED_URL=$(wait_listening "scheduler" "$SCHED_PID" "$WORK/scheduler.out")
@@ -246,7 +254,7 @@ cat <<EOF
 
 ## Gateway overhead: scheduler vs direct mock upstream
 
-- command: \`scripts/bench-gateway.sh\` (BENCH_DURATION=$DURATION BENCH_ROUNDS=$ROUNDS BENCH_CONCURRENCY="$CONCURRENCY" BENCH_STREAMS=$STREAMS BENCH_CHUNKS=$CHUNKS BENCH_EVENT_PAUSE_MS=$EVENT_PAUSE_MS FLOTILLA_LOG=$FLOTILLA_LOG)
+- command: \`scripts/bench-gateway.sh\` (BENCH_DURATION=$DURATION BENCH_ROUNDS=$ROUNDS BENCH_CONCURRENCY="$CONCURRENCY" BENCH_STREAMS=$STREAMS BENCH_CHUNKS=$CHUNKS BENCH_EVENT_PAUSE_MS=$EVENT_PAUSE_MS FLOTILLA_LOG=$FLOTILLA_LOG BENCH_SCHED_WORKERS=${BENCH_SCHED_WORKERS:-})
 - commit: $REV; $(wrk -v 2>&1 | head -n 1 || true)
 - CPU: $CPU, $(nproc) cores (wrk, mock and scheduler share them); 1-min load average before the run $LOAD_BEFORE
 - non-streaming: POST /v1/chat/completions, wrk -t min(c,2) -c c -d $DURATION, $ROUNDS interleaved rounds, median per column

@@ -12,25 +12,36 @@ use flotilla_testkit::{Behavior, MockUpstream};
 use serde_json::{Value, json};
 
 /// `tiny-llama` routed over `cloud` (provider, model) with mock providers of the same names.
-fn section(cloud: &[(&str, &MockUpstream)], edit: impl FnOnce(&mut ModelSection)) -> SchedulerSection {
+fn section(
+    cloud: &[(&str, &MockUpstream)],
+    edit: impl FnOnce(&mut ModelSection),
+) -> SchedulerSection {
     let mut model = ModelSection::new(
         "tiny-llama",
-        cloud.iter().map(|(p, _)| CloudTarget::new(p, &format!("{p}-model"))).collect(),
+        cloud
+            .iter()
+            .map(|(p, _)| CloudTarget::new(p, &format!("{p}-model")))
+            .collect(),
     );
     edit(&mut model);
     SchedulerSection {
-        providers: cloud.iter().map(|(p, m)| provider(p, &m.base_url())).collect(),
+        providers: cloud
+            .iter()
+            .map(|(p, m)| provider(p, &m.base_url()))
+            .collect(),
         models: vec![model],
         ..scheduler_section()
     }
 }
 
 async fn chat_with(url: &str, headers: &[(&str, &str)], stream: bool) -> reqwest::Response {
-    let mut req = client().post(format!("{url}/v1/chat/completions")).json(&chat_body(
-        "tiny-llama",
-        "hi",
-        json!({"max_tokens": 4, "stream": stream}),
-    ));
+    let mut req = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&chat_body(
+            "tiny-llama",
+            "hi",
+            json!({"max_tokens": 4, "stream": stream}),
+        ));
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -46,7 +57,10 @@ fn reason(resp: &reqwest::Response) -> String {
 
 async fn content(resp: reqwest::Response) -> String {
     let v: Value = resp.json().await.unwrap();
-    v["choices"][0]["message"]["content"].as_str().unwrap().to_owned()
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 /// A local node with one slot served by a mock, whose first request hangs until the
@@ -101,9 +115,10 @@ async fn a_deadline_shorter_than_the_predicted_wait_spills_at_once_and_a_longer_
 
     // A minute is enough to wait for the local slot.
     let url = sched.url.clone();
-    let waiting = tokio::spawn(async move {
-        chat_with(&url, &[("x-flotilla-ttft-ms", "60000")], false).await
-    });
+    let waiting =
+        tokio::spawn(
+            async move { chat_with(&url, &[("x-flotilla-ttft-ms", "60000")], false).await },
+        );
     let depth = r#"flotilla_scheduler_queue_depth{model="tiny-llama",priority="interactive"}"#;
     let mut queued = false;
     for _ in 0..100 {
@@ -141,9 +156,10 @@ async fn batch_work_without_a_deadline_waits_for_local_capacity() {
     assert_eq!(reason(&resp), "queue_depth_exceeded");
     // ...batch work without a deadline waits for the local slot.
     let url = sched.url.clone();
-    let batch = tokio::spawn(async move {
-        chat_with(&url, &[("x-flotilla-priority", "batch")], true).await
-    });
+    let batch =
+        tokio::spawn(
+            async move { chat_with(&url, &[("x-flotilla-priority", "batch")], true).await },
+        );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!batch.is_finished());
     assert_eq!(cloud.hits(), 1);
@@ -262,7 +278,11 @@ async fn a_429_with_retry_after_sends_traffic_elsewhere_until_it_passes() {
         assert_eq!(resp.status(), 200);
         assert_eq!(target(&resp), "cloud:good");
     }
-    assert_eq!(limited.hits(), 1, "asked once, then left alone for its Retry-After");
+    assert_eq!(
+        limited.hits(),
+        1,
+        "asked once, then left alone for its Retry-After"
+    );
     limited.set_default(Behavior::reply("limited no more"));
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let resp = chat_with(&sched.url, &[], false).await;
@@ -295,7 +315,10 @@ async fn the_breaker_opens_after_failures_half_opens_and_closes_on_recovery() {
     assert_eq!(metric(&sched.url, state).await, Some(2.0), "open");
     // Open: not even tried.
     for _ in 0..3 {
-        assert_eq!(target(&chat_with(&sched.url, &[], false).await), "cloud:good");
+        assert_eq!(
+            target(&chat_with(&sched.url, &[], false).await),
+            "cloud:good"
+        );
     }
     assert_eq!(flaky.hits(), 3);
     // It recovers; after the open period one probe goes through and closes the breaker.
@@ -305,7 +328,10 @@ async fn the_breaker_opens_after_failures_half_opens_and_closes_on_recovery() {
     let resp = chat_with(&sched.url, &[], false).await;
     assert_eq!(target(&resp), "cloud:flaky");
     assert_eq!(metric(&sched.url, state).await, Some(0.0), "closed");
-    assert_eq!(target(&chat_with(&sched.url, &[], false).await), "cloud:flaky");
+    assert_eq!(
+        target(&chat_with(&sched.url, &[], false).await),
+        "cloud:flaky"
+    );
     assert_eq!(flaky.hits(), 5);
     sched.stop().await;
 }
@@ -330,7 +356,11 @@ async fn a_stream_cut_mid_way_continues_on_the_next_target_as_one_stream() {
     assert!(sse.saw_done, "{}", sse.raw);
     assert_eq!(sse.after_done, 0);
     assert_eq!(sse.raw.matches("[DONE]").count(), 1);
-    assert!(sse.events.iter().all(|e| e.get("error").is_none()), "{}", sse.raw);
+    assert!(
+        sse.events.iter().all(|e| e.get("error").is_none()),
+        "{}",
+        sse.raw
+    );
     assert_eq!(sse.text(), "w0 w1 w2 and the rest.");
     let roles = sse
         .events
@@ -345,7 +375,10 @@ async fn a_stream_cut_mid_way_continues_on_the_next_target_as_one_stream() {
     // left (4 asked, 3 sent).
     let sent = &rest.requests()[0].body;
     let msgs = sent["messages"].as_array().unwrap();
-    assert_eq!(msgs.last().unwrap(), &json!({"role": "assistant", "content": "w0 w1 w2 "}));
+    assert_eq!(
+        msgs.last().unwrap(),
+        &json!({"role": "assistant", "content": "w0 w1 w2 "})
+    );
     assert_eq!(sent["max_tokens"], 1);
     assert_eq!(sent["model"], "rest-model");
     sched.stop().await;
@@ -365,7 +398,10 @@ async fn a_request_no_target_can_fit_is_a_400_not_a_retry() {
     assert_eq!(resp.status(), 400);
     let e: Value = resp.json().await.unwrap();
     assert_eq!(e["error"]["code"], "no_fitting_target");
-    assert!(e["error"]["message"].as_str().unwrap().contains("vision"), "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("vision"),
+        "{e}"
+    );
     assert_eq!(cloud.hits(), 0);
     sched.stop().await;
 }

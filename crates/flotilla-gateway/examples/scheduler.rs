@@ -17,6 +17,10 @@ use flotilla_gateway::{Scheduler, SchedulerSection};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
+// The allocator `flotilla` uses.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The CLI's bound on draining in-flight requests at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 

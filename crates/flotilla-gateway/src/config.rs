@@ -62,7 +62,6 @@ pub struct ClassSection {
     pub deadline_ms: u64,
 }
 
-
 /// A class's deadlines, resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ClassDefaults {
@@ -480,7 +479,9 @@ fn check_model(i: usize, m: &ModelSection, providers: &HashSet<&str>, errors: &m
             ("output_usd_per_mtok", c.output_usd_per_mtok),
         ] {
             if v.is_some_and(|p| !(p >= 0.0 && p.is_finite())) {
-                errors.push(format!("{key}.cloud[{j}].{what}: must be a non-negative number"));
+                errors.push(format!(
+                    "{key}.cloud[{j}].{what}: must be a non-negative number"
+                ));
             }
         }
         labels.insert(c.label());
@@ -492,11 +493,15 @@ fn check_model(i: usize, m: &ModelSection, providers: &HashSet<&str>, errors: &m
         && m.local_weight.unwrap_or(1) == 0
         && m.cloud.iter().all(|c| c.weight == 0)
     {
-        errors.push(format!("{key}.strategy: `weighted` needs a non-zero weight somewhere"));
+        errors.push(format!(
+            "{key}.strategy: `weighted` needs a non-zero weight somewhere"
+        ));
     }
     for (j, r) in m.rules.iter().enumerate() {
         if r.targets.is_empty() {
-            errors.push(format!("{key}.rules[{j}].targets: must name at least one target"));
+            errors.push(format!(
+                "{key}.rules[{j}].targets: must name at least one target"
+            ));
         }
         for t in &r.targets {
             if !labels.contains(t) {
@@ -504,7 +509,11 @@ fn check_model(i: usize, m: &ModelSection, providers: &HashSet<&str>, errors: &m
                 known.sort();
                 errors.push(format!(
                     "{key}.rules[{j}].targets: `{t}` is not one of this model's targets ({})",
-                    known.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                    known
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ));
             }
         }

@@ -15,8 +15,8 @@ use flotilla_api::protocol::ModelKind;
 use flotilla_api::{ApiError, ErrorKind, headers};
 use flotilla_providers::{ProviderError, Upstream};
 use flotilla_scheduler::{
-    Action, Decision, InFlightGuard, MidStream, ModelGroup, Outcome, RequestInfo, Snapshot,
-    Target, decide,
+    Action, Decision, InFlightGuard, MidStream, ModelGroup, Outcome, RequestInfo, Snapshot, Target,
+    decide,
 };
 use serde_json::Value;
 
@@ -130,22 +130,42 @@ pub(crate) async fn dispatch(s: &AppState, r: Routed<'_>) -> Result<Response, Ap
         info.waited = arrived.elapsed();
         let decision = decide_now(s, &group, r.ep.kind(), &info)?;
         s.inner.metrics.decision(decision.code);
-        tracing::info!(
-            request_id = r.request_id,
-            model = r.model,
-            priority = info.priority.as_str(),
-            strategy = decision.strategy.as_str(),
-            reason = decision.code.as_str(),
-            detail = %decision.reason,
-            predicted_ttft_ms = decision.predicted_ttft.as_millis() as u64,
-            position = decision.position,
-            queued = matches!(decision.action, Action::Enqueue { .. }),
-            "route decision"
-        );
+        // One info line per request: "routed" (with this decision) or, for a request that
+        // waits, "queued" now and "routed" when it leaves.
+        if matches!(decision.action, Action::Enqueue { .. }) {
+            tracing::info!(
+                request_id = r.request_id,
+                model = r.model,
+                priority = info.priority.as_str(),
+                strategy = decision.strategy.as_str(),
+                reason = decision.code.as_str(),
+                detail = %decision.reason,
+                predicted_ttft_ms = decision.predicted_ttft.as_millis() as u64,
+                position = decision.position,
+                "queued for a local slot"
+            );
+        } else {
+            tracing::debug!(
+                request_id = r.request_id,
+                model = r.model,
+                reason = decision.code.as_str(),
+                detail = %decision.reason,
+                "route decision"
+            );
+        }
         let spill_after = match decision.action {
             Action::Dispatch => {
-                return carry(s, &r, &group, &info, &decision, decision.targets.clone(), None, arrived)
-                    .await;
+                return carry(
+                    s,
+                    &r,
+                    &group,
+                    &info,
+                    &decision,
+                    decision.targets.clone(),
+                    None,
+                    arrived,
+                )
+                .await;
             }
             Action::Enqueue { spill_after } => spill_after,
         };
@@ -167,8 +187,17 @@ pub(crate) async fn dispatch(s: &AppState, r: Routed<'_>) -> Result<Response, Ap
             Some(Wake::Slot(target, guard)) => {
                 let mut targets = vec![target];
                 targets.extend(decision.targets.iter().cloned());
-                return carry(s, &r, &group, &info, &decision, targets, Some(guard), arrived)
-                    .await;
+                return carry(
+                    s,
+                    &r,
+                    &group,
+                    &info,
+                    &decision,
+                    targets,
+                    Some(guard),
+                    arrived,
+                )
+                .await;
             }
             Some(Wake::Reconsider) => continue,
             // Time to leave the queue: for the deadline, or after the longest wait allowed.
@@ -180,9 +209,20 @@ pub(crate) async fn dispatch(s: &AppState, r: Routed<'_>) -> Result<Response, Ap
                     upstream = %decision.targets[0].label(),
                     "spilled: no local slot in time for the deadline"
                 );
-                s.inner.metrics.decision(flotilla_scheduler::ReasonCode::DeadlineMiss);
-                return carry(s, &r, &group, &info, &decision, decision.targets.clone(), None, arrived)
-                    .await;
+                s.inner
+                    .metrics
+                    .decision(flotilla_scheduler::ReasonCode::DeadlineMiss);
+                return carry(
+                    s,
+                    &r,
+                    &group,
+                    &info,
+                    &decision,
+                    decision.targets.clone(),
+                    None,
+                    arrived,
+                )
+                .await;
             }
             None => {
                 return Err(flotilla_scheduler::SchedulerError::QueueTimeout {
@@ -352,7 +392,11 @@ async fn carry(
             continue;
         }
         attempts += 1;
-        let guard = if target.is_local() { first_guard.take() } else { None };
+        let guard = if target.is_local() {
+            first_guard.take()
+        } else {
+            None
+        };
         let opened = open_attempt(s, r.ep, &target, &r.body, r.stream, guard).await;
         let (attempt, resp, guard) = match opened {
             Ok(x) => x,
@@ -378,16 +422,17 @@ async fn carry(
             .header(headers::ROUTE_REASON, decision.code.as_str());
         if r.stream {
             s.inner.metrics.attempt(0);
-            tracing::info!(request_id = r.request_id, model = r.model, upstream = %label, failed_attempts = failures.len(), stream = true, "routed");
-            let cont = (group.mid_stream == MidStream::Continue && r.ep == Endpoint::Chat).then(
-                || Continuation {
-                    state: s.clone(),
-                    targets: targets.clone(),
-                    body: r.body.clone(),
-                    request_id: r.request_id.to_owned(),
-                    attempts_left: cfg.max_attempts.saturating_sub(attempts),
-                },
-            );
+            tracing::info!(request_id = r.request_id, model = r.model, upstream = %label, priority = info.priority.as_str(), strategy = decision.strategy.as_str(), reason = decision.code.as_str(), detail = %decision.reason, predicted_ttft_ms = predicted.as_millis() as u64, failed_attempts = failures.len(), stream = true, "routed");
+            let cont =
+                (group.mid_stream == MidStream::Continue && r.ep == Endpoint::Chat).then(|| {
+                    Continuation {
+                        state: s.clone(),
+                        targets: targets.clone(),
+                        body: r.body.clone(),
+                        request_id: r.request_id.to_owned(),
+                        attempts_left: cfg.max_attempts.saturating_sub(attempts),
+                    }
+                });
             let body = relay_sse(
                 resp,
                 RelayCtx {
@@ -403,7 +448,9 @@ async fn carry(
                 .header(header::CONTENT_TYPE, "text/event-stream")
                 .header(header::CACHE_CONTROL, "no-cache")
                 .body(body)
-                .unwrap_or_else(|e| ApiError::new(ErrorKind::Internal, e.to_string()).into_response()));
+                .unwrap_or_else(|e| {
+                    ApiError::new(ErrorKind::Internal, e.to_string()).into_response()
+                }));
         }
         let upstream = match upstream_for(s, &target, &label) {
             Ok(u) => u,
@@ -423,9 +470,11 @@ async fn carry(
                     Instant::now(),
                 );
                 s.inner.metrics.attempt(0);
-                s.inner.metrics.observe_ttft(target.is_local(), predicted, took);
+                s.inner
+                    .metrics
+                    .observe_ttft(target.is_local(), predicted, took);
                 drop(guard);
-                tracing::info!(request_id = r.request_id, model = r.model, upstream = %label, failed_attempts = failures.len(), stream = false, latency_ms = took.as_millis() as u64, "routed");
+                tracing::info!(request_id = r.request_id, model = r.model, upstream = %label, priority = info.priority.as_str(), strategy = decision.strategy.as_str(), reason = decision.code.as_str(), detail = %decision.reason, predicted_ttft_ms = predicted.as_millis() as u64, failed_attempts = failures.len(), stream = false, latency_ms = took.as_millis() as u64, "routed");
                 return Ok(builder
                     .header(header::CONTENT_TYPE, "application/json")
                     .body(Body::from(bytes))

@@ -33,7 +33,9 @@ fn millis(h: &HeaderMap, name: &str) -> Result<Option<Duration>, ApiError> {
             Ok(n) if n > 0 && n <= 86_400_000 => Ok(Some(Duration::from_millis(n))),
             _ => Err(ApiError::invalid_param(
                 name,
-                format!("header `{name}` must be a number of milliseconds between 1 and 86400000, got `{v}`"),
+                format!(
+                    "header `{name}` must be a number of milliseconds between 1 and 86400000, got `{v}`"
+                ),
             )),
         },
     }
@@ -51,7 +53,10 @@ pub(crate) fn request_info(
         Some(v) => Priority::parse(v).ok_or_else(|| {
             ApiError::invalid_param(
                 headers::PRIORITY,
-                format!("header `{}` must be `interactive` or `batch`, got `{v}`", headers::PRIORITY),
+                format!(
+                    "header `{}` must be `interactive` or `batch`, got `{v}`",
+                    headers::PRIORITY
+                ),
             )
         })?,
     };
@@ -134,7 +139,11 @@ pub(crate) fn request_info(
     if non_empty("tools") || non_empty("functions") {
         needs.push(Capability::Tools);
     }
-    if body.pointer("/response_format/type").and_then(Value::as_str) == Some("json_schema") {
+    if body
+        .pointer("/response_format/type")
+        .and_then(Value::as_str)
+        == Some("json_schema")
+    {
         needs.push(Capability::JsonSchema);
     }
     needs.sort();
@@ -195,7 +204,11 @@ mod tests {
         assert_eq!(r.max_tokens, 7);
         assert_eq!(
             r.needs,
-            [Capability::Tools, Capability::Vision, Capability::JsonSchema]
+            [
+                Capability::Tools,
+                Capability::Vision,
+                Capability::JsonSchema
+            ]
         );
         // Same system prompt, different question: same prefix.
         let other = json!({"messages": [

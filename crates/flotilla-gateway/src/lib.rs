@@ -76,7 +76,11 @@ impl Scheduler {
         tokio::spawn(queue::pump(
             self.state.clone(),
             shutdown.clone(),
-            self.state.inner.config.heartbeat.min(std::time::Duration::from_millis(250)),
+            self.state
+                .inner
+                .config
+                .heartbeat
+                .min(std::time::Duration::from_millis(250)),
         ));
         let app = routes::router(self.state);
         // Stream chunks are small writes that must leave at once: no Nagle delay.

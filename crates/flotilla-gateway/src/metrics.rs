@@ -61,8 +61,16 @@ pub(crate) fn render(s: &AppState) -> String {
     let mx = &s.inner.metrics;
     let mut e = TextEncoder::new();
     for (name, help, hs) in [
-        (m::SCHED_PREDICTED_TTFT, "TTFT the policy predicted for served requests.", &mx.predicted),
-        (m::SCHED_TTFT, "TTFT measured at the scheduler for served requests.", &mx.actual),
+        (
+            m::SCHED_PREDICTED_TTFT,
+            "TTFT the policy predicted for served requests.",
+            &mx.predicted,
+        ),
+        (
+            m::SCHED_TTFT,
+            "TTFT measured at the scheduler for served requests.",
+            &mx.actual,
+        ),
         (m::SCHED_TTFT_ERROR, "|actual - predicted| TTFT.", &mx.error),
     ] {
         e.family(name, "histogram", help);
@@ -70,7 +78,11 @@ pub(crate) fn render(s: &AppState) -> String {
             e.histogram(name, &[("target_kind", k)], &h.snapshot());
         }
     }
-    e.family(m::SCHED_DECISIONS, "counter", "Routing decisions by reason.");
+    e.family(
+        m::SCHED_DECISIONS,
+        "counter",
+        "Routing decisions by reason.",
+    );
     for (code, n) in ReasonCode::ALL.iter().zip(mx.decisions.iter()) {
         e.sample(
             m::SCHED_DECISIONS,
@@ -78,11 +90,23 @@ pub(crate) fn render(s: &AppState) -> String {
             n.load(Ordering::Relaxed) as f64,
         );
     }
-    e.family(m::SCHED_ATTEMPTS, "counter", "Upstream attempts by outcome.");
+    e.family(
+        m::SCHED_ATTEMPTS,
+        "counter",
+        "Upstream attempts by outcome.",
+    );
     for (o, a) in OUTCOMES.iter().zip(mx.attempts.iter()) {
-        e.sample(m::SCHED_ATTEMPTS, &[("outcome", o)], a.load(Ordering::Relaxed) as f64);
+        e.sample(
+            m::SCHED_ATTEMPTS,
+            &[("outcome", o)],
+            a.load(Ordering::Relaxed) as f64,
+        );
     }
-    e.family(m::SCHED_QUEUE_DEPTH, "gauge", "Requests waiting for a local slot.");
+    e.family(
+        m::SCHED_QUEUE_DEPTH,
+        "gauge",
+        "Requests waiting for a local slot.",
+    );
     for (model, p, n) in s.inner.queues.depths() {
         e.sample(
             m::SCHED_QUEUE_DEPTH,
@@ -104,7 +128,11 @@ pub(crate) fn render(s: &AppState) -> String {
         };
         e.sample(m::SCHED_BREAKER_STATE, &[("target", &r.key)], v);
     }
-    e.family(m::SCHED_TARGET_EWMA_TTFT, "gauge", "EWMA of each target's TTFT.");
+    e.family(
+        m::SCHED_TARGET_EWMA_TTFT,
+        "gauge",
+        "EWMA of each target's TTFT.",
+    );
     for r in &rows {
         if let Some(t) = r.ttft_s {
             e.sample(m::SCHED_TARGET_EWMA_TTFT, &[("target", &r.key)], t);

@@ -112,7 +112,11 @@ impl Relay {
         } else {
             Outcome::Failure
         };
-        self.ctx.state.inner.health.finish(&a.health_key, outcome, now);
+        self.ctx
+            .state
+            .inner
+            .health
+            .finish(&a.health_key, outcome, now);
     }
 
     /// Looks at each complete event: [DONE], finish reasons, the answer text when a

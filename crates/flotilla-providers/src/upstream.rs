@@ -73,10 +73,12 @@ impl UpstreamPool {
             key,
             client: self.client.clone(),
             timeouts: self.timeouts,
+            parsed: None,
         }
     }
 
     /// A configured cloud provider; its key is read from the named environment variable.
+    /// Its endpoint URLs are parsed once here, not per request.
     pub fn provider(&self, cfg: &ProviderConfig) -> Result<Upstream, ProviderError> {
         let key = match &cfg.api_key_env {
             None => None,
@@ -90,13 +92,26 @@ impl UpstreamPool {
                 }
             },
         };
-        Ok(self.upstream(&format!("cloud:{}", cfg.name), &cfg.base_url, key))
+        let mut up = self.upstream(&format!("cloud:{}", cfg.name), &cfg.base_url, key);
+        let parsed: Vec<(&'static str, reqwest::Url)> = OPENAI_PATHS
+            .iter()
+            .filter_map(|p| {
+                reqwest::Url::parse(&format!("{}{p}", up.base_url))
+                    .ok()
+                    .map(|u| (*p, u))
+            })
+            .collect();
+        up.parsed = Some(parsed.into());
+        Ok(up)
     }
 
     pub fn client(&self) -> &reqwest::Client {
         &self.client
     }
 }
+
+/// The endpoints a provider's URLs are parsed for up front.
+const OPENAI_PATHS: [&str; 3] = ["/chat/completions", "/completions", "/embeddings"];
 
 #[derive(Clone)]
 pub struct Upstream {
@@ -105,6 +120,8 @@ pub struct Upstream {
     key: Option<Secret>,
     client: reqwest::Client,
     timeouts: Timeouts,
+    /// `base_url + path` for [`OPENAI_PATHS`], parsed once (providers only).
+    parsed: Option<std::sync::Arc<[(&'static str, reqwest::Url)]>>,
 }
 
 impl fmt::Debug for Upstream {
@@ -139,8 +156,16 @@ impl Upstream {
         } else {
             self.timeouts.total
         };
-        let url = format!("{}{}", self.base_url, path);
-        let mut req = self.client.post(&url).json(body);
+        let known = self
+            .parsed
+            .as_ref()
+            .and_then(|p| p.iter().find(|(k, _)| *k == path))
+            .map(|(_, u)| u.clone());
+        let mut req = match known {
+            Some(url) => self.client.post(url),
+            None => self.client.post(format!("{}{}", self.base_url, path)),
+        }
+        .json(body);
         if let Some(key) = &self.key {
             req = req.bearer_auth(key.expose());
         }

@@ -2,7 +2,9 @@ use flotilla_api::{ApiError, ErrorKind};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SchedulerError {
-    #[error("no target can serve model `{model}` under strategy `{strategy}`: no healthy agent serves it and it has no cloud target")]
+    #[error(
+        "no target can serve model `{model}` under strategy `{strategy}`: no healthy agent serves it and it has no cloud target"
+    )]
     NoTarget {
         model: String,
         strategy: &'static str,
@@ -20,7 +22,9 @@ pub enum SchedulerError {
     RateLimited { model: String },
     #[error("every target for model `{model}` is unavailable: {detail}")]
     AllUnhealthy { model: String, detail: String },
-    #[error("the local queue for model `{model}` is full ({depth} waiting) and it has no cloud target")]
+    #[error(
+        "the local queue for model `{model}` is full ({depth} waiting) and it has no cloud target"
+    )]
     QueueFull { model: String, depth: u64 },
     #[error("waited {waited_ms} ms for a local slot for model `{model}`; none came")]
     QueueTimeout { model: String, waited_ms: u64 },

@@ -125,13 +125,56 @@ impl Ewma {
     }
 }
 
+/// Slices a window is counted in: a request leaves the count within 1/SLICES of the window
+/// after it left the window.
+const SLICES: u32 = 20;
+
+/// Requests and errors over a sliding window, kept as counts per slice.
+#[derive(Debug, Clone, Default)]
+struct Window {
+    /// (slice start, requests, errors), oldest first.
+    slices: VecDeque<(Instant, u64, u64)>,
+    total: u64,
+    errors: u64,
+}
+
+impl Window {
+    fn record(&mut self, now: Instant, failed: bool, window: Duration) {
+        let slice = (window / SLICES).max(Duration::from_millis(1));
+        while let Some(&(t, n, e)) = self.slices.front() {
+            if now.saturating_duration_since(t) > window {
+                self.slices.pop_front();
+                self.total -= n;
+                self.errors -= e;
+            } else {
+                break;
+            }
+        }
+        let e = u64::from(failed);
+        match self.slices.back_mut() {
+            Some((t, n, errs)) if now.saturating_duration_since(*t) < slice => {
+                *n += 1;
+                *errs += e;
+            }
+            _ => self.slices.push_back((now, 1, e)),
+        }
+        self.total += 1;
+        self.errors += e;
+    }
+
+    fn clear(&mut self) {
+        *self = Window::default();
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct TargetHealth {
     pub ttft_s: Ewma,
     pub latency_s: Ewma,
     pub tokens_per_s: Ewma,
-    /// (when, failed) for each judged request in the window.
-    window: VecDeque<(Instant, bool)>,
+    /// Judged requests in the window, counted per slice of it: constant work per request
+    /// and bounded memory at any rate.
+    window: Window,
     state: BreakerState,
     opened_at: Option<Instant>,
     probe_out: bool,
@@ -155,7 +198,7 @@ impl TargetHealth {
             ttft_s: Ewma::default(),
             latency_s: Ewma::default(),
             tokens_per_s: Ewma::default(),
-            window: VecDeque::new(),
+            window: Window::default(),
             state: BreakerState::Closed,
             opened_at: None,
             probe_out: false,
@@ -266,18 +309,10 @@ impl TargetHealth {
             }
         }
         let failed = failed?;
-        self.window.push_back((now, failed));
-        while let Some(&(t, _)) = self.window.front() {
-            if now.saturating_duration_since(t) > cfg.window {
-                self.window.pop_front();
-            } else {
-                break;
-            }
-        }
+        self.window.record(now, failed, cfg.window);
         if before == BreakerState::Closed {
-            let n = self.window.len();
-            let errors = self.window.iter().filter(|(_, f)| *f).count();
-            if n >= cfg.min_requests as usize && errors as f64 >= cfg.error_rate * n as f64 {
+            let (n, errors) = (self.window.total, self.window.errors);
+            if n >= u64::from(cfg.min_requests) && errors as f64 >= cfg.error_rate * n as f64 {
                 self.state = BreakerState::Open;
                 self.opened_at = Some(now);
                 return Some(BreakerState::Open);
@@ -288,8 +323,8 @@ impl TargetHealth {
 
     /// Errors / judged requests in the window.
     pub fn error_rate(&self) -> Option<f64> {
-        let n = self.window.len();
-        (n > 0).then(|| self.window.iter().filter(|(_, f)| *f).count() as f64 / n as f64)
+        let w = &self.window;
+        (w.total > 0).then(|| w.errors as f64 / w.total as f64)
     }
 
     /// The policy's view of this target now.
@@ -381,7 +416,11 @@ mod tests {
         h.start(&cfg, t2);
         assert_eq!(h.finish(&cfg, ok(), t2), Some(BreakerState::Closed));
         assert_eq!(h.admit(&cfg, t2), Admit::Yes);
-        assert_eq!(h.error_rate(), None, "a closed breaker starts a fresh window");
+        assert_eq!(
+            h.error_rate(),
+            None,
+            "a closed breaker starts a fresh window"
+        );
     }
 
     #[test]
@@ -417,7 +456,11 @@ mod tests {
         );
         assert_eq!(h.admit(&cfg, t0 + ms(1999)), Admit::RateLimited);
         assert_eq!(h.admit(&cfg, t0 + ms(2000)), Admit::Yes);
-        assert_eq!(h.breaker(&cfg, t0), BreakerState::Closed, "429 is not a fault");
+        assert_eq!(
+            h.breaker(&cfg, t0),
+            BreakerState::Closed,
+            "429 is not a fault"
+        );
     }
 
     #[test]

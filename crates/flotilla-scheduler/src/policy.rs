@@ -275,13 +275,19 @@ pub fn forecast_local(
     } else {
         ahead - free_slots + 1
     };
-    let latency = mean(locals.iter().filter_map(|c| c.health.latency.map(|d| d.as_secs_f64())));
-    let ttft = mean(locals.iter().filter_map(|c| c.health.ttft.map(|d| d.as_secs_f64())));
+    let latency = mean(
+        locals
+            .iter()
+            .filter_map(|c| c.health.latency.map(|d| d.as_secs_f64())),
+    );
+    let ttft = mean(
+        locals
+            .iter()
+            .filter_map(|c| c.health.ttft.map(|d| d.as_secs_f64())),
+    );
     let tps = mean(locals.iter().filter_map(|c| c.health.tokens_per_s));
     let measured = latency.is_some();
-    let latency = latency
-        .unwrap_or(s.prior_latency.as_secs_f64())
-        .max(1e-3);
+    let latency = latency.unwrap_or(s.prior_latency.as_secs_f64()).max(1e-3);
     let drain_per_s = slots as f64 / latency;
     let wait_s = position as f64 / drain_per_s;
     let ttft_s = ttft.unwrap_or(s.prior_ttft.as_secs_f64());
@@ -361,15 +367,17 @@ pub fn decide(snap: &Snapshot<'_>, req: &RequestInfo) -> Result<Decision, Schedu
             .max(f.tokens_per_s * slots as f64);
         let tokens = req.max_tokens as f64 + req.prompt_tokens as f64 / 10.0;
         let cost = group.gpu_hour_usd / 3600.0 * tokens / throughput;
-        let batch_waits =
-            req.priority == Priority::Batch && req.ttft_deadline.is_none() && req.deadline.is_none();
+        let batch_waits = req.priority == Priority::Batch
+            && req.ttft_deadline.is_none()
+            && req.deadline.is_none();
         options.push(Choice {
             label: "local".into(),
             cloud: None,
             ttft: f.ttft,
             ttft_high: f.ttft,
             cost: Some(cost),
-            meets_sla: ttft_budget.is_none_or(|b| f.ttft <= b) && budget.is_none_or(|b| finish <= b),
+            meets_sla: ttft_budget.is_none_or(|b| f.ttft <= b)
+                && budget.is_none_or(|b| finish <= b),
             overflow: !batch_waits && f.position > group.max_queue_depth,
             weight: group.local_weight,
         });
@@ -423,7 +431,8 @@ pub fn decide(snap: &Snapshot<'_>, req: &RequestInfo) -> Result<Decision, Schedu
                 ttft,
                 ttft_high,
                 cost,
-                meets_sla: ttft_budget.is_none_or(|b| ttft <= b) && budget.is_none_or(|b| finish <= b),
+                meets_sla: ttft_budget.is_none_or(|b| ttft <= b)
+                    && budget.is_none_or(|b| finish <= b),
                 overflow: false,
                 weight: t.weight,
             });
@@ -436,7 +445,8 @@ pub fn decide(snap: &Snapshot<'_>, req: &RequestInfo) -> Result<Decision, Schedu
             .needs
             .iter()
             .find(|c| {
-                !group.local_capabilities.contains(c) && group.cloud.iter().all(|t| !t.supports(**c))
+                !group.local_capabilities.contains(c)
+                    && group.cloud.iter().all(|t| !t.supports(**c))
             })
             .map_or("messages", |c| c.param());
         let param = Some(param);
@@ -510,13 +520,13 @@ pub fn decide(snap: &Snapshot<'_>, req: &RequestInfo) -> Result<Decision, Schedu
                     model: t.model.clone(),
                 });
             }
-            None => targets.extend(local_order(&locals, snap.affinity, s).into_iter().map(
-                |c| Target::Local {
+            None => targets.extend(local_order(&locals, snap.affinity, s).into_iter().map(|c| {
+                Target::Local {
                     node_id: c.node_id.clone(),
                     base_url: c.base_url.clone(),
                     model: c.model.clone(),
-                },
-            )),
+                }
+            })),
         }
     }
 
@@ -541,7 +551,10 @@ pub fn decide(snap: &Snapshot<'_>, req: &RequestInfo) -> Result<Decision, Schedu
             ReasonCode::NoneMeetsSla
         } else if f.position == 0 {
             ReasonCode::LocalCapacity
-        } else if req.priority == Priority::Batch && req.ttft_deadline.is_none() && req.deadline.is_none() {
+        } else if req.priority == Priority::Batch
+            && req.ttft_deadline.is_none()
+            && req.deadline.is_none()
+        {
             ReasonCode::BatchWaits
         } else {
             ReasonCode::LocalQueue
@@ -622,7 +635,12 @@ pub fn decide(snap: &Snapshot<'_>, req: &RequestInfo) -> Result<Decision, Schedu
                 Strategy::Cost | Strategy::LocalOnly => ReasonCode::Cheapest,
             },
         };
-        let _ = write!(reason, "{} predicted TTFT {}", first.label, secs(first.ttft));
+        let _ = write!(
+            reason,
+            "{} predicted TTFT {}",
+            first.label,
+            secs(first.ttft)
+        );
         if let Some(c) = first.cost {
             let _ = write!(reason, ", ~${c:.6}");
         }

@@ -149,7 +149,10 @@ fn queue_depth_exceeded_spills_at_once() {
 
 #[test]
 fn a_deadline_shorter_than_the_predicted_wait_spills_at_once() {
-    let mut w = World::new(group(100, vec![cloud("p", 1.0, 300)]), vec![node("a", 2, 2)]);
+    let mut w = World::new(
+        group(100, vec![cloud("p", 1.0, 300)]),
+        vec![node("a", 2, 2)],
+    );
     w.queue(3, Priority::Interactive);
     let r = RequestInfo {
         ttft_deadline: Some(ms(1000)),
@@ -389,7 +392,12 @@ fn unhealthy_targets_are_skipped_and_named() {
 fn pack_fills_one_agent_and_affinity_is_bounded() {
     let mut w = World::new(
         group(4, vec![]),
-        vec![node("a", 1, 4), node("b", 3, 4), node("c", 0, 4), node("d", 4, 4)],
+        vec![
+            node("a", 1, 4),
+            node("b", 3, 4),
+            node("c", 0, 4),
+            node("d", 4, 4),
+        ],
     );
     // Fullest with room first; the full one is left out.
     assert_eq!(
@@ -420,7 +428,10 @@ fn a_full_queue_without_a_cloud_target_is_refused() {
     ));
     w.queue(1, Priority::Interactive);
     let e = w.decide(&req()).unwrap_err();
-    assert!(matches!(e, SchedulerError::QueueFull { depth: 3, .. }), "{e}");
+    assert!(
+        matches!(e, SchedulerError::QueueFull { depth: 3, .. }),
+        "{e}"
+    );
 }
 
 #[test]

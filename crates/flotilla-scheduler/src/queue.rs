@@ -39,19 +39,12 @@ pub fn pick_next(waiting: &[Waiting], now: Instant, age_boost: Duration) -> Opti
 }
 
 /// How many of `waiting` would be served before a new request of `priority` arriving now.
-pub fn ahead_of(
-    waiting: &[Waiting],
-    priority: Priority,
-    now: Instant,
-    age_boost: Duration,
-) -> u64 {
+pub fn ahead_of(waiting: &[Waiting], priority: Priority, now: Instant, age_boost: Duration) -> u64 {
     waiting
         .iter()
         .filter(|w| match priority {
             Priority::Batch => true,
-            Priority::Interactive => {
-                effective_priority(w, now, age_boost) == Priority::Interactive
-            }
+            Priority::Interactive => effective_priority(w, now, age_boost) == Priority::Interactive,
         })
         .count() as u64
 }
