@@ -95,15 +95,33 @@ async fn metric(url: &str, line_start: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-#[tokio::test]
-async fn a_deadline_shorter_than_the_predicted_wait_spills_at_once_and_a_longer_one_waits() {
+/// Polls `/metrics` until `n` interactive requests wait for a local slot (false after 2 s).
+async fn queue_reaches(url: &str, n: u64) -> bool {
+    let depth = r#"flotilla_scheduler_queue_depth{model="tiny-llama",priority="interactive"}"#;
+    for _ in 0..100 {
+        if metric(url, depth).await == Some(n as f64) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// A mock cloud answering "from the cloud" and a scheduler spilling `tiny-llama` to it.
+async fn cloud_and_scheduler(max_queue_depth: u64) -> (MockUpstream, Running) {
     let cloud = MockUpstream::start(Behavior::reply("from the cloud"))
         .await
         .unwrap();
     let sched = start_scheduler(section(&[("mockcloud", &cloud)], |m| {
-        m.max_queue_depth = Some(8)
+        m.max_queue_depth = Some(max_queue_depth)
     }))
     .await;
+    (cloud, sched)
+}
+
+#[tokio::test]
+async fn a_deadline_shorter_than_the_predicted_wait_spills_at_once_and_a_longer_one_waits() {
+    let (cloud, sched) = cloud_and_scheduler(8).await;
     let (local, hanging) = one_busy_slot(&sched.url).await;
 
     // One ahead, nothing measured yet: the prior 5 s latency predicts ~5.5 s to the first
@@ -119,16 +137,10 @@ async fn a_deadline_shorter_than_the_predicted_wait_spills_at_once_and_a_longer_
         tokio::spawn(
             async move { chat_with(&url, &[("x-flotilla-ttft-ms", "60000")], false).await },
         );
-    let depth = r#"flotilla_scheduler_queue_depth{model="tiny-llama",priority="interactive"}"#;
-    let mut queued = false;
-    for _ in 0..100 {
-        if metric(&sched.url, depth).await == Some(1.0) {
-            queued = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(queued, "the request waits in the local queue");
+    assert!(
+        queue_reaches(&sched.url, 1).await,
+        "the request waits in the local queue"
+    );
     assert_eq!(cloud.hits(), 1, "and does not go to the cloud");
     hanging.abort();
     let resp = waiting.await.unwrap();
@@ -142,13 +154,7 @@ async fn a_deadline_shorter_than_the_predicted_wait_spills_at_once_and_a_longer_
 
 #[tokio::test]
 async fn batch_work_without_a_deadline_waits_for_local_capacity() {
-    let cloud = MockUpstream::start(Behavior::reply("from the cloud"))
-        .await
-        .unwrap();
-    let sched = start_scheduler(section(&[("mockcloud", &cloud)], |m| {
-        m.max_queue_depth = Some(0)
-    }))
-    .await;
+    let (cloud, sched) = cloud_and_scheduler(0).await;
     let (_local, hanging) = one_busy_slot(&sched.url).await;
     // Interactive work past the queue depth spills...
     let resp = chat_with(&sched.url, &[], false).await;
@@ -408,13 +414,7 @@ async fn a_request_no_target_can_fit_is_a_400_not_a_retry() {
 
 #[tokio::test]
 async fn requests_queued_for_an_agent_that_dies_complete_elsewhere() {
-    let cloud = MockUpstream::start(Behavior::reply("from the cloud"))
-        .await
-        .unwrap();
-    let sched = start_scheduler(section(&[("mockcloud", &cloud)], |m| {
-        m.max_queue_depth = Some(8)
-    }))
-    .await;
+    let (cloud, sched) = cloud_and_scheduler(8).await;
     // The agent holds its one slot and never answers; three more requests queue for it.
     let local = MockUpstream::start(Behavior::Hang).await.unwrap();
     let base = local.base_url().trim_end_matches("/v1").to_owned();
@@ -438,16 +438,10 @@ async fn requests_queued_for_an_agent_that_dies_complete_elsewhere() {
             assert!(eventually(|| local.hits() == 1).await);
         }
     }
-    let depth = r#"flotilla_scheduler_queue_depth{model="tiny-llama",priority="interactive"}"#;
-    let mut queued = false;
-    for _ in 0..100 {
-        if metric(&sched.url, depth).await == Some(3.0) {
-            queued = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(queued, "three wait for the busy agent");
+    assert!(
+        queue_reaches(&sched.url, 3).await,
+        "three wait for the busy agent"
+    );
     assert_eq!(cloud.hits(), 0);
     local.kill();
     for c in clients {

@@ -153,85 +153,55 @@ pub(crate) async fn dispatch(s: &AppState, r: Routed<'_>) -> Result<Response, Ap
                 "route decision"
             );
         }
-        let spill_after = match decision.action {
-            Action::Dispatch => {
-                return carry(
-                    s,
-                    &r,
-                    &group,
-                    &info,
-                    &decision,
-                    decision.targets.clone(),
-                    None,
-                    arrived,
-                )
-                .await;
-            }
-            Action::Enqueue { spill_after } => spill_after,
-        };
-        let mut ticket = s
-            .inner
-            .queues
-            .enqueue(&group.local_model, r.ep.kind(), info.priority);
-        let left = cfg.max_queue_wait.saturating_sub(arrived.elapsed());
-        let limit = spill_after.map_or(left, |sp| sp.min(left));
-        let woke = tokio::select! {
-            w = &mut ticket.rx => w.ok(),
-            _ = tokio::time::sleep(limit) => {
-                // The pump may have handed us a slot just as time ran out.
-                ticket.rx.try_recv().ok()
-            }
-        };
-        drop(ticket);
-        match woke {
-            Some(Wake::Slot(target, guard)) => {
-                let mut targets = vec![target];
-                targets.extend(decision.targets.iter().cloned());
-                return carry(
-                    s,
-                    &r,
-                    &group,
-                    &info,
-                    &decision,
-                    targets,
-                    Some(guard),
-                    arrived,
-                )
-                .await;
-            }
-            Some(Wake::Reconsider) => continue,
-            // Time to leave the queue: for the deadline, or after the longest wait allowed.
-            None if !decision.targets.is_empty() => {
-                tracing::info!(
-                    request_id = r.request_id,
-                    model = r.model,
-                    waited_ms = arrived.elapsed().as_millis() as u64,
-                    upstream = %decision.targets[0].label(),
-                    "spilled: no local slot in time for the deadline"
-                );
-                s.inner
-                    .metrics
-                    .decision(flotilla_scheduler::ReasonCode::DeadlineMiss);
-                return carry(
-                    s,
-                    &r,
-                    &group,
-                    &info,
-                    &decision,
-                    decision.targets.clone(),
-                    None,
-                    arrived,
-                )
-                .await;
-            }
-            None => {
-                return Err(flotilla_scheduler::SchedulerError::QueueTimeout {
-                    model: group.name.clone(),
-                    waited_ms: arrived.elapsed().as_millis() as u64,
+        let (targets, guard) = match decision.action {
+            Action::Dispatch => (decision.targets.clone(), None),
+            Action::Enqueue { spill_after } => {
+                let mut ticket =
+                    s.inner
+                        .queues
+                        .enqueue(&group.local_model, r.ep.kind(), info.priority);
+                let left = cfg.max_queue_wait.saturating_sub(arrived.elapsed());
+                let limit = spill_after.map_or(left, |sp| sp.min(left));
+                let woke = tokio::select! {
+                    w = &mut ticket.rx => w.ok(),
+                    _ = tokio::time::sleep(limit) => {
+                        // The pump may have handed us a slot just as time ran out.
+                        ticket.rx.try_recv().ok()
+                    }
+                };
+                drop(ticket);
+                match woke {
+                    Some(Wake::Slot(target, guard)) => {
+                        let mut targets = vec![target];
+                        targets.extend(decision.targets.iter().cloned());
+                        (targets, Some(guard))
+                    }
+                    Some(Wake::Reconsider) => continue,
+                    // Time to leave the queue: for the deadline, or after the longest wait.
+                    None if !decision.targets.is_empty() => {
+                        tracing::info!(
+                            request_id = r.request_id,
+                            model = r.model,
+                            waited_ms = arrived.elapsed().as_millis() as u64,
+                            upstream = %decision.targets[0].label(),
+                            "spilled: no local slot in time for the deadline"
+                        );
+                        s.inner
+                            .metrics
+                            .decision(flotilla_scheduler::ReasonCode::DeadlineMiss);
+                        (decision.targets.clone(), None)
+                    }
+                    None => {
+                        return Err(flotilla_scheduler::SchedulerError::QueueTimeout {
+                            model: group.name.clone(),
+                            waited_ms: arrived.elapsed().as_millis() as u64,
+                        }
+                        .into());
+                    }
                 }
-                .into());
             }
-        }
+        };
+        return carry(s, &r, &group, &info, &decision, targets, guard, arrived).await;
     }
 }
 
