@@ -21,7 +21,7 @@ use flotilla_scheduler::{
 use serde_json::Value;
 
 use crate::AppState;
-use crate::health::health_key;
+use crate::health::{cloud_key, health_key, local_key};
 use crate::queue::Wake;
 use crate::stream::{Continuation, RelayCtx, relay_sse};
 
@@ -93,14 +93,13 @@ fn decide_now(
     let now = Instant::now();
     let mut locals = inner.fleet.candidates(&group.local_model, kind, now);
     for c in &mut locals {
-        let key = format!("local:{}/{}", c.node_id, c.model);
-        c.health = inner.health.view(&key, 0, now);
+        c.health = inner.health.view(&local_key(&c.node_id, &c.model), 0, now);
     }
     let cloud: Vec<_> = group
         .cloud
         .iter()
         .map(|c| {
-            let key = format!("cloud:{}/{}", c.provider, c.model);
+            let key = cloud_key(&c.provider, &c.model);
             inner.health.view(&key, c.max_concurrency, now)
         })
         .collect();

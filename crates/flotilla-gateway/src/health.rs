@@ -13,9 +13,17 @@ use flotilla_scheduler::{
 /// rate-limited for another.
 pub(crate) fn health_key(t: &Target) -> String {
     match t {
-        Target::Local { node_id, model, .. } => format!("local:{node_id}/{model}"),
-        Target::Cloud { provider, model } => format!("cloud:{provider}/{model}"),
+        Target::Local { node_id, model, .. } => local_key(node_id, model),
+        Target::Cloud { provider, model } => cloud_key(provider, model),
     }
+}
+
+pub(crate) fn local_key(node_id: &str, model: &str) -> String {
+    format!("local:{node_id}/{model}")
+}
+
+pub(crate) fn cloud_key(provider: &str, model: &str) -> String {
+    format!("cloud:{provider}/{model}")
 }
 
 pub(crate) struct HealthBook {

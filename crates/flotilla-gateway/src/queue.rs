@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use flotilla_api::protocol::ModelKind;
-use flotilla_scheduler::{InFlightGuard, Priority, Target, Waiting, pick_next};
+use flotilla_scheduler::{InFlightGuard, Priority, Target, Waiting, local_order, pick_next};
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
-use crate::health::health_key;
+use crate::health::local_key;
 
 /// What a waiter is woken with.
 pub(crate) enum Wake {
@@ -157,17 +157,13 @@ fn pump_once(s: &AppState) {
     for key in inner.queues.keys() {
         loop {
             let now = Instant::now();
-            let mut nodes: Vec<_> = inner
+            let nodes: Vec<_> = inner
                 .fleet
                 .candidates(&key.0, key.1, now)
                 .into_iter()
                 .filter(|c| {
-                    let t = Target::Local {
-                        node_id: c.node_id.clone(),
-                        base_url: String::new(),
-                        model: c.model.clone(),
-                    };
-                    inner.health.admit(&health_key(&t), now).allowed()
+                    let k = local_key(&c.node_id, &c.model);
+                    inner.health.admit(&k, now).allowed()
                 })
                 .collect();
             if nodes.is_empty() {
@@ -178,19 +174,10 @@ fn pump_once(s: &AppState) {
                 }
                 break;
             }
-            // Fullest node with room first (pack), as the policy orders them.
-            nodes.retain(|c| c.free() > 0);
-            nodes.sort_by(|a, b| {
-                let la = a.load() as u128 * b.max_running.max(1) as u128;
-                let lb = b.load() as u128 * a.max_running.max(1) as u128;
-                let by_load = if inner.config.policy.pack {
-                    lb.cmp(&la)
-                } else {
-                    la.cmp(&lb)
-                };
-                by_load.then_with(|| a.node_id.cmp(&b.node_id))
-            });
-            let Some(node) = nodes.first() else { break };
+            // Agents with room in the policy's order (pack or spread).
+            let refs: Vec<_> = nodes.iter().collect();
+            let ordered = local_order(&refs, None, &inner.config.policy);
+            let Some(node) = ordered.first() else { break };
             let Some(entry) = inner.queues.pop_next(&key, now, age_boost) else {
                 break;
             };

@@ -22,7 +22,7 @@ pub use group::{CloudTarget, MidStream, ModelGroup, Rule};
 pub use health::{Admit, BreakerState, HealthConfig, HealthView, Outcome, TargetHealth};
 pub use policy::{
     Action, Decision, LocalCandidate, LocalForecast, PolicySettings, ReasonCode, Snapshot, Target,
-    decide, forecast_local,
+    decide, forecast_local, local_order,
 };
 pub use queue::{Waiting, pick_next};
 pub use request::{Capability, Priority, RequestInfo, Strategy};

@@ -669,7 +669,7 @@ pub fn decide(snap: &Snapshot<'_>, req: &RequestInfo) -> Result<Decision, Schedu
 /// Agents with a free slot in the order to try them: the prefix's last node while it is
 /// within the allowed imbalance, then fullest first (pack, so requests share a batch) or
 /// emptiest first (spread).
-fn local_order<'a>(
+pub fn local_order<'a>(
     locals: &[&'a LocalCandidate],
     affinity: Option<&str>,
     s: &PolicySettings,
