@@ -1,0 +1,16 @@
+//! Per-key limits the gateway enforces in memory: request and token rates over a sliding
+//! minute, and budgets with reservations so concurrent requests cannot overspend. Plain
+//! synchronous structs (std Mutex), so a shared store can replace them later behind the same
+//! methods.
+
+mod budget;
+mod rate;
+
+pub use budget::{BudgetExceeded, Budgets, Reservation};
+pub use rate::RateLimiter;
+
+/// Locks, recovering from poisoning: the guarded state is plain counters, valid after any
+/// panic in another holder.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
