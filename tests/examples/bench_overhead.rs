@@ -97,11 +97,7 @@ async fn main() {
         .await
         .expect("mock");
     let sched = start_scheduler(SchedulerSection {
-        providers: vec![ProviderConfig {
-            name: "mock".into(),
-            base_url: mock.base_url(),
-            api_key_env: None,
-        }],
+        providers: vec![ProviderConfig::new("mock", &mock.base_url())],
         models: vec![ModelSection::new(
             "cloud-only",
             vec![CloudTarget::new("mock", "m")],

@@ -64,6 +64,8 @@ pub fn scheduler_section() -> SchedulerSection {
         heartbeat_ms: 200,
         missed_heartbeats: 10,
         first_byte_timeout_ms: 5_000,
+        // Tests of routing call without keys; the ledger tests turn keys on.
+        auth: Some(flotilla_gateway::AuthMode::None),
         ..SchedulerSection::default()
     }
 }
@@ -71,7 +73,7 @@ pub fn scheduler_section() -> SchedulerSection {
 pub async fn start_scheduler(section: SchedulerSection) -> Running {
     let cfg = section.validate().expect("valid scheduler config");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let scheduler = Scheduler::new(listener, cfg).expect("scheduler");
+    let scheduler = Scheduler::new(listener, cfg).await.expect("scheduler");
     let url = format!("http://{}", scheduler.local_addr().expect("addr"));
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
@@ -246,11 +248,7 @@ pub async fn start_long_stream(sched_url: &str) -> reqwest::Response {
 
 /// A cloud provider at `base_url`, without a key.
 pub fn provider(name: &str, base_url: &str) -> flotilla_providers::ProviderConfig {
-    flotilla_providers::ProviderConfig {
-        name: name.into(),
-        base_url: base_url.into(),
-        api_key_env: None,
-    }
+    flotilla_providers::ProviderConfig::new(name, base_url)
 }
 
 /// Where the scheduler sent the request (`x-flotilla-target`).

@@ -190,11 +190,7 @@ async fn drain_finishes_running_streams_then_leaves_the_fleet() {
         .await
         .unwrap();
     let sched = start_scheduler(SchedulerSection {
-        providers: vec![ProviderConfig {
-            name: "mock".into(),
-            base_url: cloud.base_url(),
-            api_key_env: None,
-        }],
+        providers: vec![ProviderConfig::new("mock", &cloud.base_url())],
         models: vec![ModelSection {
             max_queue_depth: Some(64),
             ..ModelSection::new("tiny-llama", vec![CloudTarget::new("mock", "cloud-model")])
@@ -305,7 +301,9 @@ async fn the_nodes_endpoint_needs_the_admin_token_when_one_is_set() {
     let mut cfg = scheduler_section().validate().unwrap();
     cfg.admin_token = Some(Secret::new("admin-s3cret".into()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let scheduler = flotilla_gateway::Scheduler::new(listener, cfg).unwrap();
+    let scheduler = flotilla_gateway::Scheduler::new(listener, cfg)
+        .await
+        .unwrap();
     let url = format!("http://{}/admin/v1/nodes", scheduler.local_addr().unwrap());
     let stop = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(scheduler.run(stop.clone()));

@@ -347,7 +347,9 @@ async fn heartbeats_need_the_cluster_token_when_one_is_set() {
     let mut cfg = scheduler_section().validate().unwrap();
     cfg.cluster_token = Some(Secret::new("cluster-s3cret".into()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let scheduler = flotilla_gateway::Scheduler::new(listener, cfg).unwrap();
+    let scheduler = flotilla_gateway::Scheduler::new(listener, cfg)
+        .await
+        .unwrap();
     let sched_url = format!("http://{}", scheduler.local_addr().unwrap());
     let stop = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(scheduler.run(stop.clone()));

@@ -78,6 +78,8 @@ pub struct ApiError {
     pub message: String,
     pub param: Option<String>,
     pub code: Option<String>,
+    /// Sent as `Retry-After` (whole seconds, rounded up) with a 429 or 503.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl ApiError {
@@ -87,7 +89,12 @@ impl ApiError {
             message: message.into(),
             param: None,
             code: None,
+            retry_after: None,
         }
+    }
+    pub fn with_retry_after(mut self, d: std::time::Duration) -> Self {
+        self.retry_after = Some(d);
+        self
     }
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::InvalidRequest, message)
@@ -156,7 +163,15 @@ impl axum::response::IntoResponse for ApiError {
     fn into_response(self) -> axum::response::Response {
         let status = axum::http::StatusCode::from_u16(self.kind.http_status())
             .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
-        (status, axum::Json(self.body())).into_response()
+        let mut resp = (status, axum::Json(self.body())).into_response();
+        if let Some(d) = self.retry_after {
+            let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+            if let Ok(v) = axum::http::HeaderValue::from_str(&secs.max(1).to_string()) {
+                resp.headers_mut()
+                    .insert(axum::http::header::RETRY_AFTER, v);
+            }
+        }
+        resp
     }
 }
 

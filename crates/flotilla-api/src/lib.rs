@@ -7,6 +7,7 @@
 
 #[cfg(feature = "axum")]
 pub mod body;
+pub mod capability;
 pub mod error;
 pub mod headers;
 pub mod metrics;
@@ -14,7 +15,9 @@ pub mod openai;
 pub mod protocol;
 pub mod secret;
 pub mod sse;
+pub mod usage;
 
+pub use capability::Capability;
 pub use error::{ApiError, ErrorKind};
 pub use secret::{Secret, check_bearer};
 

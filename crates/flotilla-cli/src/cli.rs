@@ -53,6 +53,86 @@ pub enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
+    /// API keys: create (the secret is printed once), list, revoke. Works on the ledger
+    /// database directly, so the first admin key can be made before any exists.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Reports from the request ledger.
+    Report {
+        #[command(subcommand)]
+        command: ReportCommand,
+    },
+}
+
+/// Where the ledger database is: the config's `scheduler.ledger.url`, or `ledger.db` in
+/// the data directory.
+#[derive(Debug, Args)]
+pub struct LedgerArgs {
+    /// TOML config file (its `scheduler.ledger.url` names the database).
+    #[arg(long, env = "FLOTILLA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory holding `ledger.db` when the config names no URL (default
+    /// $XDG_DATA_HOME/flotilla or ~/.local/share/flotilla).
+    #[arg(long, env = "FLOTILLA_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Make a key and print its secret (shown only this once; stored hashed).
+    Create {
+        #[command(flatten)]
+        ledger: LedgerArgs,
+        /// A unique name for the key.
+        #[arg(long)]
+        name: String,
+        /// Most the key may spend, in US dollars (requests reserve their maximum cost).
+        #[arg(long)]
+        budget_usd: Option<f64>,
+        /// Requests a minute.
+        #[arg(long)]
+        rpm: Option<u32>,
+        /// Tokens (prompt + completion) a minute.
+        #[arg(long)]
+        tpm: Option<u64>,
+        /// The key may use the admin API (`/admin/v1/...`).
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Every key: id, name, limits, spend; never secrets.
+    List {
+        #[command(flatten)]
+        ledger: LedgerArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key by id or name (running schedulers stop accepting it within
+    /// `scheduler.key_refresh_ms`).
+    Revoke {
+        #[command(flatten)]
+        ledger: LedgerArgs,
+        key: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReportCommand {
+    /// Actual cost against the same traffic priced on the default cloud provider, by day
+    /// and model (what `GET /admin/v1/savings` returns).
+    Savings {
+        #[command(flatten)]
+        ledger: LedgerArgs,
+        /// From this date (YYYY-MM-DD, UTC) or unix milliseconds.
+        #[arg(long)]
+        from: Option<String>,
+        /// Until this date (exclusive) or unix milliseconds.
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -152,6 +232,21 @@ pub struct ServerArgs {
     /// Validate the config, print every problem found, and exit.
     #[arg(long)]
     pub check_config: bool,
+    /// `keys` (clients need an API key) or `none`; overrides `scheduler.auth`.
+    #[arg(long, env = "FLOTILLA_AUTH", value_parser = parse_auth)]
+    pub auth: Option<flotilla_gateway::AuthMode>,
+    /// Data directory for the ledger (`ledger.db`) when the config names no URL (default
+    /// $XDG_DATA_HOME/flotilla or ~/.local/share/flotilla).
+    #[arg(long, env = "FLOTILLA_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+fn parse_auth(s: &str) -> Result<flotilla_gateway::AuthMode, String> {
+    match s {
+        "keys" => Ok(flotilla_gateway::AuthMode::Keys),
+        "none" => Ok(flotilla_gateway::AuthMode::None),
+        _ => Err(format!("expected `keys` or `none`, got `{s}`")),
+    }
 }
 
 #[derive(Debug, Args)]

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod ledger;
 pub mod simulate;
 pub mod status;
 
@@ -68,7 +69,11 @@ fn load_config(
     Option<AgentConfig>,
     config::FileConfig,
 )> {
-    let file = config::load(args.config.as_deref())?;
+    let mut file = config::load(args.config.as_deref())?;
+    ledger::default_ledger_url(&mut file.scheduler, args.data_dir.as_deref());
+    if let Some(a) = args.auth {
+        file.scheduler.auth = Some(a);
+    }
     let (s, a) = config::resolve(&file, need_agent)?;
     Ok((s, a, file))
 }
@@ -95,7 +100,22 @@ pub fn default_models() -> Vec<ModelSpec> {
 }
 
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
-    let (sched_cfg, _, file) = load_config(&args.server, false)?;
+    let mut file = config::load(args.server.config.as_deref())?;
+    ledger::default_ledger_url(&mut file.scheduler, args.server.data_dir.as_deref());
+    if let Some(a) = args.server.auth {
+        file.scheduler.auth = Some(a);
+    }
+    let listen = args
+        .server
+        .listen
+        .clone()
+        .unwrap_or_else(|| file.scheduler.listen.clone());
+    // A first look on this machine needs no keys; anywhere else it does unless the config
+    // says otherwise.
+    if file.scheduler.auth.is_none() && is_loopback(&listen) {
+        file.scheduler.auth = Some(flotilla_gateway::AuthMode::None);
+    }
+    let (sched_cfg, _) = config::resolve(&file, false)?;
     let mut agent_section: AgentSection = file.agent.clone();
     if agent_section.models.is_empty() {
         agent_section.models = default_models();
@@ -111,11 +131,6 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     if agent_section.cluster_token_env.is_none() {
         agent_section.cluster_token_env = file.scheduler.cluster_token_env.clone();
     }
-    let listen = args
-        .server
-        .listen
-        .clone()
-        .unwrap_or_else(|| file.scheduler.listen.clone());
     let listener = bind(&listen).await?;
     let addr = listener.local_addr()?;
     agent_section.scheduler_url = Some(format!("http://{addr}"));
@@ -131,7 +146,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
     let sched_stop = CancellationToken::new();
-    let scheduler = Scheduler::new(listener, sched_cfg)?;
+    let scheduler = Scheduler::new(listener, sched_cfg).await?;
     let sched_task = tokio::spawn(scheduler.run(sched_stop.clone()));
 
     let agent = Agent::load(bind("127.0.0.1:0").await?, agent_cfg).await?;
@@ -144,6 +159,17 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     sched_stop.cancel();
     drained(sched_task, &sched_stop, DRAIN_TIMEOUT).await?;
     Ok(())
+}
+
+/// Whether a listen address is on this machine only (`127.0.0.1:8080`, `[::1]:0`,
+/// `localhost:8080`).
+fn is_loopback(listen: &str) -> bool {
+    let host = listen.rsplit_once(':').map_or(listen, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// How long a shutdown waits for in-flight requests before giving up on them.
@@ -182,7 +208,7 @@ pub async fn scheduler(args: ServerArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let listen = args.listen.clone().unwrap_or(file.scheduler.listen);
-    let scheduler = Scheduler::new(bind(&listen).await?, cfg)?;
+    let scheduler = Scheduler::new(bind(&listen).await?, cfg).await?;
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
     announce(scheduler.local_addr()?)?;

@@ -27,6 +27,8 @@ async fn main() -> std::process::ExitCode {
                 .await
                 .unwrap_or_else(|e| Err(anyhow::anyhow!("simulation panicked: {e}")))
         }
+        Command::Keys { command } => flotilla_cli::ledger::keys(command).await,
+        Command::Report { command } => flotilla_cli::ledger::report(command).await,
         Command::Bench {
             command: BenchCommand::Engine(args),
         } => {

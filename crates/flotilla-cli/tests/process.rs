@@ -10,7 +10,12 @@ use serde_json::{Value, json};
 const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
 
 /// Kills the child when the test ends, whatever happens.
-struct Proc(Child, Arc<Mutex<Vec<String>>>);
+/// Its data directory (the ledger) lives as long as it does.
+struct Proc(
+    Child,
+    Arc<Mutex<Vec<String>>>,
+    #[allow(dead_code, reason = "held until the process is gone")] tempfile::TempDir,
+);
 
 impl Proc {
     /// Lines printed on stdout after the `listening on` line (there must be none).
@@ -26,11 +31,22 @@ impl Drop for Proc {
     }
 }
 
-/// Spawns `flotilla ARGS` and returns it with the address from its one stdout line.
+/// Spawns `flotilla ARGS` (without API keys, its ledger in a directory of its own) and
+/// returns it with the address from its one stdout line.
 fn spawn(args: &[&str]) -> (Proc, String) {
+    spawn_with(
+        args,
+        &[("FLOTILLA_AUTH", "none")],
+        tempfile::tempdir().unwrap(),
+    )
+}
+
+fn spawn_with(args: &[&str], env: &[(&str, &str)], data: tempfile::TempDir) -> (Proc, String) {
     let mut child = Command::new(BIN)
         .args(args)
         .env("FLOTILLA_LOG", "warn")
+        .env("FLOTILLA_DATA_DIR", data.path())
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -48,7 +64,7 @@ fn spawn(args: &[&str]) -> (Proc, String) {
             sink.lock().unwrap().push(line);
         }
     });
-    let proc = Proc(child, extra);
+    let proc = Proc(child, extra, data);
     let line = rx
         .recv_timeout(Duration::from_secs(120))
         .expect("no listening line in 120 s")
@@ -483,4 +499,78 @@ async fn status_shows_the_fleet() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.starts_with("error: asking the scheduler at"), "{err}");
+}
+
+/// Keys made with the CLI on the ledger a running scheduler uses: a request without one is
+/// refused, with one it is let through and written to the ledger, which the admin API (with
+/// an admin key) and `flotilla report savings` read.
+#[tokio::test]
+async fn keys_made_by_the_cli_open_the_scheduler_and_the_ledger_reports() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap().to_owned();
+    let (_sched, url) = spawn_with(&["scheduler", "--listen", "127.0.0.1:0"], &[], data);
+    let key = run_ok(&[
+        "keys",
+        "create",
+        "--name",
+        "app",
+        "--data-dir",
+        &dir,
+        "--rpm",
+        "100",
+    ]);
+    let key = key.trim().to_owned();
+    assert!(key.starts_with("fl-"), "{key}");
+    let admin = run_ok(&[
+        "keys",
+        "create",
+        "--name",
+        "ops",
+        "--admin",
+        "--data-dir",
+        &dir,
+    ]);
+    let c = reqwest::Client::new();
+    let body = json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]});
+    let r = c
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = c
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "past auth, to routing");
+    let mut rows = Value::Null;
+    for _ in 0..100 {
+        rows = c
+            .get(format!("{url}/admin/v1/requests"))
+            .bearer_auth(admin.trim())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if rows["data"].as_array().is_some_and(|d| !d.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(rows["data"][0]["model"], "nope", "{rows}");
+    assert_eq!(rows["data"][0]["http_status"], 404, "{rows}");
+    let listed = run_ok(&["keys", "list", "--data-dir", &dir]);
+    assert!(
+        listed.contains("app") && listed.contains("admin") && !listed.contains(&key),
+        "{listed}"
+    );
+    let report = run_ok(&["report", "savings", "--data-dir", &dir]);
+    assert!(report.starts_with("DAY"), "{report}");
+    run_ok(&["keys", "revoke", "app", "--data-dir", &dir]);
 }

@@ -47,7 +47,7 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
-    let scheduler = Scheduler::new(listener, config)?;
+    let scheduler = Scheduler::new(listener, config).await?;
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on http://{}", scheduler.local_addr()?)?;

@@ -4,7 +4,10 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use flotilla_providers::{ProviderConfig, Secret, Timeouts};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use flotilla_providers::{Price, ProviderConfig, Secret, Timeouts, TokenCounter};
 use flotilla_scheduler::{
     Capability, CloudTarget, HealthConfig, MidStream, ModelGroup, PolicySettings, Priority, Rule,
     Strategy,
@@ -50,6 +53,49 @@ impl Default for HealthSection {
             error_rate: d.error_rate,
             open_ms: d.open_for.as_millis() as u64,
             default_retry_after_ms: d.default_retry_after.as_millis() as u64,
+        }
+    }
+}
+
+/// Whether clients must present an API key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// Every OpenAI API request needs a key made with `flotilla keys create`.
+    #[default]
+    Keys,
+    /// No keys: anyone who reaches the port may call (for a first look on localhost).
+    None,
+}
+
+/// Defaults for one API key's requests (`[scheduler.key_defaults.<key name>]`); headers
+/// still win.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeyDefaults {
+    pub priority: Option<Priority>,
+    pub strategy: Option<Strategy>,
+}
+
+/// Where every request's row is written (`[scheduler.ledger]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LedgerSection {
+    /// `sqlite://PATH` or `postgres://...`; unset = `ledger.db` in the data directory
+    /// (the `flotilla` binary) or an in-memory database (a library user).
+    pub url: Option<String>,
+    /// Rows are written at least this often; a crash loses at most this much.
+    pub flush_ms: u64,
+    /// Or as soon as this many rows wait.
+    pub batch: usize,
+}
+
+impl Default for LedgerSection {
+    fn default() -> Self {
+        LedgerSection {
+            url: None,
+            flush_ms: 200,
+            batch: 512,
         }
     }
 }
@@ -145,6 +191,21 @@ pub struct SchedulerSection {
     pub prior_latency_ms: u64,
     pub prior_tokens_per_s: f64,
     pub health: HealthSection,
+    /// `keys` (the default): clients need an API key; `none`: open (what `flotilla up`
+    /// uses on a loopback address when this is unset).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthMode>,
+    /// How often keys (new, revoked, spend) are re-read from the database.
+    pub key_refresh_ms: u64,
+    /// Per API key (by name): the class and strategy of its requests without headers.
+    pub key_defaults: HashMap<String, KeyDefaults>,
+    pub ledger: LedgerSection,
+    /// The cloud provider the savings report prices all traffic on ("what it would have
+    /// cost without Flotilla"); unset = the first configured provider.
+    pub default_provider: Option<String>,
+    /// A `tokenizer.json` for our own token counts (answers without usage, and the check
+    /// of those with it); unset = about four bytes a token.
+    pub usage_tokenizer: Option<PathBuf>,
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelSection>,
 }
@@ -186,6 +247,12 @@ impl Default for SchedulerSection {
             prior_latency_ms: 5_000,
             prior_tokens_per_s: 30.0,
             health: HealthSection::default(),
+            auth: None,
+            key_refresh_ms: 5_000,
+            key_defaults: HashMap::new(),
+            ledger: LedgerSection::default(),
+            default_provider: None,
+            usage_tokenizer: None,
             providers: Vec::new(),
             models: Vec::new(),
         }
@@ -269,9 +336,37 @@ pub struct SchedulerConfig {
     pub retry_budget: Duration,
     pub mid_stream: MidStream,
     pub default_max_tokens: u64,
+    pub auth: AuthMode,
+    pub key_refresh: Duration,
+    pub key_defaults: HashMap<String, KeyDefaults>,
+    pub ledger: LedgerSection,
+    /// The savings report's baseline provider.
+    pub default_provider: Option<String>,
+    pub counter: Arc<TokenCounter>,
 }
 
 impl SchedulerConfig {
+    /// A provider's config by name.
+    pub fn provider(&self, name: &str) -> Option<&ProviderConfig> {
+        self.providers.iter().find(|p| p.name == name)
+    }
+
+    /// What a request for `model` would cost on the baseline provider, per token: its
+    /// cloud entry for that provider, or the provider's own price table.
+    pub fn baseline_price(&self, model: &str) -> Option<Price> {
+        let name = self.default_provider.as_deref()?;
+        if let Some(c) = self
+            .groups
+            .get(model)
+            .and_then(|g| g.cloud.iter().find(|c| c.provider == name))
+        {
+            return Some(c.price());
+        }
+        let p = self.provider(name)?;
+        let id = p.models.get(model).map_or(model, String::as_str);
+        p.prices.get(id).copied()
+    }
+
     /// The group for a model agents serve but the config does not name.
     pub fn implicit_group(&self, name: &str) -> ModelGroup {
         ModelGroup {
@@ -321,6 +416,9 @@ impl SchedulerSection {
             ("scheduler.health.open_ms", self.health.open_ms),
             ("scheduler.max_queued", self.max_queued),
             ("scheduler.default_max_tokens", self.default_max_tokens),
+            ("scheduler.key_refresh_ms", self.key_refresh_ms),
+            ("scheduler.ledger.flush_ms", self.ledger.flush_ms),
+            ("scheduler.ledger.batch", self.ledger.batch as u64),
         ] {
             if v == 0 {
                 errors.push(format!("{key}: must be greater than 0"));
@@ -386,7 +484,61 @@ impl SchedulerSection {
                     p.base_url
                 ));
             }
+            for (id, price) in &p.prices {
+                for what in price.invalid() {
+                    errors.push(format!(
+                        "scheduler.providers[{i}].prices.{id}.{what}: must be a non-negative number"
+                    ));
+                }
+            }
+            for (key, v) in [
+                ("connect_timeout_ms", p.connect_timeout_ms),
+                ("first_byte_timeout_ms", p.first_byte_timeout_ms),
+                ("request_timeout_ms", p.request_timeout_ms),
+                ("default_max_tokens", p.default_max_tokens),
+            ] {
+                if v == Some(0) {
+                    errors.push(format!(
+                        "scheduler.providers[{i}].{key}: must be greater than 0"
+                    ));
+                }
+            }
+            if p.rpm == Some(0) || p.tpm == Some(0) {
+                errors.push(format!(
+                    "scheduler.providers[{i}]: rpm and tpm must be greater than 0 when set"
+                ));
+            }
         }
+        let default_provider = match &self.default_provider {
+            Some(name) if !names.contains(name.as_str()) => {
+                errors.push(format!(
+                    "scheduler.default_provider: `{name}` is not a configured provider"
+                ));
+                None
+            }
+            Some(name) => Some(name.clone()),
+            None => self.providers.first().map(|p| p.name.clone()),
+        };
+        if let Some(url) = &self.ledger.url
+            && !(url.starts_with("sqlite:")
+                || url.starts_with("postgres://")
+                || url.starts_with("postgresql://"))
+        {
+            errors.push(
+                "scheduler.ledger.url: must start with sqlite:, postgres:// or postgresql://"
+                    .into(),
+            );
+        }
+        let counter = match &self.usage_tokenizer {
+            None => Arc::new(TokenCounter::Estimate),
+            Some(path) => match TokenCounter::from_file(path) {
+                Ok(c) => Arc::new(c),
+                Err(e) => {
+                    errors.push(format!("scheduler.usage_tokenizer: {e}"));
+                    Arc::new(TokenCounter::Estimate)
+                }
+            },
+        };
         let mut groups = HashMap::new();
         for (i, m) in self.models.iter().enumerate() {
             if m.name.is_empty() {
@@ -394,11 +546,16 @@ impl SchedulerSection {
                 continue;
             }
             check_model(i, m, &names, &mut errors);
+            let cloud = m
+                .cloud
+                .iter()
+                .map(|c| resolve_cloud(&m.name, c, &self.providers))
+                .collect();
             let group = ModelGroup {
                 name: m.name.clone(),
                 local_model: m.local_model.clone().unwrap_or_else(|| m.name.clone()),
                 max_queue_depth: m.max_queue_depth.unwrap_or(self.default_max_queue_depth),
-                cloud: m.cloud.clone(),
+                cloud,
                 strategy: m.strategy.unwrap_or(self.default_strategy),
                 local_weight: m.local_weight.unwrap_or(1),
                 local_capabilities: m.local_capabilities.clone(),
@@ -459,8 +616,37 @@ impl SchedulerSection {
             retry_budget: Duration::from_millis(self.retry_budget_ms),
             mid_stream: self.mid_stream,
             default_max_tokens: self.default_max_tokens,
+            auth: self.auth.unwrap_or_default(),
+            key_refresh: Duration::from_millis(self.key_refresh_ms),
+            key_defaults: self.key_defaults.clone(),
+            ledger: self.ledger.clone(),
+            default_provider,
+            counter,
         })
     }
+}
+
+/// A cloud entry completed from its provider: the model id from the provider's model map
+/// (or the public name), prices from its price table, capabilities from its list.
+fn resolve_cloud(name: &str, c: &CloudTarget, providers: &[ProviderConfig]) -> CloudTarget {
+    let Some(p) = providers.iter().find(|p| p.name == c.provider) else {
+        return c.clone();
+    };
+    let mut c = c.clone();
+    if c.model.is_empty() {
+        c.model = p
+            .models
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| name.to_owned());
+    }
+    if let Some(price) = p.prices.get(&c.model) {
+        c.set_price(c.price().or(price));
+    }
+    if c.capabilities.is_none() {
+        c.capabilities = p.capabilities.clone();
+    }
+    c
 }
 
 /// Checks one model entry's cloud targets and rules against the configured providers.
@@ -474,15 +660,10 @@ fn check_model(i: usize, m: &ModelSection, providers: &HashSet<&str>, errors: &m
                 c.provider
             ));
         }
-        for (what, v) in [
-            ("input_usd_per_mtok", c.input_usd_per_mtok),
-            ("output_usd_per_mtok", c.output_usd_per_mtok),
-        ] {
-            if v.is_some_and(|p| !(p >= 0.0 && p.is_finite())) {
-                errors.push(format!(
-                    "{key}.cloud[{j}].{what}: must be a non-negative number"
-                ));
-            }
+        for what in c.price().invalid() {
+            errors.push(format!(
+                "{key}.cloud[{j}].{what}: must be a non-negative number"
+            ));
         }
         labels.insert(c.label());
     }
@@ -528,11 +709,7 @@ mod tests {
     fn reports_every_error_together() {
         let s = SchedulerSection {
             missed_heartbeats: 0,
-            providers: vec![ProviderConfig {
-                name: "a".into(),
-                base_url: "ftp://x".into(),
-                api_key_env: None,
-            }],
+            providers: vec![ProviderConfig::new("a", "ftp://x")],
             models: vec![ModelSection {
                 rules: vec![Rule {
                     targets: vec!["cloud:elsewhere".into()],

@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use flotilla_api::protocol::ModelKind;
 use flotilla_api::{ApiError, ErrorKind, headers};
-use flotilla_providers::{ProviderError, Upstream};
+use flotilla_providers::{EncodeOptions, Endpoint, ProviderError, Upstream};
 use flotilla_scheduler::{
     Action, Decision, InFlightGuard, MidStream, ModelGroup, Outcome, RequestInfo, Snapshot, Target,
     decide,
@@ -21,30 +21,16 @@ use flotilla_scheduler::{
 use serde_json::Value;
 
 use crate::AppState;
+use crate::accounting::{AnswerText, Pricing, Tally};
+use crate::auth::{NO_PRICE, admit_key, max_cost, provider_admits};
 use crate::health::{cloud_key, health_key, local_key};
 use crate::queue::Wake;
 use crate::stream::{Continuation, RelayCtx, relay_sse};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Endpoint {
-    Chat,
-    Completions,
-    Embeddings,
-}
-
-impl Endpoint {
-    pub(crate) fn path(self) -> &'static str {
-        match self {
-            Endpoint::Chat => "/chat/completions",
-            Endpoint::Completions => "/completions",
-            Endpoint::Embeddings => "/embeddings",
-        }
-    }
-    fn kind(self) -> ModelKind {
-        match self {
-            Endpoint::Chat | Endpoint::Completions => ModelKind::Chat,
-            Endpoint::Embeddings => ModelKind::Embedding,
-        }
+fn kind_of(ep: Endpoint) -> ModelKind {
+    match ep {
+        Endpoint::Chat | Endpoint::Completions => ModelKind::Chat,
+        Endpoint::Embeddings => ModelKind::Embedding,
     }
 }
 
@@ -53,6 +39,10 @@ pub(crate) struct Routed<'a> {
     pub ep: Endpoint,
     pub model: &'a str,
     pub stream: bool,
+    /// The client asked for the stream's usage chunk.
+    pub client_usage: bool,
+    /// `max_completion_tokens` or `max_tokens`, when the request sets one.
+    pub max_tokens: Option<u64>,
     pub body: Value,
     pub headers: &'a HeaderMap,
     pub request_id: &'a str,
@@ -119,15 +109,48 @@ fn decide_now(
     Ok(decide(&snap, info)?)
 }
 
-/// Routes one request and returns the answer (or the error every target gave).
-pub(crate) async fn dispatch(s: &AppState, r: Routed<'_>) -> Result<Response, ApiError> {
+/// Routes one request and returns the answer (or the error every target gave). The
+/// request's account goes to the ledger when it ends, whichever way it ends.
+pub(crate) async fn dispatch(
+    s: &AppState,
+    r: Routed<'_>,
+    tally: Tally,
+) -> Result<Response, ApiError> {
+    let mut slot = Some(tally);
+    let res = route(s, &r, &mut slot).await;
+    if let (Err(e), Some(t)) = (&res, slot.take()) {
+        t.failed(e);
+    }
+    res
+}
+
+async fn route(
+    s: &AppState,
+    r: &Routed<'_>,
+    tally: &mut Option<Tally>,
+) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let cfg = &s.inner.config;
-    let group = resolve_group(s, r.model, r.ep.kind())?;
-    let mut info = crate::features::request_info(cfg, &r.body, r.headers, r.request_id)?;
+    let group = resolve_group(s, r.model, kind_of(r.ep))?;
+    let key = tally.as_ref().and_then(|t| t.key().cloned());
+    let mut info =
+        crate::features::request_info(cfg, &r.body, r.headers, r.request_id, key.as_deref())?;
+    if let Some(t) = tally.as_mut() {
+        t.request(&info, &r.body);
+        if let Some(k) = &key {
+            let tokens = info
+                .prompt_tokens
+                .saturating_add(r.max_tokens.unwrap_or(info.max_tokens));
+            let reservation = admit_key(s, k, tokens, max_cost(s, &group, &info, r.max_tokens))?;
+            t.hold(reservation, tokens);
+        }
+    }
     loop {
         info.waited = arrived.elapsed();
-        let decision = decide_now(s, &group, r.ep.kind(), &info)?;
+        let decision = decide_now(s, &group, kind_of(r.ep), &info)?;
+        if let Some(t) = tally.as_mut() {
+            t.decision(&decision);
+        }
         s.inner.metrics.decision(decision.code);
         // One info line per request: "routed" (with this decision) or, for a request that
         // waits, "queued" now and "routed" when it leaves.
@@ -158,7 +181,7 @@ pub(crate) async fn dispatch(s: &AppState, r: Routed<'_>) -> Result<Response, Ap
                 let mut ticket =
                     s.inner
                         .queues
-                        .enqueue(&group.local_model, r.ep.kind(), info.priority);
+                        .enqueue(&group.local_model, kind_of(r.ep), info.priority);
                 let left = cfg.max_queue_wait.saturating_sub(arrived.elapsed());
                 let limit = spill_after.map_or(left, |sp| sp.min(left));
                 let woke = tokio::select! {
@@ -200,21 +223,11 @@ pub(crate) async fn dispatch(s: &AppState, r: Routed<'_>) -> Result<Response, Ap
                 }
             }
         };
-        return carry(s, &r, &group, &info, &decision, targets, guard, arrived).await;
+        return carry(
+            s, r, &group, &info, &decision, targets, guard, arrived, tally,
+        )
+        .await;
     }
-}
-
-/// The part of a non-streaming answer the scheduler reads; the rest is relayed as it came.
-#[derive(serde::Deserialize)]
-struct UsageOnly {
-    #[serde(default)]
-    usage: Option<UsageCounts>,
-}
-
-#[derive(serde::Deserialize)]
-struct UsageCounts {
-    #[serde(default)]
-    completion_tokens: Option<u64>,
 }
 
 /// One attempt in progress.
@@ -223,6 +236,39 @@ pub(crate) struct Attempt {
     pub label: String,
     pub health_key: String,
     pub started: Instant,
+    pub upstream: Upstream,
+    /// The sequences running on the target beside this one, itself included (local).
+    pub sharing: u64,
+}
+
+impl Attempt {
+    /// How this attempt's answer is paid for.
+    pub(crate) fn pricing(&self, group: &ModelGroup) -> Pricing {
+        match &self.target {
+            Target::Local { .. } => Pricing::Gpu {
+                usd_per_hour: group.gpu_hour_usd,
+                share: 1.0 / self.sharing.max(1) as f64,
+            },
+            Target::Cloud { provider, model } => Pricing::Tokens(
+                group
+                    .cloud
+                    .iter()
+                    .find(|c| &c.provider == provider && &c.model == model)
+                    .map_or(NO_PRICE, |c| c.price()),
+            ),
+        }
+    }
+}
+
+/// The attempt outcome the ledger records for a failure.
+pub(crate) fn ledger_outcome(e: &ProviderError) -> (&'static str, Option<u16>) {
+    match e {
+        ProviderError::Status { status: 429, .. } => ("rate_limited", Some(429)),
+        ProviderError::Status { status, .. } if !e.is_retryable() => ("rejected", Some(*status)),
+        ProviderError::Status { status, .. } => ("failed", Some(*status)),
+        ProviderError::Unsupported { .. } => ("rejected", None),
+        _ => ("failed", None),
+    }
 }
 
 fn outcome_of(e: &ProviderError) -> (Outcome, usize) {
@@ -273,31 +319,30 @@ pub(crate) async fn open_attempt(
     stream: bool,
     guard: Option<InFlightGuard>,
 ) -> Result<(Attempt, reqwest::Response, Option<InFlightGuard>), ProviderError> {
-    let label = target.label();
-    let upstream = upstream_for(s, target, &label)?;
-    let key = health_key(target);
-    let started = Instant::now();
-    let admit = s.inner.health.try_start(&key, started);
-    if !admit.allowed() {
-        return Err(ProviderError::Connect {
-            target: label,
-            reason: format!("not tried: {}", admit.as_str()),
-        });
-    }
-    let guard = match (target, guard) {
-        (_, Some(g)) => Some(g),
-        (Target::Local { node_id, model, .. }, None) => Some(s.inner.fleet.acquire(node_id, model)),
-        (Target::Cloud { .. }, None) => None,
-    };
+    let (label, upstream, key, started, guard, sharing) = start_attempt(s, target, guard)?;
     let mut body = body.clone();
     body["model"] = Value::String(target.model().to_owned());
-    match upstream.post_json(ep.path(), &body, stream).await {
+    let opts = EncodeOptions {
+        stream,
+        stream_usage: match target {
+            Target::Local { .. } => true,
+            Target::Cloud { provider, .. } => s
+                .inner
+                .config
+                .provider(provider)
+                .is_none_or(|p| p.stream_usage),
+        },
+        default_max_tokens: s.inner.config.default_max_tokens,
+    };
+    match upstream.post_json(ep, &body, &opts).await {
         Ok(resp) => Ok((
             Attempt {
                 target: target.clone(),
                 label,
                 health_key: key,
                 started,
+                upstream,
+                sharing,
             },
             resp,
             guard,
@@ -321,6 +366,44 @@ pub(crate) async fn open_attempt(
     }
 }
 
+type Started = (
+    String,
+    Upstream,
+    String,
+    Instant,
+    Option<InFlightGuard>,
+    u64,
+);
+
+/// Everything before the request leaves: the upstream, the health admission, the slot.
+fn start_attempt(
+    s: &AppState,
+    target: &Target,
+    guard: Option<InFlightGuard>,
+) -> Result<Started, ProviderError> {
+    let label = target.label();
+    let upstream = upstream_for(s, target, &label)?;
+    let key = health_key(target);
+    let started = Instant::now();
+    let admit = s.inner.health.try_start(&key, started);
+    if !admit.allowed() {
+        return Err(ProviderError::Connect {
+            target: label,
+            reason: format!("not tried: {}", admit.as_str()),
+        });
+    }
+    let guard = match (target, guard) {
+        (_, Some(g)) => Some(g),
+        (Target::Local { node_id, model, .. }, None) => Some(s.inner.fleet.acquire(node_id, model)),
+        (Target::Cloud { .. }, None) => None,
+    };
+    let sharing = match target {
+        Target::Local { node_id, model, .. } => s.inner.fleet.in_flight(node_id, model),
+        Target::Cloud { .. } => 1,
+    };
+    Ok((label, upstream, key, started, guard, sharing))
+}
+
 /// Tries `targets` in order until one answers.
 #[allow(clippy::too_many_arguments)]
 async fn carry(
@@ -332,11 +415,15 @@ async fn carry(
     targets: Vec<Target>,
     mut first_guard: Option<InFlightGuard>,
     arrived: Instant,
+    tally: &mut Option<Tally>,
 ) -> Result<Response, ApiError> {
     let cfg = &s.inner.config;
     let mut targets: VecDeque<Target> = targets.into();
     let mut failures: Vec<ProviderError> = Vec::new();
     let mut attempts = 0u32;
+    let tokens = info
+        .prompt_tokens
+        .saturating_add(r.max_tokens.unwrap_or(info.max_tokens));
     while let Some(target) = targets.pop_front() {
         if attempts >= cfg.max_attempts {
             break;
@@ -355,9 +442,34 @@ async fn carry(
         }
         // What happened since the decision (a 429, an opened breaker, a wait in the queue)
         // applies at once; a skipped target is not an attempt.
-        let admit = s.inner.health.admit(&health_key(&target), Instant::now());
-        if !admit.allowed() {
-            tracing::info!(request_id = r.request_id, upstream = %label, admit = admit.as_str(), "skipping target");
+        let now = Instant::now();
+        let admit = s.inner.health.admit(&health_key(&target), now);
+        let skip = if !admit.allowed() {
+            Some(admit.as_str().to_owned())
+        } else if let Target::Cloud { provider, .. } = &target {
+            if s.inner
+                .providers
+                .get(provider)
+                .and_then(|u| u.as_ref().ok())
+                .is_some_and(|u| !u.supports(r.ep))
+            {
+                Some(format!("{provider} has no {} endpoint", r.ep.as_str()))
+            } else if let Err(wait) = provider_admits(s, provider, tokens) {
+                Some(format!(
+                    "{provider}'s per-minute limit is reached for {} ms more",
+                    wait.as_millis()
+                ))
+            } else {
+                None
+            }
+        } else {
+            None
+        };
+        if let Some(why) = skip {
+            tracing::info!(request_id = r.request_id, upstream = %label, reason = %why, "skipping target");
+            if let Some(t) = tally.as_mut() {
+                t.attempt(&label, now, "skipped", None, Some(why));
+            }
             continue;
         }
         attempts += 1;
@@ -370,6 +482,10 @@ async fn carry(
         let (attempt, resp, guard) = match opened {
             Ok(x) => x,
             Err(e) => {
+                if let Some(t) = tally.as_mut() {
+                    let (outcome, status) = ledger_outcome(&e);
+                    t.attempt(&label, now, outcome, status, Some(e.to_string()));
+                }
                 if !e.is_retryable() {
                     tracing::info!(request_id = r.request_id, model = r.model, upstream = %label, error = %e, "upstream rejected the request");
                     return Err(e.to_api_error());
@@ -395,7 +511,6 @@ async fn carry(
             let cont =
                 (group.mid_stream == MidStream::Continue && r.ep == Endpoint::Chat).then(|| {
                     Continuation {
-                        state: s.clone(),
                         targets: targets.clone(),
                         body: r.body.clone(),
                         request_id: r.request_id.to_owned(),
@@ -406,11 +521,15 @@ async fn carry(
                 resp,
                 RelayCtx {
                     state: s.clone(),
+                    ep: r.ep,
                     attempt,
                     idle: cfg.timeouts.first_byte,
                     guard,
                     predicted_ttft: predicted,
                     cont,
+                    client_usage: r.client_usage,
+                    tally: tally.take(),
+                    group: group.clone(),
                 },
             );
             return Ok(builder
@@ -421,20 +540,15 @@ async fn carry(
                     ApiError::new(ErrorKind::Internal, e.to_string()).into_response()
                 }));
         }
-        let upstream = match upstream_for(s, &target, &label) {
-            Ok(u) => u,
-            Err(e) => return Err(e.to_api_error()),
-        };
-        match upstream.read_answer::<UsageOnly>(resp).await {
-            Ok((bytes, answer)) => {
+        match attempt.upstream.read_answer(r.ep, resp).await {
+            Ok((bytes, usage)) => {
                 let took = attempt.started.elapsed();
-                let tokens = answer.usage.and_then(|u| u.completion_tokens);
                 s.inner.health.finish(
                     &attempt.health_key,
                     Outcome::Success {
                         ttft: took,
                         latency: took,
-                        tokens,
+                        tokens: usage.map(|u| u.completion),
                     },
                     Instant::now(),
                 );
@@ -444,6 +558,13 @@ async fn carry(
                     .observe_ttft(target.is_local(), predicted, took);
                 drop(guard);
                 tracing::info!(request_id = r.request_id, model = r.model, upstream = %label, priority = info.priority.as_str(), strategy = decision.strategy.as_str(), reason = decision.code.as_str(), detail = %decision.reason, predicted_ttft_ms = predicted.as_millis() as u64, failed_attempts = failures.len(), stream = false, latency_ms = took.as_millis() as u64, "routed");
+                if let Some(mut t) = tally.take() {
+                    t.attempt(&label, attempt.started, "ok", Some(200), None);
+                    let mut text = AnswerText::default();
+                    text.add(&bytes);
+                    let ours = text.count(s, r.ep);
+                    t.answered(&target, Some(took), usage, ours, attempt.pricing(group));
+                }
                 return Ok(builder
                     .header(header::CONTENT_TYPE, "application/json")
                     .body(Body::from(bytes))
@@ -456,6 +577,15 @@ async fn carry(
                 s.inner
                     .health
                     .finish(&attempt.health_key, Outcome::Failure, Instant::now());
+                if let Some(t) = tally.as_mut() {
+                    t.attempt(
+                        &label,
+                        attempt.started,
+                        "failed",
+                        Some(200),
+                        Some(e.to_string()),
+                    );
+                }
                 tracing::warn!(request_id = r.request_id, upstream = %label, error = %e, "reading the answer failed; trying the next target");
                 failures.push(e);
             }
@@ -477,6 +607,14 @@ fn hv(s: &str) -> HeaderValue {
 /// 503 naming every attempt, or the last upstream's own status when that is more telling
 /// (e.g. every target rate-limited: 429).
 fn all_failed(model: &str, failures: &[ProviderError]) -> ApiError {
+    // Every target that was tried could not take the request as asked: the client's to fix.
+    if let Some(first) = failures.first()
+        && failures
+            .iter()
+            .all(|f| matches!(f, ProviderError::Unsupported { .. }))
+    {
+        return first.to_api_error();
+    }
     if failures.is_empty() {
         return ApiError::new(
             ErrorKind::Unavailable,

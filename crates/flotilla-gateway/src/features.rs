@@ -47,9 +47,14 @@ pub(crate) fn request_info(
     body: &Value,
     h: &HeaderMap,
     request_id: &str,
+    key: Option<&flotilla_state::ApiKey>,
 ) -> Result<RequestInfo, ApiError> {
+    let defaults = key
+        .and_then(|k| cfg.key_defaults.get(&k.name))
+        .copied()
+        .unwrap_or_default();
     let priority = match header(h, headers::PRIORITY)? {
-        None => cfg.default_priority,
+        None => defaults.priority.unwrap_or(cfg.default_priority),
         Some(v) => Priority::parse(v).ok_or_else(|| {
             ApiError::invalid_param(
                 headers::PRIORITY,
@@ -61,7 +66,7 @@ pub(crate) fn request_info(
         })?,
     };
     let strategy = match header(h, headers::ROUTE)? {
-        None => None,
+        None => defaults.strategy,
         Some(v) => Some(Strategy::parse(v).ok_or_else(|| {
             ApiError::invalid_param(
                 headers::ROUTE,
@@ -195,7 +200,7 @@ mod tests {
             {"role": "user", "content": [{"type": "text", "text": "abcd"}, {"type": "image_url", "image_url": {"url": "u"}}]}
         ], "tools": [{"type": "function"}], "max_tokens": 7,
            "response_format": {"type": "json_schema"}});
-        let r = request_info(&cfg(), &body, &h, "id").unwrap();
+        let r = request_info(&cfg(), &body, &h, "id", None).unwrap();
         assert_eq!(r.priority, Priority::Batch);
         assert_eq!(r.ttft_deadline, Some(Duration::from_millis(1500)));
         assert_eq!(r.strategy, Some(Strategy::Latency));
@@ -219,8 +224,8 @@ mod tests {
             {"role": "system", "content": "x".repeat(400)},
             {"role": "user", "content": "z".repeat(300)}
         ]});
-        let a = request_info(&cfg(), &other, &HeaderMap::new(), "a").unwrap();
-        let b = request_info(&cfg(), &body2, &HeaderMap::new(), "b").unwrap();
+        let a = request_info(&cfg(), &other, &HeaderMap::new(), "a", None).unwrap();
+        let b = request_info(&cfg(), &body2, &HeaderMap::new(), "b", None).unwrap();
         assert_eq!(a.prefix, b.prefix);
         // Class defaults apply without headers.
         assert_eq!(a.priority, Priority::Interactive);
@@ -238,7 +243,7 @@ mod tests {
         ] {
             let mut h = HeaderMap::new();
             h.insert(name, HeaderValue::from_static(value));
-            let e = request_info(&cfg(), &json!({}), &h, "id").unwrap_err();
+            let e = request_info(&cfg(), &json!({}), &h, "id", None).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(name), "{e:?}");
             assert!(e.message.contains(value), "{}", e.message);
         }

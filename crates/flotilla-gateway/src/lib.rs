@@ -5,6 +5,9 @@
 //! Depends on flotilla-scheduler for decisions and flotilla-providers for upstream calls;
 //! never on candle.
 
+mod accounting;
+mod admin;
+mod auth;
 pub mod config;
 mod dispatch;
 mod features;
@@ -18,7 +21,8 @@ mod stream;
 use std::net::SocketAddr;
 
 pub use config::{
-    ClassSection, HealthSection, LocalBalance, ModelSection, SchedulerConfig, SchedulerSection,
+    AuthMode, ClassSection, HealthSection, KeyDefaults, LedgerSection, LocalBalance, ModelSection,
+    SchedulerConfig, SchedulerSection,
 };
 pub use state::AppState;
 use tokio::net::TcpListener;
@@ -30,6 +34,8 @@ pub enum GatewayError {
     Client(#[from] flotilla_providers::ProviderError),
     #[error("serving HTTP: {0}")]
     Serve(#[from] std::io::Error),
+    #[error("the ledger: {0}")]
+    Ledger(#[from] flotilla_state::StateError),
 }
 
 /// A scheduler bound to its listener, ready to serve.
@@ -39,8 +45,16 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(listener: TcpListener, config: SchedulerConfig) -> Result<Self, GatewayError> {
-        let state = AppState::new(config)?;
+    pub async fn new(listener: TcpListener, config: SchedulerConfig) -> Result<Self, GatewayError> {
+        let state = AppState::new(config).await?;
+        if state.inner.config.auth == AuthMode::None
+            && listener.local_addr().is_ok_and(|a| !a.ip().is_loopback())
+        {
+            tracing::warn!(
+                "listening beyond loopback with auth = \"none\": anyone who reaches this port \
+                 can use it; make keys with `flotilla keys create` and remove auth = \"none\""
+            );
+        }
         if state.inner.cluster_token.is_none()
             && listener.local_addr().is_ok_and(|a| !a.ip().is_loopback())
         {
@@ -68,9 +82,14 @@ impl Scheduler {
         &self.state
     }
 
-    /// Serves until `shutdown` is cancelled, then lets in-flight requests finish.
+    /// Serves until `shutdown` is cancelled, then lets in-flight requests finish and
+    /// writes the ledger rows still waiting.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), GatewayError> {
         tokio::spawn(sweep_fleet(self.state.clone(), shutdown.clone()));
+        if self.state.inner.config.auth == AuthMode::Keys {
+            tokio::spawn(auth::refresh_keys(self.state.clone(), shutdown.clone()));
+        }
+        let state = self.state.clone();
         // The pump also runs on every heartbeat interval, so load figures that changed
         // without a release (another scheduler's work finishing) are acted on.
         tokio::spawn(queue::pump(
@@ -87,9 +106,15 @@ impl Scheduler {
         let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
             let _ = tcp.set_nodelay(true);
         });
-        axum::serve(listener, app)
+        let served = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await?;
+            .await;
+        let flushed = state.inner.writer.close().await;
+        if let Err(e) = &flushed {
+            tracing::error!(error = %e, "writing the last ledger rows failed");
+        }
+        served?;
+        flushed?;
         Ok(())
     }
 }

@@ -18,8 +18,10 @@ use flotilla_api::{ApiError, ErrorKind, headers};
 use flotilla_scheduler::Upsert;
 
 use crate::AppState;
-use crate::dispatch::{Endpoint, Routed, dispatch};
+use crate::accounting::Tally;
+use crate::dispatch::{Routed, dispatch};
 use flotilla_api::body::{parse_json, read_limited};
+use flotilla_providers::Endpoint;
 
 pub(crate) fn router(state: AppState) -> Router {
     Router::new()
@@ -30,7 +32,14 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/health", get(|| async { "ok" }))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
-        .route("/admin/v1/nodes", get(nodes))
+        .route("/admin/v1/nodes", get(crate::admin::nodes))
+        .route("/admin/v1/requests", get(crate::admin::requests))
+        .route("/admin/v1/savings", get(crate::admin::savings))
+        .route(
+            "/admin/v1/keys",
+            get(crate::admin::keys).post(crate::admin::create_key),
+        )
+        .route("/admin/v1/keys/{id}", delete(crate::admin::revoke_key))
         .route(HEARTBEAT_PATH, post(heartbeat))
         .route(
             &format!("{DEREGISTER_PATH}/{{node_id}}"),
@@ -90,20 +99,35 @@ async fn handle<R: OpenAiRequest>(
     let id = new_request_id();
     let cfg = &s.inner.config;
     let res = async {
+        let key = crate::auth::authenticate(s, headers).await?;
         let bytes = read_limited(body, cfg.max_body_bytes, cfg.body_timeout).await?;
         let req: R = parse_json(&bytes)?;
-        req.validate()?;
+        let tally = Tally::new(s, &id, ep, req.model(), req.is_stream(), key);
+        if let Err(e) = req.validate() {
+            tally.failed(&e);
+            return Err(e);
+        }
         let value = serde_json::to_value(&req).map_err(|e| ApiError::invalid(e.to_string()))?;
+        let client_usage = value
+            .pointer("/stream_options/include_usage")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false);
+        let max_tokens = ["max_completion_tokens", "max_tokens"]
+            .iter()
+            .find_map(|k| value.get(*k).and_then(serde_json::Value::as_u64));
         dispatch(
             s,
             Routed {
                 ep,
                 model: req.model(),
                 stream: req.is_stream(),
+                client_usage,
+                max_tokens,
                 body: value,
                 headers,
                 request_id: &id,
             },
+            tally,
         )
         .await
     }
@@ -138,24 +162,6 @@ async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
         "nodes": s.inner.fleet.snapshot(Instant::now()),
         "models": groups,
     }))
-}
-
-/// The fleet as `flotilla status` and the dashboard draw it.
-async fn nodes(State(s): State<AppState>, h: HeaderMap) -> Response {
-    let auth = h
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    if let Err(e) =
-        flotilla_api::check_bearer(s.inner.config.admin_token.as_ref(), auth, "admin token")
-    {
-        return e.into_response();
-    }
-    Json(serde_json::json!({
-        "heartbeat_ms": s.inner.config.heartbeat.as_millis() as u64,
-        "missed_heartbeats": s.inner.config.missed_heartbeats,
-        "nodes": s.inner.fleet.snapshot(Instant::now()),
-    }))
-    .into_response()
 }
 
 fn check_cluster_token(s: &AppState, h: &HeaderMap) -> Result<(), ApiError> {

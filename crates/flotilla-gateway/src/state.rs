@@ -3,7 +3,9 @@ use std::sync::{Arc, Mutex};
 
 use flotilla_providers::{ProviderError, Upstream, UpstreamPool};
 use flotilla_scheduler::Fleet;
+use flotilla_state::{Budgets, Ledger, LedgerWriter, RateLimiter, RequestRecord};
 
+use crate::auth::KeyBook;
 use crate::health::HealthBook;
 use crate::metrics::GatewayMetrics;
 use crate::queue::Queues;
@@ -28,12 +30,32 @@ pub(crate) struct Inner {
     pub health: HealthBook,
     pub queues: Arc<Queues>,
     pub metrics: GatewayMetrics,
+    /// Where every request's row goes, and the task that writes them in batches.
+    pub ledger: Ledger,
+    pub writer: LedgerWriter,
+    pub keys: KeyBook,
+    pub budgets: Budgets,
+    /// Per-key request and token limits.
+    pub limits: RateLimiter,
+    /// Per-provider request and token limits (what each provider allows us).
+    pub provider_limits: RateLimiter,
     /// (local model, prefix hash) -> the node that served it last.
     affinity: Mutex<HashMap<(String, u64), String>>,
 }
 
 impl AppState {
-    pub fn new(config: SchedulerConfig) -> Result<Self, GatewayError> {
+    /// Opens the ledger (running its migrations) and builds the state around it.
+    pub async fn new(config: SchedulerConfig) -> Result<Self, GatewayError> {
+        let url = config
+            .ledger
+            .url
+            .clone()
+            .unwrap_or_else(|| "sqlite::memory:".to_owned());
+        let ledger = Ledger::connect(&url).await?;
+        let writer = ledger.writer(
+            std::time::Duration::from_millis(config.ledger.flush_ms),
+            config.ledger.batch,
+        );
         let pool = UpstreamPool::new(config.timeouts)?;
         let mut providers = HashMap::new();
         for p in &config.providers {
@@ -59,6 +81,12 @@ impl AppState {
                 cluster_token,
                 queues,
                 metrics: GatewayMetrics::default(),
+                ledger,
+                writer,
+                keys: KeyBook::default(),
+                budgets: Budgets::new(),
+                limits: RateLimiter::new(),
+                provider_limits: RateLimiter::new(),
                 affinity: Mutex::new(HashMap::new()),
             }),
         })
@@ -70,6 +98,15 @@ impl AppState {
 }
 
 impl Inner {
+    /// Hands a finished request's row to the ledger writer without waiting, unless its
+    /// queue is full (then the row waits for room on its own task: nothing is dropped).
+    pub fn ledger_record(&self, rec: RequestRecord) {
+        if let Err(rec) = self.writer.try_record(rec) {
+            let writer = self.writer.clone();
+            tokio::spawn(async move { writer.record(rec).await });
+        }
+    }
+
     pub fn affinity(&self, model: &str, prefix: u64) -> Option<String> {
         self.affinity
             .lock()

@@ -11,18 +11,19 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use bytes::Bytes;
-use flotilla_api::sse::{SseDecoder, SseEvent, data_event};
-use flotilla_scheduler::{InFlightGuard, Outcome, Target};
+use flotilla_api::sse::{SseDecoder, data_event};
+use flotilla_providers::{Endpoint, EventKind, StreamDecoder};
+use flotilla_scheduler::{InFlightGuard, ModelGroup, Outcome, Target};
 use futures::stream::{BoxStream, StreamExt};
 use serde_json::Value;
 
 use crate::AppState;
-use crate::dispatch::{Attempt, Endpoint, open_attempt};
+use crate::accounting::{AnswerText, Tally};
+use crate::dispatch::{Attempt, open_attempt};
 use crate::health::health_key;
 
 /// Where a continuation may go and what it re-sends.
 pub(crate) struct Continuation {
-    pub state: AppState,
     pub targets: VecDeque<Target>,
     /// The client's request body (chat), before any continuation.
     pub body: Value,
@@ -32,6 +33,7 @@ pub(crate) struct Continuation {
 
 pub(crate) struct RelayCtx {
     pub state: AppState,
+    pub ep: Endpoint,
     /// The attempt whose body this is.
     pub attempt: Attempt,
     pub idle: Duration,
@@ -39,19 +41,31 @@ pub(crate) struct RelayCtx {
     pub predicted_ttft: Duration,
     /// Some when broken streams continue elsewhere.
     pub cont: Option<Continuation>,
+    /// The client asked for the usage chunk (we always ask the upstream for it).
+    pub client_usage: bool,
+    /// The request's account, settled and written when the stream ends.
+    pub tally: Option<Tally>,
+    pub group: ModelGroup,
 }
 
 struct Relay {
     ctx: RelayCtx,
     upstream: BoxStream<'static, reqwest::Result<Bytes>>,
-    decoder: SseDecoder,
+    sse: SseDecoder,
+    /// Reads the current upstream's events (and translates them when it is not OpenAI).
+    dec: Box<dyn StreamDecoder>,
     saw_done: bool,
     saw_finish: bool,
     ended: bool,
     first_event: Option<Duration>,
+    /// Answer events relayed from the current attempt.
     events: u64,
+    /// Answer events the client has had, from every attempt.
+    sent: u64,
     /// The answer so far (continue mode only).
     partial: String,
+    /// Our count of the answer, for the ledger.
+    text: AnswerText,
     /// The first upstream's chunk id, kept on continued chunks.
     stream_id: Option<String>,
     /// Events from a continuation are rewritten to read as the first stream's.
@@ -60,6 +74,8 @@ struct Relay {
     skip_role: bool,
     /// The current attempt's outcome is in the health book.
     recorded: bool,
+    /// Bytes to send before the error of a stream that broke inside a read.
+    pending: Option<Bytes>,
 }
 
 impl Drop for Relay {
@@ -72,7 +88,17 @@ impl Drop for Relay {
                 .inner
                 .health
                 .finish(&a.health_key, Outcome::Rejected, Instant::now());
+            if let Some(t) = self.ctx.tally.as_mut() {
+                t.attempt(
+                    &a.label,
+                    a.started,
+                    "cut",
+                    Some(200),
+                    Some("the client went away".into()),
+                );
+            }
         }
+        self.account("cancelled", Some("the client went away".into()));
     }
 }
 
@@ -80,7 +106,7 @@ impl Relay {
     /// The error event, on a line of its own even when the upstream broke off mid-line.
     fn error_event(&self, message: &str) -> Bytes {
         let ev = error_event(&self.ctx.attempt.label, message);
-        if self.decoder.has_partial() {
+        if self.sse.has_partial() {
             let mut b = b"\n\n".to_vec();
             b.extend_from_slice(&ev);
             Bytes::from(b)
@@ -89,8 +115,28 @@ impl Relay {
         }
     }
 
-    /// Records the current attempt's outcome in health and metrics.
-    fn finish_attempt(&mut self, ok: bool) {
+    /// Writes the request's account: what the client received, from the last target,
+    /// with the usage the upstream reported or our count when it reported none.
+    fn account(&mut self, status: &str, error: Option<String>) {
+        let Some(t) = self.ctx.tally.take() else {
+            return;
+        };
+        let a = &self.ctx.attempt;
+        let ours = self.text.count(&self.ctx.state, self.ctx.ep);
+        let ttft = self.first_event;
+        t.answered_as(
+            status,
+            error,
+            &a.target,
+            ttft,
+            self.dec.usage(),
+            ours,
+            a.pricing(&self.ctx.group),
+        );
+    }
+
+    /// Records the current attempt's outcome in health, metrics and the ledger.
+    fn finish_attempt(&mut self, ok: bool, error: Option<&str>) {
         if std::mem::replace(&mut self.recorded, true) {
             return;
         }
@@ -106,12 +152,24 @@ impl Relay {
             Outcome::Success {
                 ttft,
                 latency: a.started.elapsed(),
-                // Role and finish chunks carry no token.
-                tokens: Some(self.events.saturating_sub(2)),
+                tokens: Some(
+                    self.dec
+                        .usage()
+                        .map_or(self.events.saturating_sub(2), |u| u.completion),
+                ),
             }
         } else {
             Outcome::Failure
         };
+        if let Some(t) = self.ctx.tally.as_mut() {
+            t.attempt(
+                &a.label,
+                a.started,
+                if ok { "ok" } else { "cut" },
+                Some(200),
+                error.map(str::to_owned),
+            );
+        }
         self.ctx
             .state
             .inner
@@ -119,46 +177,90 @@ impl Relay {
             .finish(&a.health_key, outcome, now);
     }
 
-    /// Looks at each complete event: [DONE], finish reasons, the answer text when a
-    /// continuation may need it. Returns the bytes to send (rewritten for continuations).
-    fn inspect(&mut self, bytes: Bytes) -> Bytes {
-        let events = self.decoder.feed(&bytes);
-        let keep_text = self.ctx.cont.is_some();
+    /// Looks at each complete event: the decoder reads usage, finish and end (and
+    /// translates a non-OpenAI stream); the answer's text is kept for our count. Returns
+    /// the bytes to send: the upstream's own when nothing needs changing, or events
+    /// rebuilt (translated, continued, or without the usage chunk the client did not ask
+    /// for).
+    fn inspect(&mut self, bytes: Bytes) -> Result<Bytes, String> {
+        let events = self.sse.feed(&bytes);
         if self.first_event.is_none() && !events.is_empty() {
             self.first_event = Some(self.ctx.attempt.started.elapsed());
         }
-        if !self.rewrite && !keep_text {
-            for e in &events {
-                self.events += 1;
-                if e.is_done() {
+        let passthrough = self.dec.passthrough();
+        let keep_text = self.ctx.cont.is_some();
+        let mut rebuild = self.rewrite || !passthrough || keep_text;
+        let mut payloads: Vec<String> = Vec::new();
+        let mut broken = None;
+        for e in events {
+            let mut out = Vec::new();
+            let kind = match self.dec.event(&e, &mut out) {
+                Ok(k) => k,
+                Err(msg) => {
+                    broken = Some(msg);
+                    break;
+                }
+            };
+            if passthrough {
+                match kind {
+                    EventKind::Done => {
+                        self.saw_done = true;
+                        payloads.push(e.data);
+                    }
+                    EventKind::UsageOnly if !self.ctx.client_usage => rebuild = true,
+                    EventKind::Ignored => {}
+                    EventKind::Answer | EventKind::UsageOnly => {
+                        self.events += 1;
+                        self.text.add(e.data.as_bytes());
+                        payloads.push(e.data);
+                    }
+                }
+            } else {
+                if kind == EventKind::Done {
                     self.saw_done = true;
                 }
-            }
-            return bytes;
-        }
-        let mut out = Vec::new();
-        for e in events {
-            self.events += 1;
-            if e.is_done() {
-                self.saw_done = true;
-                out.extend_from_slice(data_event("[DONE]").as_bytes());
-                continue;
-            }
-            if let Some(v) = self.track(&e) {
-                out.extend_from_slice(data_event(&v).as_bytes());
+                for p in out {
+                    if p.trim() != "[DONE]" {
+                        self.events += 1;
+                        self.text.add(p.as_bytes());
+                    }
+                    payloads.push(p);
+                }
             }
         }
-        if self.rewrite {
-            Bytes::from(out)
+        if self.dec.finished() {
+            self.saw_finish = true;
+        }
+        let out = if rebuild {
+            let mut buf = Vec::new();
+            for p in payloads {
+                if p.trim() == "[DONE]" {
+                    buf.extend_from_slice(data_event("[DONE]").as_bytes());
+                } else if let Some(v) = self.track(p) {
+                    buf.extend_from_slice(data_event(&v).as_bytes());
+                }
+            }
+            Bytes::from(buf)
         } else {
             bytes
+        };
+        match broken {
+            // What came before the error still goes out, then the break is handled.
+            Some(msg) => {
+                self.pending = Some(out);
+                Err(msg)
+            }
+            None => Ok(out),
         }
     }
 
     /// Notes the event's text and finish reason; returns what to send (None = drop it).
-    fn track(&mut self, e: &SseEvent) -> Option<String> {
-        let Ok(mut v) = serde_json::from_str::<Value>(&e.data) else {
-            return Some(e.data.clone());
+    fn track(&mut self, data: String) -> Option<String> {
+        if !self.rewrite && self.ctx.cont.is_none() {
+            return Some(data);
+        }
+        let Ok(mut v) = serde_json::from_str::<Value>(&data) else {
+            return Some(data);
         };
         if self.stream_id.is_none() {
             self.stream_id = v.get("id").and_then(Value::as_str).map(str::to_owned);
@@ -169,18 +271,15 @@ impl Relay {
             .and_then(Value::as_str)
             .unwrap_or("");
         self.partial.push_str(content);
-        if choice
-            .and_then(|c| c.get("finish_reason"))
-            .is_some_and(|f| !f.is_null())
-        {
-            self.saw_finish = true;
-        }
-        if !self.rewrite {
-            return Some(e.data.clone());
-        }
         let has_finish = choice
             .and_then(|c| c.get("finish_reason"))
             .is_some_and(|f| !f.is_null());
+        if has_finish {
+            self.saw_finish = true;
+        }
+        if !self.rewrite {
+            return Some(data);
+        }
         if self.skip_role && content.is_empty() && !has_finish && v.get("usage").is_none() {
             return None;
         }
@@ -201,26 +300,34 @@ impl Relay {
             msgs.push(serde_json::json!({"role": "assistant", "content": self.partial}));
         }
         // The continuation may only write what the client has not had yet.
-        let sent = self.events.saturating_sub(1);
+        self.sent += self.events;
+        let sent = self.sent.saturating_sub(1);
         for key in ["max_tokens", "max_completion_tokens"] {
             if let Some(n) = body.get(key).and_then(Value::as_u64) {
                 body[key] = Value::from(n.saturating_sub(sent).max(1));
             }
         }
+        let state = self.ctx.state.clone();
         while cont.attempts_left > 0 {
             let Some(target) = cont.targets.pop_front() else {
                 break;
             };
-            let admit = cont
-                .state
-                .inner
-                .health
-                .admit(&health_key(&target), Instant::now());
+            let now = Instant::now();
+            let admit = state.inner.health.admit(&health_key(&target), now);
             if !admit.allowed() {
+                if let Some(t) = self.ctx.tally.as_mut() {
+                    t.attempt(
+                        &target.label(),
+                        now,
+                        "skipped",
+                        None,
+                        Some(admit.as_str().into()),
+                    );
+                }
                 continue;
             }
             cont.attempts_left -= 1;
-            match open_attempt(&cont.state, Endpoint::Chat, &target, &body, true, None).await {
+            match open_attempt(&state, Endpoint::Chat, &target, &body, true, None).await {
                 Ok((attempt, resp, guard)) => {
                     tracing::warn!(
                         request_id = %cont.request_id,
@@ -230,17 +337,26 @@ impl Relay {
                         reason = why,
                         "stream broke mid-way; continuing on the next target"
                     );
+                    self.dec = attempt
+                        .upstream
+                        .wire()
+                        .stream_decoder(Endpoint::Chat, self.ctx.client_usage);
                     self.ctx.attempt = attempt;
                     self.ctx.guard = guard;
                     self.upstream = resp.bytes_stream().boxed();
-                    self.decoder = SseDecoder::new();
+                    self.sse = SseDecoder::new();
                     self.first_event = None;
+                    self.events = 0;
                     self.rewrite = true;
                     self.skip_role = true;
                     self.recorded = false;
                     return true;
                 }
                 Err(e) => {
+                    if let Some(t) = self.ctx.tally.as_mut() {
+                        let (outcome, status) = crate::dispatch::ledger_outcome(&e);
+                        t.attempt(&target.label(), now, outcome, status, Some(e.to_string()));
+                    }
                     tracing::warn!(request_id = %cont.request_id, error = %e, "continuation attempt failed");
                 }
             }
@@ -251,17 +367,27 @@ impl Relay {
     /// The stream broke (`why`): continue it elsewhere or say so.
     async fn broken(&mut self, why: String) -> Option<Bytes> {
         tracing::warn!(upstream = %self.ctx.attempt.label, reason = %why, "stream broke mid-way");
-        self.finish_attempt(false);
-        if self.saw_finish {
+        let before = self.pending.take().unwrap_or_default();
+        self.finish_attempt(false, Some(&why));
+        let tail = if self.saw_finish {
             // The answer was complete; only the end marker is missing.
             self.ended = true;
-            return Some(Bytes::from(data_event("[DONE]")));
+            self.account("ok", None);
+            Bytes::from(data_event("[DONE]"))
+        } else if self.continue_elsewhere(&why).await {
+            Bytes::new()
+        } else {
+            self.ended = true;
+            let ev = self.error_event(&why);
+            self.account("error", Some(format!("stream interrupted: {why}")));
+            ev
+        };
+        if before.is_empty() {
+            return Some(tail);
         }
-        if self.continue_elsewhere(&why).await {
-            return Some(Bytes::new());
-        }
-        self.ended = true;
-        Some(self.error_event(&why))
+        let mut b = before.to_vec();
+        b.extend_from_slice(&tail);
+        Some(Bytes::from(b))
     }
 }
 
@@ -278,38 +404,47 @@ fn error_event(label: &str, message: &str) -> Bytes {
 }
 
 pub(crate) fn relay_sse(resp: reqwest::Response, ctx: RelayCtx) -> Body {
+    let dec = ctx
+        .attempt
+        .upstream
+        .wire()
+        .stream_decoder(ctx.ep, ctx.client_usage);
     let state = Relay {
         upstream: resp.bytes_stream().boxed(),
-        decoder: SseDecoder::new(),
+        sse: SseDecoder::new(),
+        dec,
         saw_done: false,
         saw_finish: false,
         ended: false,
         first_event: None,
         events: 0,
+        sent: 0,
         partial: String::new(),
+        text: AnswerText::default(),
         stream_id: None,
         rewrite: false,
         skip_role: false,
         recorded: false,
+        pending: None,
         ctx,
     };
     let stream = futures::stream::unfold(state, |mut st| async move {
         // After [DONE] the answer is complete: whatever the upstream does next (stall,
         // reset) is not the client's concern.
-        if st.ended {
-            return None;
-        }
-        if st.saw_done {
+        if st.ended || st.saw_done {
             return None;
         }
         let out = match tokio::time::timeout(st.ctx.idle, st.upstream.next()).await {
-            Ok(Some(Ok(bytes))) => {
-                let out = st.inspect(bytes);
-                if st.saw_done {
-                    st.finish_attempt(true);
+            Ok(Some(Ok(bytes))) => match st.inspect(bytes) {
+                Ok(out) => {
+                    if st.saw_done {
+                        st.finish_attempt(true, None);
+                        st.account("ok", None);
+                    }
+                    Some(out)
                 }
-                Some(out)
-            }
+                Err(msg) => st.broken(msg).await,
+            },
             Ok(Some(Err(e))) => st.broken(format!("the upstream stream broke: {e}")).await,
             Ok(None) => {
                 st.broken("the upstream ended the stream before it was complete".into())

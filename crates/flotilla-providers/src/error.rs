@@ -23,6 +23,13 @@ pub enum ProviderError {
     Body { target: String, reason: String },
     #[error("{target}: API key variable `{var}` is not set")]
     MissingKey { target: String, var: String },
+    /// The request asks for something this provider's API cannot express.
+    #[error("{target}: {message}")]
+    Unsupported {
+        target: String,
+        param: Option<String>,
+        message: String,
+    },
 }
 
 impl ProviderError {
@@ -40,6 +47,7 @@ impl ProviderError {
             },
             ProviderError::Body { .. } => ErrorKind::Upstream,
             ProviderError::MissingKey { .. } => ErrorKind::Unavailable,
+            ProviderError::Unsupported { .. } => ErrorKind::InvalidRequest,
         }
     }
 
@@ -51,6 +59,8 @@ impl ProviderError {
             ProviderError::Status { status, .. } => {
                 matches!(*status, 401 | 403 | 404 | 408 | 409 | 429 | 500..=599)
             }
+            // Another target may well take it (an OpenAI-compatible one, say).
+            ProviderError::Unsupported { .. } => true,
             _ => true,
         }
     }
@@ -61,7 +71,8 @@ impl ProviderError {
             | ProviderError::Timeout { target, .. }
             | ProviderError::Status { target, .. }
             | ProviderError::Body { target, .. }
-            | ProviderError::MissingKey { target, .. } => target,
+            | ProviderError::MissingKey { target, .. }
+            | ProviderError::Unsupported { target, .. } => target,
         }
     }
 
@@ -80,6 +91,16 @@ impl ProviderError {
                 message: body.error.message.clone(),
                 param: body.error.param.clone(),
                 code: body.error.code.clone(),
+                retry_after: None,
+            };
+        }
+        if let ProviderError::Unsupported { param, message, .. } = self {
+            return ApiError {
+                kind: ErrorKind::InvalidRequest,
+                message: message.clone(),
+                param: param.clone(),
+                code: None,
+                retry_after: None,
             };
         }
         ApiError::new(self.kind(), self.to_string())

@@ -1,11 +1,17 @@
-//! Clients for OpenAI-compatible upstreams: cloud providers, and Flotilla agents, which
-//! speak the same API. One pooled HTTP client, per-target base URL and key, timeouts, and
-//! the classification of every failure into retryable or not.
+//! Clients for cloud providers and Flotilla agents behind one trait ([`Wire`]): the
+//! OpenAI-compatible API (passed through) and Anthropic's Messages API (translated both
+//! ways, streams included). One pooled HTTP client, per-provider base URL, key, timeouts
+//! and prices; token usage in one shape; every failure classified as retryable or not.
 //!
 //! Never depends on axum or candle.
 
+pub mod anthropic;
 pub mod error;
 pub mod upstream;
+pub mod usage;
+pub mod wire;
 
 pub use error::ProviderError;
-pub use upstream::{ProviderConfig, Secret, Timeouts, Upstream, UpstreamPool};
+pub use upstream::{ProviderConfig, ProviderKind, Secret, Timeouts, Upstream, UpstreamPool};
+pub use usage::{Price, TokenCounter, TokenUsage};
+pub use wire::{EncodeError, EncodeOptions, Endpoint, EventKind, StreamDecoder, Wire};

@@ -1,23 +1,109 @@
 //! One OpenAI-compatible endpoint and the pooled client that reaches it.
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use flotilla_api::Capability;
 use flotilla_api::error::ErrorBody;
 use serde::{Deserialize, Serialize};
 
 use crate::ProviderError;
+use crate::usage::Price;
+use crate::wire::{Endpoint, OpenAiWire, Wire};
 pub use flotilla_api::Secret;
+
+/// The API a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// OpenAI's API and everything compatible with it: OpenAI, Together, Fireworks, Groq,
+    /// DeepInfra, OpenRouter, vLLM, Ollama.
+    #[default]
+    Openai,
+    /// Anthropic's Messages API.
+    Anthropic,
+}
+
+fn yes() -> bool {
+    true
+}
 
 /// A cloud provider as configured.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ProviderConfig {
     pub name: String,
+    #[serde(default)]
+    pub kind: ProviderKind,
     /// Base URL including the version segment, e.g. `https://api.openai.com/v1`.
     pub base_url: String,
     /// Name of the environment variable that holds the API key (never the key itself).
     #[serde(default)]
     pub api_key_env: Option<String>,
+    /// Public model name -> this provider's model id, for cloud entries that name no model.
+    #[serde(default)]
+    pub models: BTreeMap<String, String>,
+    /// Provider model id -> prices, for cloud entries that set none.
+    #[serde(default)]
+    pub prices: BTreeMap<String, Price>,
+    /// Requests and tokens per minute this provider allows us; past them its targets are
+    /// skipped (the next target is tried) until the minute frees up.
+    #[serde(default)]
+    pub rpm: Option<u32>,
+    #[serde(default)]
+    pub tpm: Option<u64>,
+    /// What its models support (tools, vision, json_schema) when a cloud entry says
+    /// nothing; unset = everything.
+    #[serde(default)]
+    pub capabilities: Option<Vec<Capability>>,
+    /// Override the scheduler's timeouts for this provider.
+    #[serde(default)]
+    pub connect_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub first_byte_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub request_timeout_ms: Option<u64>,
+    /// Ask for usage in streams (`stream_options.include_usage`); off for servers that
+    /// reject the field.
+    #[serde(default = "yes")]
+    pub stream_usage: bool,
+    /// Completion limit sent to APIs that require one (Anthropic) when the request sets none.
+    #[serde(default)]
+    pub default_max_tokens: Option<u64>,
+}
+
+impl ProviderConfig {
+    pub fn new(name: &str, base_url: &str) -> Self {
+        ProviderConfig {
+            name: name.to_owned(),
+            kind: ProviderKind::Openai,
+            base_url: base_url.to_owned(),
+            api_key_env: None,
+            models: BTreeMap::new(),
+            prices: BTreeMap::new(),
+            rpm: None,
+            tpm: None,
+            capabilities: None,
+            connect_timeout_ms: None,
+            first_byte_timeout_ms: None,
+            request_timeout_ms: None,
+            stream_usage: true,
+            default_max_tokens: None,
+        }
+    }
+
+    /// This provider's timeouts: its own where set, `base` otherwise.
+    pub fn timeouts(&self, base: Timeouts) -> Timeouts {
+        let ms = |v: Option<u64>, d: Duration| v.map_or(d, Duration::from_millis);
+        Timeouts {
+            connect: ms(self.connect_timeout_ms, base.connect),
+            first_byte: ms(self.first_byte_timeout_ms, base.first_byte),
+            total: ms(self.request_timeout_ms, base.total),
+        }
+    }
 }
 
 /// Timeouts shared by every upstream call.
@@ -45,64 +131,95 @@ impl Default for Timeouts {
 pub struct UpstreamPool {
     client: reqwest::Client,
     timeouts: Timeouts,
+    openai: Arc<dyn Wire>,
+}
+
+fn build_client(connect: Duration) -> Result<reqwest::Client, ProviderError> {
+    reqwest::Client::builder()
+        .connect_timeout(connect)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| ProviderError::Connect {
+            target: "client".into(),
+            reason: e.to_string(),
+        })
 }
 
 impl UpstreamPool {
     pub fn new(timeouts: Timeouts) -> Result<Self, ProviderError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(timeouts.connect)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| ProviderError::Connect {
-                target: "client".into(),
-                reason: e.to_string(),
-            })?;
-        Ok(UpstreamPool { client, timeouts })
+        Ok(UpstreamPool {
+            client: build_client(timeouts.connect)?,
+            timeouts,
+            openai: Arc::new(OpenAiWire),
+        })
     }
 
     pub fn timeouts(&self) -> Timeouts {
         self.timeouts
     }
 
-    /// An upstream at `base_url` (e.g. `http://agent:9000/v1`).
+    /// An OpenAI-compatible upstream at `base_url` (e.g. `http://agent:9000/v1`).
     pub fn upstream(&self, label: &str, base_url: &str, key: Option<Secret>) -> Upstream {
         Upstream {
             label: label.to_owned(),
             base_url: base_url.trim_end_matches('/').to_owned(),
-            key,
+            headers: self.openai.headers(key.as_ref()),
             client: self.client.clone(),
             timeouts: self.timeouts,
+            wire: Arc::clone(&self.openai),
             parsed: None,
         }
     }
 
     /// A configured cloud provider; its key is read from the named environment variable.
-    /// Its endpoint URLs are parsed once here, not per request.
+    /// Its headers and endpoint URLs are made once here, not per request.
     pub fn provider(&self, cfg: &ProviderConfig) -> Result<Upstream, ProviderError> {
+        let label = format!("cloud:{}", cfg.name);
         let key = match &cfg.api_key_env {
             None => None,
             Some(var) => match std::env::var(var) {
                 Ok(v) if !v.is_empty() => Some(Secret::new(v)),
                 _ => {
                     return Err(ProviderError::MissingKey {
-                        target: format!("cloud:{}", cfg.name),
+                        target: label,
                         var: var.clone(),
                     });
                 }
             },
         };
-        let mut up = self.upstream(&format!("cloud:{}", cfg.name), &cfg.base_url, key);
-        let parsed: Vec<(&'static str, reqwest::Url)> = OPENAI_PATHS
+        let wire: Arc<dyn Wire> = match cfg.kind {
+            ProviderKind::Openai => Arc::clone(&self.openai),
+            ProviderKind::Anthropic => Arc::new(crate::anthropic::AnthropicWire::new(
+                cfg.default_max_tokens
+                    .unwrap_or(crate::anthropic::DEFAULT_MAX_TOKENS),
+            )),
+        };
+        let timeouts = cfg.timeouts(self.timeouts);
+        let client = if timeouts.connect == self.timeouts.connect {
+            self.client.clone()
+        } else {
+            build_client(timeouts.connect)?
+        };
+        let base_url = cfg.base_url.trim_end_matches('/').to_owned();
+        let parsed: Vec<(Endpoint, reqwest::Url)> = ENDPOINTS
             .iter()
-            .filter_map(|p| {
-                reqwest::Url::parse(&format!("{}{p}", up.base_url))
+            .filter_map(|ep| {
+                let path = wire.path(*ep)?;
+                reqwest::Url::parse(&format!("{base_url}{path}"))
                     .ok()
-                    .map(|u| (*p, u))
+                    .map(|u| (*ep, u))
             })
             .collect();
-        up.parsed = Some(parsed.into());
-        Ok(up)
+        Ok(Upstream {
+            label,
+            base_url,
+            headers: wire.headers(key.as_ref()),
+            client,
+            timeouts,
+            wire,
+            parsed: Some(parsed.into()),
+        })
     }
 
     pub fn client(&self) -> &reqwest::Client {
@@ -110,18 +227,19 @@ impl UpstreamPool {
     }
 }
 
-/// The endpoints a provider's URLs are parsed for up front.
-const OPENAI_PATHS: [&str; 3] = ["/chat/completions", "/completions", "/embeddings"];
+const ENDPOINTS: [Endpoint; 3] = [Endpoint::Chat, Endpoint::Completions, Endpoint::Embeddings];
 
 #[derive(Clone)]
 pub struct Upstream {
     label: String,
     base_url: String,
-    key: Option<Secret>,
+    /// Authentication and versioning headers, made once (values marked sensitive).
+    headers: reqwest::header::HeaderMap,
     client: reqwest::Client,
     timeouts: Timeouts,
-    /// `base_url + path` for [`OPENAI_PATHS`], parsed once (providers only).
-    parsed: Option<std::sync::Arc<[(&'static str, reqwest::Url)]>>,
+    wire: Arc<dyn Wire>,
+    /// The endpoint URLs, parsed once (providers only).
+    parsed: Option<Arc<[(Endpoint, reqwest::Url)]>>,
 }
 
 impl fmt::Debug for Upstream {
@@ -129,6 +247,7 @@ impl fmt::Debug for Upstream {
         f.debug_struct("Upstream")
             .field("label", &self.label)
             .field("base_url", &self.base_url)
+            .field("wire", &self.wire.name())
             .finish()
     }
 }
@@ -138,17 +257,30 @@ impl Upstream {
         &self.label
     }
 
-    /// POSTs `body` as JSON to `base_url + path` and returns the response once its headers
+    pub fn wire(&self) -> &dyn Wire {
+        self.wire.as_ref()
+    }
+
+    pub fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
+    /// Whether the provider has this endpoint at all (Anthropic has no embeddings).
+    pub fn supports(&self, ep: Endpoint) -> bool {
+        self.wire.path(ep).is_some()
+    }
+
+    /// POSTs an encoded body to the endpoint and returns the response once its headers
     /// arrived with a 2xx status. Anything else becomes a classified [`ProviderError`]:
     /// the caller decides from `is_retryable` whether to try the next target.
     ///
     /// A streaming answer sends its headers at once, so they must arrive within
     /// `first_byte`; a non-streaming one only when the whole answer is ready, so it gets
     /// the `total` limit.
-    pub async fn post_json(
+    pub async fn send(
         &self,
-        path: &str,
-        body: &serde_json::Value,
+        ep: Endpoint,
+        body: Bytes,
         stream: bool,
     ) -> Result<reqwest::Response, ProviderError> {
         let header_limit = if stream {
@@ -159,16 +291,26 @@ impl Upstream {
         let known = self
             .parsed
             .as_ref()
-            .and_then(|p| p.iter().find(|(k, _)| *k == path))
+            .and_then(|p| p.iter().find(|(k, _)| *k == ep))
             .map(|(_, u)| u.clone());
-        let mut req = match known {
+        let req = match known {
             Some(url) => self.client.post(url),
-            None => self.client.post(format!("{}{}", self.base_url, path)),
+            None => {
+                let Some(path) = self.wire.path(ep) else {
+                    return Err(ProviderError::Status {
+                        target: self.label.clone(),
+                        status: 404,
+                        message: format!("{} has no {} endpoint", self.label, ep.as_str()),
+                        body: None,
+                        retry_after: None,
+                    });
+                };
+                self.client.post(format!("{}{}", self.base_url, path))
+            }
         }
-        .json(body);
-        if let Some(key) = &self.key {
-            req = req.bearer_auth(key.expose());
-        }
+        .headers(self.headers.clone())
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body);
         let resp = match tokio::time::timeout(header_limit, req.send()).await {
             Err(_) => {
                 return Err(ProviderError::Timeout {
@@ -194,8 +336,10 @@ impl Upstream {
             .await
             .ok()
             .and_then(Result::ok);
-        let body: Option<Box<ErrorBody>> =
-            text.as_deref().and_then(|t| serde_json::from_str(t).ok());
+        let body: Option<Box<ErrorBody>> = text
+            .as_deref()
+            .and_then(|t| self.wire.error_body(t))
+            .map(Box::new);
         let message = match (&body, &text) {
             (Some(b), _) => b.error.message.clone(),
             (None, Some(t)) => t.chars().take(300).collect(),
@@ -210,22 +354,33 @@ impl Upstream {
         })
     }
 
-    /// Reads a whole non-streaming body within the total timeout.
-    pub async fn read_json(
+    /// Encodes an OpenAI request for this provider and sends it. A request the provider
+    /// cannot take is the client's error (400), not a failed attempt.
+    pub async fn post_json(
         &self,
-        resp: reqwest::Response,
-    ) -> Result<serde_json::Value, ProviderError> {
-        let (_, value) = self.read_answer::<serde_json::Value>(resp).await?;
-        Ok(value)
+        ep: Endpoint,
+        body: &serde_json::Value,
+        opts: &crate::wire::EncodeOptions,
+    ) -> Result<reqwest::Response, ProviderError> {
+        let encoded = self
+            .wire
+            .encode(ep, body, opts)
+            .map_err(|e| ProviderError::Unsupported {
+                target: self.label.clone(),
+                param: e.param,
+                message: e.message,
+            })?;
+        self.send(ep, encoded, opts.stream).await
     }
 
-    /// Reads a whole non-streaming body within the total timeout and checks it is JSON of
-    /// shape `T`, returning the bytes as they came (to relay untouched) and `T` (e.g. only
-    /// the `usage` field, which serde reads without building the rest).
-    pub async fn read_answer<T: serde::de::DeserializeOwned>(
+    /// Reads a whole non-streaming answer within the total timeout and decodes it into the
+    /// OpenAI object the client gets (the bytes as they came, for OpenAI-compatible
+    /// providers) and the usage it reported.
+    pub async fn read_answer(
         &self,
+        ep: Endpoint,
         resp: reqwest::Response,
-    ) -> Result<(bytes::Bytes, T), ProviderError> {
+    ) -> Result<(Bytes, Option<crate::TokenUsage>), ProviderError> {
         match tokio::time::timeout(self.timeouts.total, resp.bytes()).await {
             Err(_) => Err(ProviderError::Timeout {
                 target: self.label.clone(),
@@ -235,13 +390,14 @@ impl Upstream {
                 target: self.label.clone(),
                 reason: e.to_string(),
             }),
-            Ok(Ok(bytes)) => match serde_json::from_slice(&bytes) {
-                Ok(v) => Ok((bytes, v)),
-                Err(e) => Err(ProviderError::Body {
-                    target: self.label.clone(),
-                    reason: format!("invalid JSON: {e}"),
-                }),
-            },
+            Ok(Ok(bytes)) => {
+                self.wire
+                    .decode_answer(ep, bytes)
+                    .map_err(|reason| ProviderError::Body {
+                        target: self.label.clone(),
+                        reason,
+                    })
+            }
         }
     }
 
@@ -269,9 +425,8 @@ mod tests {
     fn missing_key_variable_is_reported_by_name() {
         let pool = UpstreamPool::new(Timeouts::default()).unwrap();
         let cfg = ProviderConfig {
-            name: "x".into(),
-            base_url: "http://127.0.0.1:1/v1".into(),
             api_key_env: Some("FLOTILLA_TEST_SURELY_UNSET_VAR".into()),
+            ..ProviderConfig::new("x", "http://127.0.0.1:1/v1")
         };
         let err = pool.provider(&cfg).unwrap_err();
         assert!(err.to_string().contains("FLOTILLA_TEST_SURELY_UNSET_VAR"));
@@ -286,7 +441,7 @@ mod tests {
         let pool = UpstreamPool::new(Timeouts::default()).unwrap();
         let up = pool.upstream("cloud:x", &format!("http://127.0.0.1:{port}/v1"), None);
         let err = up
-            .post_json("/chat/completions", &serde_json::json!({}), true)
+            .send(Endpoint::Chat, Bytes::from_static(b"{}"), true)
             .await
             .unwrap_err();
         assert!(matches!(err, ProviderError::Connect { .. }), "{err}");

@@ -3,9 +3,17 @@
 
 use std::time::Duration;
 
-use flotilla_providers::{ProviderError, Secret, Timeouts, UpstreamPool};
+use flotilla_providers::{EncodeOptions, Endpoint, ProviderError, Secret, Timeouts, UpstreamPool};
 use flotilla_testkit::{Behavior, MockUpstream};
 use serde_json::json;
+
+fn opts(stream: bool) -> EncodeOptions {
+    EncodeOptions {
+        stream,
+        stream_usage: false,
+        default_max_tokens: 16,
+    }
+}
 
 fn pool(first_byte: Duration) -> UpstreamPool {
     UpstreamPool::new(Timeouts {
@@ -26,14 +34,16 @@ async fn sends_the_key_as_bearer_and_reads_the_answer() {
     );
     let resp = up
         .post_json(
-            "/chat/completions",
+            Endpoint::Chat,
             &json!({"model": "x", "messages": []}),
-            false,
+            &opts(false),
         )
         .await
         .unwrap();
-    let v = up.read_json(resp).await.unwrap();
+    let (bytes, usage) = up.read_answer(Endpoint::Chat, resp).await.unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], "hello");
+    assert_eq!(usage.unwrap().completion, 1);
     let reqs = mock.requests();
     assert_eq!(reqs[0].authorization.as_deref(), Some("Bearer sk-test-123"));
     assert_eq!(reqs[0].path, "/v1/chat/completions");
@@ -65,7 +75,7 @@ async fn classifies_statuses() {
     for (behavior, code, retryable) in cases {
         mock.push(behavior);
         let err = up
-            .post_json("/chat/completions", &json!({}), false)
+            .post_json(Endpoint::Chat, &json!({}), &opts(false))
             .await
             .unwrap_err();
         match &err {
@@ -92,7 +102,7 @@ async fn classifies_statuses() {
         message: "bad tool schema".into(),
     });
     let err = up
-        .post_json("/chat/completions", &json!({}), false)
+        .post_json(Endpoint::Chat, &json!({}), &opts(false))
         .await
         .unwrap_err();
     let api = err.to_api_error();
@@ -107,7 +117,7 @@ async fn no_headers_within_the_first_byte_timeout_is_a_retryable_timeout() {
     for stream in [true, false] {
         let t = std::time::Instant::now();
         let err = up
-            .post_json("/chat/completions", &json!({}), stream)
+            .post_json(Endpoint::Chat, &json!({}), &opts(stream))
             .await
             .unwrap_err();
         assert!(matches!(err, ProviderError::Timeout { .. }), "{err}");

@@ -298,6 +298,14 @@ impl Fleet {
         out
     }
 
+    /// Requests this scheduler has in flight on `node_id` for `model`.
+    pub fn in_flight(&self, node_id: &str, model: &str) -> u64 {
+        self.lock()
+            .get(node_id)
+            .and_then(|e| e.in_flight.get(model).copied())
+            .unwrap_or(0)
+    }
+
     /// Counts a request as in flight on `node_id` until the guard drops.
     pub fn acquire(self: &Arc<Self>, node_id: &str, model: &str) -> InFlightGuard {
         if let Some(e) = self.lock().get_mut(node_id) {

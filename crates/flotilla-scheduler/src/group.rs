@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use flotilla_api::usage::Price;
+
 use crate::{Capability, Strategy};
 
 fn one() -> u32 {
@@ -16,7 +18,9 @@ fn one() -> u32 {
 pub struct CloudTarget {
     /// Name of a configured provider.
     pub provider: String,
-    /// The provider's id for the model.
+    /// The provider's id for the model; unset = the provider's `models` map entry for the
+    /// public name, or the public name itself.
+    #[serde(default)]
     pub model: String,
     /// Share of traffic under the `weighted` strategy.
     #[serde(default = "one")]
@@ -26,6 +30,9 @@ pub struct CloudTarget {
     pub input_usd_per_mtok: Option<f64>,
     #[serde(default)]
     pub output_usd_per_mtok: Option<f64>,
+    /// Prompt tokens read from the provider's cache.
+    #[serde(default)]
+    pub cached_input_usd_per_mtok: Option<f64>,
     /// Longest prompt + completion the model takes; unset = no limit known.
     #[serde(default)]
     pub context_length: Option<u64>,
@@ -48,6 +55,7 @@ impl CloudTarget {
             weight: 1,
             input_usd_per_mtok: None,
             output_usd_per_mtok: None,
+            cached_input_usd_per_mtok: None,
             context_length: None,
             capabilities: None,
             expected_ttft_ms: None,
@@ -58,6 +66,20 @@ impl CloudTarget {
     /// `cloud:<provider>`, as rules, logs and `x-flotilla-target` name it.
     pub fn label(&self) -> String {
         format!("cloud:{}", self.provider)
+    }
+
+    pub fn price(&self) -> Price {
+        Price {
+            input_usd_per_mtok: self.input_usd_per_mtok,
+            output_usd_per_mtok: self.output_usd_per_mtok,
+            cached_input_usd_per_mtok: self.cached_input_usd_per_mtok,
+        }
+    }
+
+    pub fn set_price(&mut self, p: Price) {
+        self.input_usd_per_mtok = p.input_usd_per_mtok;
+        self.output_usd_per_mtok = p.output_usd_per_mtok;
+        self.cached_input_usd_per_mtok = p.cached_input_usd_per_mtok;
     }
 
     pub fn supports(&self, c: Capability) -> bool {

@@ -75,33 +75,7 @@ impl Strategy {
     }
 }
 
-/// A feature a request needs from the model that serves it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
-#[serde(rename_all = "snake_case")]
-pub enum Capability {
-    Tools,
-    Vision,
-    JsonSchema,
-}
-
-impl Capability {
-    /// The request field that asks for it.
-    pub fn param(self) -> &'static str {
-        match self {
-            Capability::Tools => "tools",
-            Capability::Vision => "messages",
-            Capability::JsonSchema => "response_format",
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Capability::Tools => "tools",
-            Capability::Vision => "vision",
-            Capability::JsonSchema => "json_schema",
-        }
-    }
-}
+pub use flotilla_api::Capability;
 
 /// The request as the policy sees it. Token counts are estimates made before any tokenizer
 /// ran (the scheduler has none): about four characters a token.

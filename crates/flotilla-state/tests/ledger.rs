@@ -546,7 +546,7 @@ async fn savings_per_day_and_model_match_a_hand_count(db: TestDb) {
     );
     assert_row(
         &report.rows[1],
-        ("2024-03-10", "llama", 2, 0.10, 1, 0.80, 0, 0.70),
+        ("2024-03-10", "llama", 2, 0.10, 1, 0.80, 0, 0.40),
     );
     assert_row(
         &report.rows[2],
@@ -554,7 +554,7 @@ async fn savings_per_day_and_model_match_a_hand_count(db: TestDb) {
     );
     assert_row(
         &report.rows[3],
-        ("2024-03-11", "llama", 1, 0.05, 0, 0.0, 1, -0.05),
+        ("2024-03-11", "llama", 1, 0.05, 0, 0.0, 1, 0.0),
     );
     assert_row(
         &report.rows[4],
@@ -564,9 +564,9 @@ async fn savings_per_day_and_model_match_a_hand_count(db: TestDb) {
     assert_row(&report.by_model[0], ("", "gpt", 2, 1.20, 0, 3.20, 0, 2.00));
     assert_row(
         &report.by_model[1],
-        ("", "llama", 4, 0.65, 1, 1.80, 1, 1.15),
+        ("", "llama", 4, 0.65, 1, 1.80, 1, 0.90),
     );
-    assert_row(&report.total, ("", "", 6, 1.85, 1, 5.00, 1, 3.15));
+    assert_row(&report.total, ("", "", 6, 1.85, 1, 5.00, 1, 2.90));
 
     // from inclusive, to exclusive.
     let report = db
@@ -578,7 +578,7 @@ async fn savings_per_day_and_model_match_a_hand_count(db: TestDb) {
         .await
         .expect("savings");
     assert_eq!(report.rows.len(), 2, "{report:#?}");
-    assert_row(&report.total, ("", "", 2, 1.05, 0, 3.00, 1, 1.95));
+    assert_row(&report.total, ("", "", 2, 1.05, 0, 3.00, 1, 2.00));
 
     // The JSON the gateway returns.
     let json = serde_json::to_value(&report).expect("json");

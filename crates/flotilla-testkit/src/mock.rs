@@ -76,6 +76,10 @@ pub struct MockOptions {
     /// Tokio's timer, which rounds up to its next millisecond tick (about 1 ms on an idle
     /// server), as it always has; benchmarks turn this on so that pause is not measured.
     pub skip_zero_sleep: bool,
+    /// Answer without `usage`, even when a stream asks for it (as some servers do).
+    pub omit_usage: bool,
+    /// Prompt tokens reported as read from the provider's cache (of the 5 reported).
+    pub cached_tokens: u64,
 }
 
 impl Default for MockOptions {
@@ -84,6 +88,8 @@ impl Default for MockOptions {
             event_pause: Duration::from_millis(2),
             record: true,
             skip_zero_sleep: false,
+            omit_usage: false,
+            cached_tokens: 0,
         }
     }
 }
@@ -96,6 +102,7 @@ impl MockOptions {
             event_pause: Duration::ZERO,
             record: false,
             skip_zero_sleep: true,
+            ..MockOptions::default()
         }
     }
 }
@@ -259,7 +266,14 @@ async fn handle(
     let include_usage = body
         .pointer("/stream_options/include_usage")
         .and_then(Value::as_bool)
-        .unwrap_or(false);
+        .unwrap_or(false)
+        && !state.options.omit_usage;
+    let usage = |completion: usize| -> Option<Value> {
+        (!state.options.omit_usage).then(|| {
+            json!({"prompt_tokens": 5, "completion_tokens": completion, "total_tokens": 5 + completion,
+                   "prompt_tokens_details": {"cached_tokens": state.options.cached_tokens}})
+        })
+    };
     let chat = path.ends_with("/chat/completions");
     match behavior {
         Behavior::Hang => {
@@ -289,36 +303,44 @@ async fn handle(
                 return axum::Json(embeddings(&model, &body)).into_response();
             }
             let words: Vec<String> = text.split_inclusive(' ').map(str::to_owned).collect();
-            if stream {
-                sse(
-                    stream_chunks(chat, &model, &words, include_usage, None),
-                    pause,
-                )
+            let usage = if include_usage || !stream {
+                usage(words.len())
             } else {
-                axum::Json(whole(chat, &model, &text, words.len())).into_response()
+                None
+            };
+            if stream {
+                sse(stream_chunks(chat, &model, &words, usage, None), pause)
+            } else {
+                axum::Json(whole(chat, &model, &text, usage)).into_response()
             }
         }
         Behavior::StreamCut { after_chunks } => {
             let words: Vec<String> = (0..after_chunks + 5).map(|i| format!("w{i} ")).collect();
+            let usage = if include_usage {
+                usage(words.len())
+            } else {
+                None
+            };
             sse(
-                stream_chunks(chat, &model, &words, include_usage, Some(after_chunks)),
+                stream_chunks(chat, &model, &words, usage, Some(after_chunks)),
                 pause,
             )
         }
     }
 }
 
-fn whole(chat: bool, model: &str, text: &str, completion_tokens: usize) -> Value {
-    let usage = json!({"prompt_tokens": 5, "completion_tokens": completion_tokens, "total_tokens": 5 + completion_tokens});
-    if chat {
+fn whole(chat: bool, model: &str, text: &str, usage: Option<Value>) -> Value {
+    let mut v = if chat {
         json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": model,
-               "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop", "logprobs": null}],
-               "usage": usage})
+               "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop", "logprobs": null}]})
     } else {
         json!({"id": "cmpl-mock", "object": "text_completion", "created": 0, "model": model,
-               "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": null}],
-               "usage": usage})
+               "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": null}]})
+    };
+    if let Some(u) = usage {
+        v["usage"] = u;
     }
+    v
 }
 
 fn embeddings(model: &str, body: &Value) -> Value {
@@ -338,7 +360,7 @@ fn stream_chunks(
     chat: bool,
     model: &str,
     words: &[String],
-    include_usage: bool,
+    usage: Option<Value>,
     cut_after: Option<usize>,
 ) -> Vec<Result<Bytes, std::io::Error>> {
     let chunk = |content: Option<&str>, finish: Option<&str>| -> Value {
@@ -377,10 +399,10 @@ fn stream_chunks(
     out.push(Ok(Bytes::from(data_event(
         &chunk(None, Some("stop")).to_string(),
     ))));
-    if include_usage {
-        let usage = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [],
-                           "usage": {"prompt_tokens": 5, "completion_tokens": words.len(), "total_tokens": 5 + words.len()}});
-        out.push(Ok(Bytes::from(data_event(&usage.to_string()))));
+    if let Some(usage) = usage {
+        let chunk = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [],
+                           "usage": usage});
+        out.push(Ok(Bytes::from(data_event(&chunk.to_string()))));
     }
     out.push(Ok(Bytes::from(data_event("[DONE]"))));
     out

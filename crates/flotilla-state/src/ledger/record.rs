@@ -125,7 +125,8 @@ pub struct SavingsRow {
     /// Sum of the known baseline costs.
     pub baseline_usd: f64,
     pub unknown_baseline_requests: i64,
-    /// baseline_usd - cost_usd.
+    /// Baseline minus actual over the requests whose both costs are known (one unknown
+    /// would make the difference meaningless, so those are left out, and counted above).
     pub savings_usd: f64,
 }
 

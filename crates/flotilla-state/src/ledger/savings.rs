@@ -24,7 +24,9 @@ pub(crate) async fn savings(pool: &AnyPool, q: &SavingsQuery) -> Result<SavingsR
             CAST(SUM(CASE WHEN cost_usd IS NULL THEN 1 ELSE 0 END) AS BIGINT) AS unknown_cost, \
             SUM(baseline_cost_usd) AS baseline_usd, \
             CAST(SUM(CASE WHEN baseline_cost_usd IS NULL THEN 1 ELSE 0 END) AS BIGINT) \
-                AS unknown_baseline \
+                AS unknown_baseline, \
+            SUM(CASE WHEN cost_usd IS NOT NULL AND baseline_cost_usd IS NOT NULL \
+                THEN baseline_cost_usd - cost_usd END) AS savings \
          FROM requests WHERE status = 'ok'"
     ));
     if let Some(from) = q.from_ms {
@@ -54,7 +56,7 @@ pub(crate) async fn savings(pool: &AnyPool, q: &SavingsQuery) -> Result<SavingsR
                 unknown_cost_requests: row.try_get("unknown_cost")?,
                 baseline_usd,
                 unknown_baseline_requests: row.try_get("unknown_baseline")?,
-                savings_usd: baseline_usd - cost_usd,
+                savings_usd: row.try_get::<Option<f64>, _>("savings")?.unwrap_or(0.0),
             },
         );
     }
@@ -96,5 +98,5 @@ fn add(acc: &mut SavingsRow, row: &SavingsRow) {
     acc.unknown_cost_requests += row.unknown_cost_requests;
     acc.baseline_usd += row.baseline_usd;
     acc.unknown_baseline_requests += row.unknown_baseline_requests;
-    acc.savings_usd = acc.baseline_usd - acc.cost_usd;
+    acc.savings_usd += row.savings_usd;
 }

@@ -1,0 +1,178 @@
+//! Token usage in one shape whatever the provider reported, and prices per million tokens.
+
+use serde::{Deserialize, Serialize};
+
+/// Tokens one request used. `prompt` counts every prompt token, cached ones included;
+/// `cached_prompt` says how many of them were read from the provider's prompt cache (and
+/// are priced at the cached rate).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenUsage {
+    pub prompt: u64,
+    pub completion: u64,
+    pub cached_prompt: u64,
+}
+
+/// OpenAI's `usage` object as read from answers and final chunks.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+pub struct OpenAiUsage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub prompt_tokens_details: Option<PromptDetails>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+pub struct PromptDetails {
+    #[serde(default)]
+    pub cached_tokens: Option<u64>,
+}
+
+impl From<OpenAiUsage> for TokenUsage {
+    fn from(u: OpenAiUsage) -> Self {
+        TokenUsage {
+            prompt: u.prompt_tokens,
+            completion: u.completion_tokens,
+            cached_prompt: u
+                .prompt_tokens_details
+                .and_then(|d| d.cached_tokens)
+                .unwrap_or(0)
+                .min(u.prompt_tokens),
+        }
+    }
+}
+
+/// US dollars per million tokens. Any price left unset is unknown, and so is the cost of a
+/// request that needs it: never $0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    #[serde(default)]
+    pub input_usd_per_mtok: Option<f64>,
+    #[serde(default)]
+    pub output_usd_per_mtok: Option<f64>,
+    /// Prompt tokens read from the provider's cache.
+    #[serde(default)]
+    pub cached_input_usd_per_mtok: Option<f64>,
+}
+
+impl Price {
+    /// The cost of `u`, or None when a price it needs is unknown. Cached prompt tokens are
+    /// priced at the cached rate; a request with cached tokens and no cached price has an
+    /// unknown cost rather than a guessed one.
+    pub fn cost(&self, u: &TokenUsage) -> Option<f64> {
+        let cached = u.cached_prompt.min(u.prompt);
+        let fresh = u.prompt - cached;
+        let input = if fresh > 0 {
+            self.input_usd_per_mtok? * fresh as f64
+        } else {
+            0.0
+        };
+        let cached_cost = if cached > 0 {
+            self.cached_input_usd_per_mtok? * cached as f64
+        } else {
+            0.0
+        };
+        let output = if u.completion > 0 {
+            self.output_usd_per_mtok? * u.completion as f64
+        } else {
+            0.0
+        };
+        Some((input + cached_cost + output) / 1e6)
+    }
+
+    /// The most a request of `prompt` tokens and at most `completion` tokens can cost
+    /// (no cache discount assumed); None when a price is unknown.
+    pub fn max_cost(&self, prompt: u64, completion: u64) -> Option<f64> {
+        self.cost(&TokenUsage {
+            prompt,
+            completion,
+            cached_prompt: 0,
+        })
+    }
+
+    /// Each unset price taken from `fallback`.
+    pub fn or(&self, fallback: &Price) -> Price {
+        Price {
+            input_usd_per_mtok: self.input_usd_per_mtok.or(fallback.input_usd_per_mtok),
+            output_usd_per_mtok: self.output_usd_per_mtok.or(fallback.output_usd_per_mtok),
+            cached_input_usd_per_mtok: self
+                .cached_input_usd_per_mtok
+                .or(fallback.cached_input_usd_per_mtok),
+        }
+    }
+
+    /// Names of the prices that are negative or not numbers.
+    pub fn invalid(&self) -> Vec<&'static str> {
+        [
+            ("input_usd_per_mtok", self.input_usd_per_mtok),
+            ("output_usd_per_mtok", self.output_usd_per_mtok),
+            ("cached_input_usd_per_mtok", self.cached_input_usd_per_mtok),
+        ]
+        .into_iter()
+        .filter(|(_, v)| v.is_some_and(|p| !(p >= 0.0 && p.is_finite())))
+        .map(|(k, _)| k)
+        .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cached_tokens_are_priced_at_their_own_rate() {
+        let p = Price {
+            input_usd_per_mtok: Some(2.0),
+            output_usd_per_mtok: Some(8.0),
+            cached_input_usd_per_mtok: Some(0.5),
+        };
+        let u = TokenUsage {
+            prompt: 1000,
+            completion: 100,
+            cached_prompt: 400,
+        };
+        // 600 fresh at $2, 400 cached at $0.50, 100 out at $8, per million.
+        let want = (600.0 * 2.0 + 400.0 * 0.5 + 100.0 * 8.0) / 1e6;
+        assert!((p.cost(&u).unwrap() - want).abs() < 1e-12);
+    }
+
+    #[test]
+    fn an_unknown_price_is_an_unknown_cost_not_zero() {
+        let p = Price {
+            input_usd_per_mtok: Some(2.0),
+            output_usd_per_mtok: None,
+            cached_input_usd_per_mtok: None,
+        };
+        let u = TokenUsage {
+            prompt: 10,
+            completion: 1,
+            cached_prompt: 0,
+        };
+        assert_eq!(p.cost(&u), None);
+        let cached = TokenUsage {
+            prompt: 10,
+            completion: 0,
+            cached_prompt: 5,
+        };
+        assert_eq!(p.cost(&cached), None);
+        assert_eq!(Price::default().cost(&TokenUsage::default()), Some(0.0));
+    }
+
+    #[test]
+    fn openai_usage_reads_cached_tokens() {
+        let u: OpenAiUsage = serde_json::from_str(
+            r#"{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11,"prompt_tokens_details":{"cached_tokens":8}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            TokenUsage::from(u),
+            TokenUsage {
+                prompt: 9,
+                completion: 2,
+                cached_prompt: 8
+            }
+        );
+    }
+}

@@ -1,0 +1,463 @@
+//! One request's account: who sent it, what the policy decided, every attempt, the usage
+//! the answer reported (or our own count, marked estimated), what it cost (unknown when a
+//! price is, never $0), the key's budget reservation settled against that cost, and the
+//! ledger row written when it ends — answered, failed, or abandoned by the client.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla_api::ApiError;
+use flotilla_providers::{Endpoint, Price, TokenUsage};
+use flotilla_scheduler::{Decision, RequestInfo, Target};
+use flotilla_state::{ApiKey, AttemptRecord, RequestRecord, Reservation};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::AppState;
+
+/// How a target is paid for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Pricing {
+    /// Per token, at these prices (unknown ones leave the cost unknown).
+    Tokens(Price),
+    /// Local GPU time: the amortised $/GPU-hour and the request's share of the GPU
+    /// (1 / the sequences it ran beside).
+    Gpu { usd_per_hour: f64, share: f64 },
+}
+
+/// The request's account, written to the ledger exactly once.
+pub(crate) struct Tally {
+    state: AppState,
+    rec: RequestRecord,
+    arrived: Instant,
+    key: Option<Arc<ApiKey>>,
+    reservation: Option<Reservation>,
+    /// Tokens counted against the key's per-minute limit up front.
+    counted_tokens: u64,
+    /// Our count of the prompt, made once.
+    our_prompt: u64,
+    written: bool,
+}
+
+impl Tally {
+    pub(crate) fn new(
+        state: &AppState,
+        request_id: &str,
+        ep: Endpoint,
+        model: &str,
+        stream: bool,
+        key: Option<Arc<ApiKey>>,
+    ) -> Self {
+        Tally {
+            state: state.clone(),
+            rec: RequestRecord {
+                request_id: request_id.to_owned(),
+                ts_ms: unix_ms(),
+                api_key_id: key.as_ref().map(|k| k.id.clone()),
+                model: model.to_owned(),
+                endpoint: ep.as_str().to_owned(),
+                stream,
+                priority: String::new(),
+                ttft_deadline_ms: None,
+                deadline_ms: None,
+                strategy: None,
+                reason_code: None,
+                reason: None,
+                final_target: None,
+                status: "cancelled".into(),
+                http_status: 499,
+                error: None,
+                ttft_ms: None,
+                latency_ms: 0,
+                prompt_tokens: None,
+                completion_tokens: None,
+                cached_tokens: None,
+                our_prompt_tokens: None,
+                our_completion_tokens: None,
+                usage_estimated: false,
+                cost_usd: None,
+                baseline_cost_usd: None,
+                gpu_seconds: None,
+                attempts: Vec::new(),
+            },
+            arrived: Instant::now(),
+            key,
+            reservation: None,
+            counted_tokens: 0,
+            our_prompt: 0,
+            written: false,
+        }
+    }
+
+    pub(crate) fn key(&self) -> Option<&Arc<ApiKey>> {
+        self.key.as_ref()
+    }
+
+    /// Notes the request's class, deadlines and our count of its prompt.
+    pub(crate) fn request(&mut self, info: &RequestInfo, body: &Value) {
+        self.rec.priority = info.priority.as_str().to_owned();
+        self.rec.ttft_deadline_ms = info.ttft_deadline.map(ms);
+        self.rec.deadline_ms = info.deadline.map(ms);
+        let counter = &self.state.inner.config.counter;
+        self.our_prompt = if counter.is_tokenizer() {
+            counter.count(&prompt_text(body))
+        } else {
+            info.prompt_tokens
+        };
+        self.rec.our_prompt_tokens = Some(self.our_prompt as i64);
+    }
+
+    pub(crate) fn decision(&mut self, d: &Decision) {
+        self.rec.strategy = Some(d.strategy.as_str().to_owned());
+        self.rec.reason_code = Some(d.code.as_str().to_owned());
+        self.rec.reason = Some(d.reason.clone());
+    }
+
+    /// Holds budget and rate-limit state for the key until the request ends.
+    pub(crate) fn hold(&mut self, reservation: Option<Reservation>, tokens: u64) {
+        self.reservation = reservation;
+        self.counted_tokens = tokens;
+    }
+
+    /// One attempt's end. `outcome`: ok | failed | rate_limited | rejected | skipped | cut.
+    pub(crate) fn attempt(
+        &mut self,
+        target: &str,
+        started: Instant,
+        outcome: &str,
+        http_status: Option<u16>,
+        error: Option<String>,
+    ) {
+        let n = self.rec.attempts.len() as i32 + 1;
+        self.rec.attempts.push(AttemptRecord {
+            n,
+            target: target.to_owned(),
+            started_ms: ms(started.saturating_duration_since(self.arrived)),
+            duration_ms: ms(started.elapsed()),
+            outcome: outcome.to_owned(),
+            http_status: http_status.map(i32::from),
+            error,
+        });
+    }
+
+    /// The request was answered by `target`. `usage` is what the upstream reported;
+    /// `our_completion` our count of the answer.
+    pub(crate) fn answered(
+        self,
+        target: &Target,
+        ttft: Option<Duration>,
+        usage: Option<TokenUsage>,
+        our_completion: u64,
+        pricing: Pricing,
+    ) {
+        self.answered_as("ok", None, target, ttft, usage, our_completion, pricing);
+    }
+
+    /// A streamed answer's end: `ok`, or `error` / `cancelled` when it broke off or the
+    /// client left; what was generated until then is still paid for (from our count when
+    /// the upstream never reported usage).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn answered_as(
+        mut self,
+        status: &str,
+        error: Option<String>,
+        target: &Target,
+        ttft: Option<Duration>,
+        usage: Option<TokenUsage>,
+        our_completion: u64,
+        pricing: Pricing,
+    ) {
+        let r = &mut self.rec;
+        r.status = status.into();
+        r.http_status = 200;
+        r.error = error;
+        r.final_target = Some(target.label());
+        r.ttft_ms = ttft.map(ms);
+        r.latency_ms = ms(self.arrived.elapsed());
+        r.our_completion_tokens = Some(our_completion as i64);
+        let billed = match usage {
+            Some(u) => {
+                r.prompt_tokens = Some(u.prompt as i64);
+                r.completion_tokens = Some(u.completion as i64);
+                r.cached_tokens = Some(u.cached_prompt as i64);
+                u
+            }
+            None => {
+                r.usage_estimated = true;
+                TokenUsage {
+                    prompt: self.our_prompt,
+                    completion: our_completion,
+                    cached_prompt: 0,
+                }
+            }
+        };
+        r.cost_usd = match pricing {
+            Pricing::Tokens(p) => p.cost(&billed),
+            Pricing::Gpu {
+                usd_per_hour,
+                share,
+            } => {
+                let secs = self.arrived.elapsed().as_secs_f64() * share;
+                r.gpu_seconds = Some(secs);
+                Some(usd_per_hour / 3600.0 * secs)
+            }
+        };
+        r.baseline_cost_usd = self
+            .state
+            .inner
+            .config
+            .baseline_price(&r.model)
+            .and_then(|p| {
+                p.cost(&TokenUsage {
+                    cached_prompt: 0,
+                    ..billed
+                })
+            });
+        let total = billed.prompt.saturating_add(billed.completion);
+        let cost = r.cost_usd;
+        self.settle(cost, total);
+        self.write();
+    }
+
+    /// The request failed with `err` (after any attempts already noted).
+    pub(crate) fn failed(mut self, err: &ApiError) {
+        self.rec.status = if err.kind.http_status() < 500 {
+            "rejected".into()
+        } else {
+            "error".into()
+        };
+        self.rec.http_status = i32::from(err.kind.http_status());
+        self.rec.error = Some(err.message.clone());
+        self.rec.latency_ms = ms(self.arrived.elapsed());
+        self.settle(None, 0);
+        self.write();
+    }
+
+    /// Turns the budget reservation into spend and corrects the token count.
+    fn settle(&mut self, cost: Option<f64>, tokens: u64) {
+        if let Some(r) = self.reservation.take() {
+            r.settle(cost);
+        }
+        if let Some(k) = &self.key {
+            let clamp = |n: u64| n.min(i64::MAX as u64) as i64;
+            let delta = clamp(tokens).saturating_sub(clamp(self.counted_tokens));
+            if delta != 0 {
+                self.state
+                    .inner
+                    .limits
+                    .adjust_tokens(&k.id, delta, Instant::now());
+            }
+        }
+    }
+
+    fn write(&mut self) {
+        if std::mem::replace(&mut self.written, true) {
+            return;
+        }
+        let rec = std::mem::replace(&mut self.rec, empty_record());
+        self.state.inner.ledger_record(rec);
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        if !self.written {
+            // The client went away before the answer ended.
+            self.rec.latency_ms = ms(self.arrived.elapsed());
+            self.rec
+                .error
+                .get_or_insert_with(|| "the client went away".into());
+            self.settle(None, 0);
+            self.write();
+        }
+    }
+}
+
+fn empty_record() -> RequestRecord {
+    RequestRecord {
+        request_id: String::new(),
+        ts_ms: 0,
+        api_key_id: None,
+        model: String::new(),
+        endpoint: String::new(),
+        stream: false,
+        priority: String::new(),
+        ttft_deadline_ms: None,
+        deadline_ms: None,
+        strategy: None,
+        reason_code: None,
+        reason: None,
+        final_target: None,
+        status: String::new(),
+        http_status: 0,
+        error: None,
+        ttft_ms: None,
+        latency_ms: 0,
+        prompt_tokens: None,
+        completion_tokens: None,
+        cached_tokens: None,
+        our_prompt_tokens: None,
+        our_completion_tokens: None,
+        usage_estimated: false,
+        cost_usd: None,
+        baseline_cost_usd: None,
+        gpu_seconds: None,
+        attempts: Vec::new(),
+    }
+}
+
+fn ms(d: Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Every piece of prompt text in a request, for a tokenizer to count.
+fn prompt_text(body: &Value) -> String {
+    let mut out = String::new();
+    if let Some(msgs) = body.get("messages").and_then(Value::as_array) {
+        for m in msgs {
+            match m.get("content") {
+                Some(Value::String(s)) => out.push_str(s),
+                Some(Value::Array(parts)) => {
+                    for p in parts {
+                        if let Some(t) = p.get("text").and_then(Value::as_str) {
+                            out.push_str(t);
+                        }
+                    }
+                }
+                _ => {}
+            }
+            out.push('\n');
+        }
+    }
+    for key in ["prompt", "input"] {
+        match body.get(key) {
+            Some(Value::String(s)) => out.push_str(s),
+            Some(Value::Array(items)) => {
+                for i in items {
+                    if let Some(s) = i.as_str() {
+                        out.push_str(s);
+                        out.push('\n');
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The answer's text, as the client received it: a whole OpenAI answer, or the `data:`
+/// payloads of a stream. Chat content and tool-call arguments, completion text.
+#[derive(Default)]
+pub(crate) struct AnswerText {
+    text: String,
+}
+
+#[derive(Deserialize)]
+struct AnswerView<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<ChoiceView<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceView<'a> {
+    #[serde(default, borrow)]
+    message: Option<MessageView<'a>>,
+    #[serde(default, borrow)]
+    delta: Option<MessageView<'a>>,
+    #[serde(default, borrow)]
+    text: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct MessageView<'a> {
+    #[serde(default, borrow)]
+    content: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    tool_calls: Option<Vec<ToolCallView<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct ToolCallView<'a> {
+    #[serde(default, borrow)]
+    function: Option<FunctionView<'a>>,
+}
+
+#[derive(Deserialize)]
+struct FunctionView<'a> {
+    #[serde(default, borrow)]
+    name: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, borrow)]
+    arguments: Option<std::borrow::Cow<'a, str>>,
+}
+
+impl AnswerText {
+    /// Adds one answer object or chunk (JSON text); anything unreadable adds nothing.
+    pub(crate) fn add(&mut self, json: &[u8]) {
+        let Ok(v) = serde_json::from_slice::<AnswerView>(json) else {
+            return;
+        };
+        for c in v.choices {
+            if let Some(t) = c.text {
+                self.text.push_str(&t);
+            }
+            for m in [c.message, c.delta].into_iter().flatten() {
+                if let Some(t) = m.content {
+                    self.text.push_str(&t);
+                }
+                for call in m.tool_calls.into_iter().flatten() {
+                    if let Some(f) = call.function {
+                        if let Some(n) = f.name {
+                            self.text.push_str(&n);
+                        }
+                        if let Some(a) = f.arguments {
+                            self.text.push_str(&a);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    pub(crate) fn count(&self, state: &AppState, ep: Endpoint) -> u64 {
+        if ep == Endpoint::Embeddings {
+            return 0;
+        }
+        state.inner.config.counter.count(&self.text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answer_text_reads_content_tool_calls_and_completions() {
+        let mut a = AnswerText::default();
+        a.add(br#"{"choices":[{"message":{"role":"assistant","content":"Hello","tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{\"x\":1}"}}]}}]}"#);
+        a.add(br#"{"choices":[{"delta":{"content":" there"}}]}"#);
+        a.add(br#"{"choices":[{"text":"!"}]}"#);
+        a.add(b"not json");
+        assert_eq!(a.text, "Hellof{\"x\":1} there!");
+    }
+
+    #[test]
+    fn prompt_text_collects_messages_and_prompts() {
+        let t = prompt_text(&serde_json::json!({
+            "messages": [{"role": "system", "content": "be brief"},
+                         {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+        }));
+        assert_eq!(t, "be brief\nhi\n");
+        assert_eq!(
+            prompt_text(&serde_json::json!({"prompt": ["a", "b"]})),
+            "a\nb\n"
+        );
+    }
+}

@@ -1,0 +1,216 @@
+//! The admin API (`/admin/v1/...`): the fleet, the request ledger, the savings report and
+//! API keys. Every route needs the admin token or an admin key.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use flotilla_api::body::{parse_json, read_limited};
+use flotilla_api::{ApiError, ErrorKind};
+use flotilla_state::{NewKey, RequestQuery, SavingsQuery, StateError};
+use serde::Deserialize;
+
+use crate::AppState;
+use crate::auth::check_admin;
+
+fn state_error(e: StateError) -> ApiError {
+    match e.kind() {
+        ErrorKind::InvalidRequest => ApiError::invalid(e.to_string()),
+        kind => {
+            tracing::error!(error = %e, "ledger query failed");
+            ApiError::new(
+                kind,
+                "the ledger could not be read; see the scheduler's log",
+            )
+        }
+    }
+}
+
+/// The fleet as `flotilla status` and the dashboard draw it.
+pub(crate) async fn nodes(State(s): State<AppState>, h: HeaderMap) -> Response {
+    if let Err(e) = check_admin(&s, &h).await {
+        return e.into_response();
+    }
+    Json(serde_json::json!({
+        "heartbeat_ms": s.inner.config.heartbeat.as_millis() as u64,
+        "missed_heartbeats": s.inner.config.missed_heartbeats,
+        "nodes": s.inner.fleet.snapshot(Instant::now()),
+    }))
+    .into_response()
+}
+
+/// A time bound: unix milliseconds, or a UTC date `YYYY-MM-DD` (its midnight).
+fn time_param(name: &str, v: Option<&String>) -> Result<Option<i64>, ApiError> {
+    let Some(v) = v.map(|s| s.trim()).filter(|s| !s.is_empty()) else {
+        return Ok(None);
+    };
+    if let Ok(ms) = v.parse::<i64>() {
+        return Ok(Some(ms));
+    }
+    flotilla_state::date_to_ms(v).map(Some).ok_or_else(|| {
+        ApiError::invalid_param(
+            name,
+            format!("`{name}` must be unix milliseconds or a date YYYY-MM-DD, got `{v}`"),
+        )
+    })
+}
+
+/// `GET /admin/v1/requests?from&to&key&model&target&status&limit&cursor`: ledger rows,
+/// newest first, with their attempts.
+pub(crate) async fn requests(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let res = async {
+        check_admin(&s, &h).await?;
+        for k in q.keys() {
+            if !matches!(
+                k.as_str(),
+                "from" | "to" | "key" | "model" | "target" | "status" | "limit" | "cursor"
+            ) {
+                return Err(ApiError::invalid_param(
+                    k,
+                    format!("unknown query parameter `{k}` (from, to, key, model, target, status, limit, cursor)"),
+                ));
+            }
+        }
+        let limit = match q.get("limit") {
+            None => 100,
+            Some(v) => match v.parse::<u32>() {
+                Ok(n) if (1..=1000).contains(&n) => n,
+                _ => {
+                    return Err(ApiError::invalid_param(
+                        "limit",
+                        format!("`limit` must be between 1 and 1000, got `{v}`"),
+                    ));
+                }
+            },
+        };
+        let query = RequestQuery {
+            from_ms: time_param("from", q.get("from"))?,
+            to_ms: time_param("to", q.get("to"))?,
+            api_key_id: q.get("key").cloned(),
+            model: q.get("model").cloned(),
+            target: q.get("target").cloned(),
+            status: q.get("status").cloned(),
+            limit,
+            cursor: q.get("cursor").cloned(),
+        };
+        let page = s.inner.ledger.requests(&query).await.map_err(state_error)?;
+        Ok(Json(serde_json::json!({
+            "object": "list",
+            "data": page.data,
+            "next_cursor": page.next_cursor,
+            "has_more": page.next_cursor.is_some(),
+        }))
+        .into_response())
+    }
+    .await;
+    res.unwrap_or_else(|e: ApiError| e.into_response())
+}
+
+/// `GET /admin/v1/savings?from&to`: actual cost against the same traffic on the default
+/// cloud provider, by day and model.
+pub(crate) async fn savings(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let res = async {
+        check_admin(&s, &h).await?;
+        let query = SavingsQuery {
+            from_ms: time_param("from", q.get("from"))?,
+            to_ms: time_param("to", q.get("to"))?,
+        };
+        let report = s.inner.ledger.savings(&query).await.map_err(state_error)?;
+        Ok(Json(serde_json::json!({
+            "baseline_provider": s.inner.config.default_provider,
+            "rows": report.rows,
+            "by_model": report.by_model,
+            "total": report.total,
+        }))
+        .into_response())
+    }
+    .await;
+    res.unwrap_or_else(|e: ApiError| e.into_response())
+}
+
+/// `GET /admin/v1/keys`: every key, without secrets.
+pub(crate) async fn keys(State(s): State<AppState>, h: HeaderMap) -> Response {
+    let res = async {
+        check_admin(&s, &h).await?;
+        let keys = s.inner.ledger.keys().await.map_err(state_error)?;
+        Ok(Json(serde_json::json!({"object": "list", "data": keys})).into_response())
+    }
+    .await;
+    res.unwrap_or_else(|e: ApiError| e.into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKey {
+    name: String,
+    #[serde(default)]
+    budget_usd: Option<f64>,
+    #[serde(default)]
+    rpm: Option<u32>,
+    #[serde(default)]
+    tpm: Option<u64>,
+    #[serde(default)]
+    admin: bool,
+}
+
+/// `POST /admin/v1/keys`: makes a key; the answer is the only time its secret is shown.
+pub(crate) async fn create_key(State(s): State<AppState>, h: HeaderMap, body: Body) -> Response {
+    let res = async {
+        check_admin(&s, &h).await?;
+        let bytes = read_limited(body, 64 * 1024, s.inner.config.body_timeout).await?;
+        let req: CreateKey = parse_json(&bytes)?;
+        let (key, secret) = s
+            .inner
+            .ledger
+            .create_key(&NewKey {
+                name: req.name,
+                budget_usd: req.budget_usd,
+                rpm: req.rpm,
+                tpm: req.tpm,
+                admin: req.admin,
+            })
+            .await
+            .map_err(state_error)?;
+        tracing::info!(key_id = %key.id, name = %key.name, "API key created");
+        let mut v = serde_json::to_value(&key)
+            .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+        v["key"] = serde_json::Value::String(secret);
+        Ok((StatusCode::CREATED, Json(v)).into_response())
+    }
+    .await;
+    res.unwrap_or_else(|e: ApiError| e.into_response())
+}
+
+/// `DELETE /admin/v1/keys/{id}`: revokes a key (by id or name) at once on this replica.
+pub(crate) async fn revoke_key(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let res = async {
+        check_admin(&s, &h).await?;
+        if !s.inner.ledger.revoke_key(&id).await.map_err(state_error)? {
+            return Err(ApiError::new(
+                ErrorKind::NotFound,
+                format!("no API key `{id}`"),
+            ));
+        }
+        crate::auth::forget_key(&s, &id);
+        tracing::info!(key = %id, "API key revoked");
+        Ok(StatusCode::NO_CONTENT.into_response())
+    }
+    .await;
+    res.unwrap_or_else(|e: ApiError| e.into_response())
+}
