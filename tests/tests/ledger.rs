@@ -527,3 +527,96 @@ async fn failed_attempts_are_in_the_ledger_with_their_outcome() {
     assert_eq!(bad_cursor.status(), 400);
     sched.stop().await;
 }
+
+#[tokio::test]
+async fn a_provider_past_its_own_rpm_is_skipped_for_the_next_target() {
+    let first = mock_with(MockOptions::default(), "first").await;
+    let second = mock_with(MockOptions::default(), "second").await;
+    let (_dir, url) = sqlite_url();
+    let mut limited = provider("limited", &first.base_url());
+    limited.rpm = Some(1);
+    let sched = start_scheduler(SchedulerSection {
+        providers: vec![limited, provider("spare", &second.base_url())],
+        models: vec![ModelSection {
+            strategy: Some(Strategy::Failover),
+            ..ModelSection::new(
+                "m",
+                vec![
+                    CloudTarget::new("limited", "x"),
+                    CloudTarget::new("spare", "y"),
+                ],
+            )
+        }],
+        ledger: LedgerSection {
+            url: Some(url),
+            flush_ms: 20,
+            batch: 512,
+        },
+        ..scheduler_section()
+    })
+    .await;
+    let chat_url = format!("{}/v1/chat/completions", sched.url);
+    assert_eq!(
+        target(&post(&chat_url, &chat(false, 4)).await),
+        "cloud:limited"
+    );
+    assert_eq!(
+        target(&post(&chat_url, &chat(false, 4)).await),
+        "cloud:spare"
+    );
+    assert_eq!(
+        first.hits(),
+        1,
+        "the limited provider got one request a minute"
+    );
+    let rows = rows(&sched.url, "m", 2, None).await;
+    let attempts = &rows[0]["attempts"];
+    assert_eq!(attempts[0]["target"], "cloud:limited");
+    assert_eq!(attempts[0]["outcome"], "skipped");
+    assert!(
+        attempts[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("per-minute"),
+        "{attempts}"
+    );
+    sched.stop().await;
+}
+
+#[tokio::test]
+async fn our_counts_use_the_configured_tokenizer() {
+    let mock = mock_with(
+        MockOptions {
+            omit_usage: true,
+            ..MockOptions::default()
+        },
+        "the quick brown fox jumps over the lazy dog",
+    )
+    .await;
+    let (_dir, url) = sqlite_url();
+    let tokenizer = test_model_dir().join("tokenizer.json");
+    let sched = start_scheduler(SchedulerSection {
+        usage_tokenizer: Some(tokenizer.clone()),
+        ..section(&mock, Some(price(IN, OUT, None)), &url)
+    })
+    .await;
+    let r = post(
+        &format!("{}/v1/chat/completions", sched.url),
+        &chat(false, 16),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let row = &rows(&sched.url, "m", 1, None).await[0];
+    let tok = tokenizers::Tokenizer::from_file(&tokenizer).unwrap();
+    let count = |s: &str| tok.encode_fast(s, false).unwrap().len() as i64;
+    assert_eq!(
+        row["our_completion_tokens"],
+        count("the quick brown fox jumps over the lazy dog")
+    );
+    assert_eq!(
+        row["our_prompt_tokens"],
+        count("a prompt of forty characters, near enough\n")
+    );
+    assert_eq!(row["usage_estimated"], true);
+    sched.stop().await;
+}
