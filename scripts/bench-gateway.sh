@@ -135,10 +135,16 @@ MOCK_URL=$(wait_listening "mock upstream" "$MOCK_PID" "$WORK/mock.out")
 cat >"$WORK/scheduler.toml" <<EOF
 [scheduler]
 listen = "127.0.0.1:0"
+auth = "none"
+
+# Every request is written to the ledger, priced, as in production.
+[scheduler.ledger]
+url = "sqlite://$WORK/ledger.db"
 
 [[scheduler.providers]]
 name = "mock"
 base_url = "$MOCK_URL/v1"
+prices = { "bench" = { input_usd_per_mtok = 0.15, output_usd_per_mtok = 0.60 } }
 
 [[scheduler.models]]
 name = "bench"
@@ -246,6 +252,12 @@ SCHED_HWM=$(awk '/^VmHWM/ { print $2, $3 }' "/proc/$SCHED_PID/status")
 MOCK_HWM=$(awk '/^VmHWM/ { print $2, $3 }' "/proc/$MOCK_PID/status")
 kill -0 "$SCHED_PID" 2>/dev/null || die "the scheduler died during the run"
 
+# Every request routed must be in the ledger: give the writer a flush interval, then read its
+# counters from /metrics.
+sleep 1
+LEDGER=$(curl -sf "$SCHED_URL/metrics" | awk '/^flotilla_scheduler_ledger_rows_total/ { sub(/.*result="/, ""); sub(/"}/, ""); printf "%s%s", sep, $0; sep=", " }')
+[[ -n "$LEDGER" ]] || die "no ledger counters on /metrics"
+
 CPU=$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 git diff --quiet HEAD 2>/dev/null || REV="$REV (with uncommitted changes)"
@@ -266,5 +278,6 @@ $NONSTREAM_TABLE
 $STREAM_TABLE
 
 - peak RSS (VmHWM): scheduler $SCHED_HWM, mock upstream $MOCK_HWM
+- ledger (SQLite, every request priced and written): rows $LEDGER
 EOF
 OK=1

@@ -57,28 +57,10 @@ impl Tally {
                 model: model.to_owned(),
                 endpoint: ep.as_str().to_owned(),
                 stream,
-                priority: String::new(),
-                ttft_deadline_ms: None,
-                deadline_ms: None,
-                strategy: None,
-                reason_code: None,
-                reason: None,
-                final_target: None,
+                // Until the request ends otherwise: the client went away.
                 status: "cancelled".into(),
                 http_status: 499,
-                error: None,
-                ttft_ms: None,
-                latency_ms: 0,
-                prompt_tokens: None,
-                completion_tokens: None,
-                cached_tokens: None,
-                our_prompt_tokens: None,
-                our_completion_tokens: None,
-                usage_estimated: false,
-                cost_usd: None,
-                baseline_cost_usd: None,
-                gpu_seconds: None,
-                attempts: Vec::new(),
+                ..RequestRecord::default()
             },
             arrived: Instant::now(),
             key,
@@ -254,7 +236,7 @@ impl Tally {
         if std::mem::replace(&mut self.written, true) {
             return;
         }
-        let rec = std::mem::replace(&mut self.rec, empty_record());
+        let rec = std::mem::take(&mut self.rec);
         self.state.inner.ledger_record(rec);
     }
 }
@@ -270,39 +252,6 @@ impl Drop for Tally {
             self.settle(None, 0);
             self.write();
         }
-    }
-}
-
-fn empty_record() -> RequestRecord {
-    RequestRecord {
-        request_id: String::new(),
-        ts_ms: 0,
-        api_key_id: None,
-        model: String::new(),
-        endpoint: String::new(),
-        stream: false,
-        priority: String::new(),
-        ttft_deadline_ms: None,
-        deadline_ms: None,
-        strategy: None,
-        reason_code: None,
-        reason: None,
-        final_target: None,
-        status: String::new(),
-        http_status: 0,
-        error: None,
-        ttft_ms: None,
-        latency_ms: 0,
-        prompt_tokens: None,
-        completion_tokens: None,
-        cached_tokens: None,
-        our_prompt_tokens: None,
-        our_completion_tokens: None,
-        usage_estimated: false,
-        cost_usd: None,
-        baseline_cost_usd: None,
-        gpu_seconds: None,
-        attempts: Vec::new(),
     }
 }
 

@@ -138,5 +138,21 @@ pub(crate) fn render(s: &AppState) -> String {
             e.sample(m::SCHED_TARGET_EWMA_TTFT, &[("target", &r.key)], t);
         }
     }
+    e.family(
+        m::SCHED_LEDGER_ROWS,
+        "counter",
+        "Request rows the ledger writer wrote, and those it could not write.",
+    );
+    let w = &s.inner.writer;
+    e.sample(
+        m::SCHED_LEDGER_ROWS,
+        &[("result", "written")],
+        w.written() as f64,
+    );
+    e.sample(
+        m::SCHED_LEDGER_ROWS,
+        &[("result", "failed")],
+        w.failed() as f64,
+    );
     e.finish()
 }

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// One request as it ended: what was asked, where the scheduler sent it and why, what it cost.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RequestRecord {
     pub request_id: String,
     /// Arrival, unix ms.
