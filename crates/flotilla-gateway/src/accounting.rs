@@ -123,16 +123,19 @@ impl Tally {
     }
 
     /// The request was answered by `target`. `usage` is what the upstream reported;
-    /// `our_completion` our count of the answer.
-    pub(crate) fn answered(
-        self,
+    /// `our_completion` our count of the answer. Returns once the row is queued for the
+    /// ledger: a writer that falls behind slows answers down rather than letting rows pile
+    /// up in memory.
+    pub(crate) async fn answered(
+        mut self,
         target: &Target,
         ttft: Option<Duration>,
         usage: Option<TokenUsage>,
         our_completion: u64,
         pricing: Pricing,
     ) {
-        self.answered_as("ok", None, target, ttft, usage, our_completion, pricing);
+        self.complete("ok", None, target, ttft, usage, our_completion, pricing);
+        self.queue().await;
     }
 
     /// A streamed answer's end: `ok`, or `error` / `cancelled` when it broke off or the
@@ -141,6 +144,21 @@ impl Tally {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn answered_as(
         mut self,
+        status: &str,
+        error: Option<String>,
+        target: &Target,
+        ttft: Option<Duration>,
+        usage: Option<TokenUsage>,
+        our_completion: u64,
+        pricing: Pricing,
+    ) {
+        self.complete(status, error, target, ttft, usage, our_completion, pricing);
+        self.write();
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn complete(
+        &mut self,
         status: &str,
         error: Option<String>,
         target: &Target,
@@ -198,11 +216,16 @@ impl Tally {
         let total = billed.prompt.saturating_add(billed.completion);
         let cost = r.cost_usd;
         self.settle(cost, total);
-        self.write();
     }
 
-    /// The request failed with `err` (after any attempts already noted).
-    pub(crate) fn failed(mut self, err: &ApiError) {
+    /// The request failed with `err` (after any attempts already noted); returns once the
+    /// row is queued.
+    pub(crate) async fn failed(mut self, err: &ApiError) {
+        self.note_failure(err);
+        self.queue().await;
+    }
+
+    fn note_failure(&mut self, err: &ApiError) {
         self.rec.status = if err.kind.http_status() < 500 {
             "rejected".into()
         } else {
@@ -212,7 +235,13 @@ impl Tally {
         self.rec.error = Some(err.message.clone());
         self.rec.latency_ms = ms(self.arrived.elapsed());
         self.settle(None, 0);
-        self.write();
+    }
+
+    /// Queues the row, waiting for room in the writer's queue.
+    async fn queue(mut self) {
+        self.written = true;
+        let rec = std::mem::take(&mut self.rec);
+        self.state.inner.writer.record(rec).await;
     }
 
     /// Turns the budget reservation into spend and corrects the token count.

@@ -117,11 +117,15 @@ pub(crate) async fn dispatch(
     tally: Tally,
 ) -> Result<Response, ApiError> {
     let mut slot = Some(tally);
-    let res = route(s, &r, &mut slot).await;
-    if let (Err(e), Some(t)) = (&res, slot.take()) {
-        t.failed(e);
+    match route(s, &r, &mut slot).await {
+        Ok(resp) => Ok(resp),
+        Err(e) => {
+            if let Some(t) = slot.take() {
+                t.failed(&e).await;
+            }
+            Err(e)
+        }
     }
-    res
 }
 
 async fn route(
@@ -563,7 +567,8 @@ async fn carry(
                     let mut text = AnswerText::default();
                     text.add(&bytes);
                     let ours = text.count(s, r.ep);
-                    t.answered(&target, Some(took), usage, ours, attempt.pricing(group));
+                    t.answered(&target, Some(took), usage, ours, attempt.pricing(group))
+                        .await;
                 }
                 return Ok(builder
                     .header(header::CONTENT_TYPE, "application/json")

@@ -104,7 +104,7 @@ async fn handle<R: OpenAiRequest>(
         let req: R = parse_json(&bytes)?;
         let tally = Tally::new(s, &id, ep, req.model(), req.is_stream(), key);
         if let Err(e) = req.validate() {
-            tally.failed(&e);
+            tally.failed(&e).await;
             return Err(e);
         }
         let value = serde_json::to_value(&req).map_err(|e| ApiError::invalid(e.to_string()))?;

@@ -99,7 +99,9 @@ impl AppState {
 
 impl Inner {
     /// Hands a finished request's row to the ledger writer without waiting, unless its
-    /// queue is full (then the row waits for room on its own task: nothing is dropped).
+    /// queue is full: then the row waits for room on its own task (nothing is dropped).
+    /// Only ends that cannot wait come here (a stream's last chunk, a client gone), at most
+    /// one per open connection; answered and refused requests wait for room themselves.
     pub fn ledger_record(&self, rec: RequestRecord) {
         if let Err(rec) = self.writer.try_record(rec) {
             let writer = self.writer.clone();

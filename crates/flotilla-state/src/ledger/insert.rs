@@ -3,9 +3,9 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use sqlx::AnyPool;
 use sqlx::Row;
 
+use super::Ledger;
 use super::record::RequestRecord;
 use super::sql::{Arg, Sql, clean_text, int, opt_float, opt_text, text};
 
@@ -20,10 +20,13 @@ pub(crate) const ATTEMPT_COLUMNS: &str =
     "request_id, n, target, started_ms, duration_ms, outcome, http_status, error";
 const ATTEMPT_ARITY: usize = 8;
 
-/// Bind parameters per statement, under SQLite's 32766 and PostgreSQL's 65535.
-const MAX_PARAMS: usize = 16_000;
+/// Bind parameters per statement, under SQLite's 32766 and PostgreSQL's 65535 limits: 256
+/// rows a statement (`examples/ledger_insert.rs`: 85k rows/s, 11 µs CPU a row on SQLite;
+/// 64 rows 79k, 16 rows 62k).
+const MAX_PARAMS: usize = 256 * REQUEST_ARITY;
 
-pub(crate) async fn insert(pool: &AnyPool, rows: &[RequestRecord]) -> Result<(), sqlx::Error> {
+pub(crate) async fn insert(ledger: &Ledger, rows: &[RequestRecord]) -> Result<(), sqlx::Error> {
+    let (pool, backend) = (&ledger.pool, ledger.backend);
     if rows.is_empty() {
         return Ok(());
     }
@@ -40,7 +43,10 @@ pub(crate) async fn insert(pool: &AnyPool, rows: &[RequestRecord]) -> Result<(),
     // in the ledger adds neither attempts nor spend a second time.
     let mut inserted: HashSet<String> = HashSet::with_capacity(unique.len());
     for chunk in unique.chunks(MAX_PARAMS / REQUEST_ARITY) {
-        let mut sql = Sql::new(&format!("INSERT INTO requests ({REQUEST_COLUMNS}) VALUES "));
+        let mut sql = Sql::for_backend(
+            &format!("INSERT INTO requests ({REQUEST_COLUMNS}) VALUES "),
+            backend,
+        );
         for (i, r) in chunk.iter().enumerate() {
             if i > 0 {
                 sql.push(", ");
@@ -75,9 +81,10 @@ pub(crate) async fn insert(pool: &AnyPool, rows: &[RequestRecord]) -> Result<(),
         })
         .collect();
     for chunk in attempts.chunks(MAX_PARAMS / ATTEMPT_ARITY) {
-        let mut sql = Sql::new(&format!(
-            "INSERT INTO request_attempts ({ATTEMPT_COLUMNS}) VALUES "
-        ));
+        let mut sql = Sql::for_backend(
+            &format!("INSERT INTO request_attempts ({ATTEMPT_COLUMNS}) VALUES "),
+            backend,
+        );
         for (i, args) in chunk.iter().enumerate() {
             if i > 0 {
                 sql.push(", ");

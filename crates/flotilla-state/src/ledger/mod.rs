@@ -26,7 +26,7 @@ pub use writer::LedgerWriter;
 #[derive(Clone)]
 pub struct Ledger {
     pub(crate) pool: AnyPool,
-    backend: Backend,
+    pub(crate) backend: Backend,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -65,9 +65,7 @@ impl Ledger {
     /// is skipped (its spend is not counted again), and each new row's known cost is added
     /// to its key's `spent_usd`.
     pub async fn insert(&self, rows: &[RequestRecord]) -> Result<(), StateError> {
-        insert::insert(&self.pool, rows)
-            .await
-            .map_err(StateError::from)
+        insert::insert(self, rows).await.map_err(StateError::from)
     }
 
     /// One page of the ledger, newest first (keyset pagination on ts_ms, request_id).

@@ -196,14 +196,14 @@ impl Task {
     async fn write(&self, buf: &mut Vec<RequestRecord>) -> Result<(), StateError> {
         let rows = std::mem::take(buf);
         buf.reserve(self.batch);
-        let pool = &self.ledger.pool;
-        let Err(first) = insert::insert(pool, &rows).await else {
+        let ledger = &self.ledger;
+        let Err(first) = insert::insert(ledger, &rows).await else {
             self.count_written(rows.len());
             return Ok(());
         };
         tracing::warn!(rows = rows.len(), error = %first, "ledger batch failed; retrying once");
         tokio::time::sleep(RETRY_AFTER).await;
-        let Err(second) = insert::insert(pool, &rows).await else {
+        let Err(second) = insert::insert(ledger, &rows).await else {
             self.count_written(rows.len());
             return Ok(());
         };
@@ -211,7 +211,7 @@ impl Task {
             let mut failed = 0;
             let mut last = None;
             for row in &rows {
-                match insert::insert(pool, std::slice::from_ref(row)).await {
+                match insert::insert(ledger, std::slice::from_ref(row)).await {
                     Ok(()) => self.count_written(1),
                     Err(e) => {
                         failed += 1;
