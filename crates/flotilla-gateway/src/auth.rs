@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
 use flotilla_api::{ApiError, ErrorKind};
-use flotilla_providers::Price;
 use flotilla_scheduler::{ModelGroup, RequestInfo};
 use flotilla_state::{ApiKey, Ledger, Reservation, hash_secret};
 use tokio_util::sync::CancellationToken;
@@ -293,10 +292,3 @@ pub(crate) fn provider_admits(s: &AppState, provider: &str, tokens: u64) -> Resu
         .provider_limits
         .check(provider, p.rpm, p.tpm, tokens, Instant::now())
 }
-
-/// A price with nothing known.
-pub(crate) const NO_PRICE: Price = Price {
-    input_usd_per_mtok: None,
-    output_usd_per_mtok: None,
-    cached_input_usd_per_mtok: None,
-};

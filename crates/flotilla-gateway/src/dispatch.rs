@@ -22,7 +22,7 @@ use serde_json::Value;
 
 use crate::AppState;
 use crate::accounting::{AnswerText, Pricing, Tally};
-use crate::auth::{NO_PRICE, admit_key, max_cost, provider_admits};
+use crate::auth::{admit_key, max_cost, provider_admits};
 use crate::health::{cloud_key, health_key, local_key};
 use crate::queue::Wake;
 use crate::stream::{Continuation, RelayCtx, relay_sse};
@@ -109,6 +109,13 @@ fn decide_now(
     Ok(decide(&snap, info)?)
 }
 
+/// The tokens a request is counted for against per-minute limits before it runs: its
+/// prompt and its longest answer.
+fn counted_tokens(info: &RequestInfo, r: &Routed<'_>) -> u64 {
+    info.prompt_tokens
+        .saturating_add(r.max_tokens.unwrap_or(info.max_tokens))
+}
+
 /// Routes one request and returns the answer (or the error every target gave). The
 /// request's account goes to the ledger when it ends, whichever way it ends.
 pub(crate) async fn dispatch(
@@ -142,9 +149,7 @@ async fn route(
     if let Some(t) = tally.as_mut() {
         t.request(&info, &r.body);
         if let Some(k) = &key {
-            let tokens = info
-                .prompt_tokens
-                .saturating_add(r.max_tokens.unwrap_or(info.max_tokens));
+            let tokens = counted_tokens(&info, r);
             let reservation = admit_key(s, k, tokens, max_cost(s, &group, &info, r.max_tokens))?;
             t.hold(reservation, tokens);
         }
@@ -258,7 +263,8 @@ impl Attempt {
                     .cloud
                     .iter()
                     .find(|c| &c.provider == provider && &c.model == model)
-                    .map_or(NO_PRICE, |c| c.price()),
+                    .map(|c| c.price())
+                    .unwrap_or_default(),
             ),
         }
     }
@@ -425,9 +431,7 @@ async fn carry(
     let mut targets: VecDeque<Target> = targets.into();
     let mut failures: Vec<ProviderError> = Vec::new();
     let mut attempts = 0u32;
-    let tokens = info
-        .prompt_tokens
-        .saturating_add(r.max_tokens.unwrap_or(info.max_tokens));
+    let tokens = counted_tokens(info, r);
     while let Some(target) = targets.pop_front() {
         if attempts >= cfg.max_attempts {
             break;

@@ -1,5 +1,6 @@
 //! A query text with numbered `$n` placeholders and its arguments, built clause by clause.
-//! `$n` is understood by PostgreSQL and by SQLite alike.
+//! `$n` is understood by PostgreSQL and by SQLite alike; batch inserts on SQLite use `?`
+//! instead (see [`Sql::for_backend`]).
 
 use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::query::Query;
