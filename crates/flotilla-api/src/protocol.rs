@@ -173,3 +173,45 @@ pub struct HeartbeatAck {
     /// How often the scheduler wants reports; agents adopt it.
     pub heartbeat_ms: u64,
 }
+
+/// One target's measured figures as one scheduler replica has them; replicas sharing state
+/// exchange these so a replica that has not used a target yet routes on what the others
+/// measured.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+pub struct TargetFigures {
+    pub ttft_s: Option<f64>,
+    pub ttft_dev_s: Option<f64>,
+    pub latency_s: Option<f64>,
+    pub tokens_per_s: Option<f64>,
+    /// Successful requests behind the figures.
+    pub samples: u64,
+}
+
+impl TargetFigures {
+    /// The figures of several replicas as one: each field averaged over those that have
+    /// it, weighted by their samples capped at `cap` (an EWMA remembers about 1/alpha
+    /// samples, so more do not make a figure more current). None when `all` is empty.
+    pub fn merge(all: &[TargetFigures], cap: u64) -> Option<TargetFigures> {
+        if all.is_empty() {
+            return None;
+        }
+        let field = |get: fn(&TargetFigures) -> Option<f64>| {
+            let (mut sum, mut weight) = (0.0, 0.0);
+            for f in all {
+                if let Some(v) = get(f).filter(|v| v.is_finite()) {
+                    let w = f.samples.clamp(1, cap.max(1)) as f64;
+                    sum += v * w;
+                    weight += w;
+                }
+            }
+            (weight > 0.0).then(|| sum / weight)
+        };
+        Some(TargetFigures {
+            ttft_s: field(|f| f.ttft_s),
+            ttft_dev_s: field(|f| f.ttft_dev_s),
+            latency_s: field(|f| f.latency_s),
+            tokens_per_s: field(|f| f.tokens_per_s),
+            samples: all.iter().map(|f| f.samples).sum(),
+        })
+    }
+}

@@ -1,5 +1,5 @@
 //! The registry of agents: their last report, when it came, and how many requests this
-//! scheduler has in flight on each. Shared between request handlers behind one mutex held
+//! scheduler (and, with shared state, each other replica) has in flight on each. Shared between request handlers behind one mutex held
 //! only for map operations (no await inside).
 //!
 //! A node is routed to while it heartbeats: one that misses `missed_heartbeats` beats in a
@@ -20,6 +20,8 @@ struct NodeEntry {
     last_seen: Instant,
     /// Requests in flight from this scheduler, per model.
     in_flight: HashMap<String, u64>,
+    /// Requests other scheduler replicas have in flight, per model, as they last said.
+    remote_in_flight: HashMap<String, u64>,
     /// Set when a request to the node failed to connect; cleared by its next heartbeat.
     suspect: bool,
     /// The sweep has announced this node as lost (so it says so once).
@@ -49,7 +51,7 @@ pub struct ModelSnapshot {
     #[serde(flatten)]
     pub model: NodeModel,
     pub free_slots: u64,
-    /// Requests this scheduler has in flight on it.
+    /// Requests the schedulers (this one and its replicas) have in flight on it.
     pub in_flight: u64,
 }
 
@@ -145,11 +147,64 @@ impl Fleet {
                         report,
                         last_seen: now,
                         in_flight: HashMap::new(),
+                        remote_in_flight: HashMap::new(),
                         suspect: false,
                         lost_announced: false,
                     },
                 );
                 Upsert::Joined
+            }
+        }
+    }
+
+    /// Records a heartbeat another replica received at `seen`; ignored (None) when this
+    /// replica already has a later one.
+    pub fn upsert_seen(&self, report: NodeReport, seen: Instant) -> Option<Upsert> {
+        if self
+            .lock()
+            .get(&report.node_id)
+            .is_some_and(|e| e.last_seen > seen)
+        {
+            return None;
+        }
+        Some(self.upsert(report, seen))
+    }
+
+    /// Every node's last report and when it came, for writing back to a shared store.
+    pub fn reports(&self) -> Vec<(NodeReport, Instant)> {
+        self.lock()
+            .values()
+            .map(|e| (e.report.clone(), e.last_seen))
+            .collect()
+    }
+
+    /// This scheduler's in-flight counts, keyed `node_id/model`.
+    pub fn local_in_flight(&self) -> HashMap<String, u64> {
+        let nodes = self.lock();
+        let mut out = HashMap::new();
+        for e in nodes.values() {
+            for (model, n) in &e.in_flight {
+                if *n > 0 {
+                    out.insert(format!("{}/{model}", e.report.node_id), *n);
+                }
+            }
+        }
+        out
+    }
+
+    /// Replaces what other replicas have in flight (summed over them, keyed
+    /// `node_id/model`); nodes not named have nothing in flight elsewhere.
+    pub fn set_remote_in_flight(&self, counts: &HashMap<String, u64>) {
+        let mut nodes = self.lock();
+        for e in nodes.values_mut() {
+            e.remote_in_flight.clear();
+        }
+        for (k, n) in counts {
+            let Some((node, model)) = k.split_once('/') else {
+                continue;
+            };
+            if let Some(e) = nodes.get_mut(node) {
+                e.remote_in_flight.insert(model.to_owned(), *n);
             }
         }
     }
@@ -222,7 +277,7 @@ impl Fleet {
                     node_id: e.report.node_id.clone(),
                     base_url: e.report.base_url.clone(),
                     model: m.name.clone(),
-                    in_flight: e.in_flight.get(model).copied().unwrap_or(0),
+                    in_flight: e.in_flight_all(model),
                     reported_load: m.running.saturating_add(m.waiting),
                     max_running: m.max_running,
                     context_length: m.context_length,
@@ -284,11 +339,15 @@ impl Fleet {
                         .iter()
                         .map(|m| ModelSnapshot {
                             free_slots: m.free_slots(),
-                            in_flight: e.in_flight.get(&m.name).copied().unwrap_or(0),
+                            in_flight: e.in_flight_all(&m.name),
                             model: m.clone(),
                         })
                         .collect(),
-                    in_flight: e.in_flight.values().sum(),
+                    in_flight: e
+                        .in_flight
+                        .values()
+                        .chain(e.remote_in_flight.values())
+                        .sum(),
                     gpus: e.report.gpus.clone(),
                     host: e.report.host.clone(),
                 }
@@ -316,6 +375,14 @@ impl Fleet {
             node_id: node_id.to_owned(),
             model: model.to_owned(),
         }
+    }
+}
+
+impl NodeEntry {
+    /// Requests in flight on `model` from this scheduler and the other replicas.
+    fn in_flight_all(&self, model: &str) -> u64 {
+        let n = |m: &HashMap<String, u64>| m.get(model).copied().unwrap_or(0);
+        n(&self.in_flight).saturating_add(n(&self.remote_in_flight))
     }
 }
 

@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use flotilla_api::protocol::TargetFigures;
 use serde::Serialize;
 
 /// Breaker and EWMA settings.
@@ -184,6 +185,9 @@ pub struct TargetHealth {
     pub max_concurrency: u32,
     pub successes: u64,
     pub failures: u64,
+    /// What other scheduler replicas measured for this target (merged), blended into the
+    /// view with this replica's own figures.
+    remote: Option<TargetFigures>,
 }
 
 impl Default for TargetHealth {
@@ -207,6 +211,58 @@ impl TargetHealth {
             max_concurrency,
             successes: 0,
             failures: 0,
+            remote: None,
+        }
+    }
+
+    /// This replica's own figures, for the others.
+    pub fn figures(&self) -> TargetFigures {
+        TargetFigures {
+            ttft_s: self.ttft_s.get(),
+            ttft_dev_s: self.ttft_s.dev(),
+            latency_s: self.latency_s.get(),
+            tokens_per_s: self.tokens_per_s.get(),
+            samples: self.successes,
+        }
+    }
+
+    /// Sets what the other replicas measured (None: nothing, or no other replica).
+    pub fn set_remote(&mut self, figures: Option<TargetFigures>) {
+        self.remote = figures;
+    }
+
+    /// Another replica opened this target's breaker at `at`: open here too, unless it was
+    /// opened here later. True when this changed the state.
+    pub fn force_open(&mut self, at: Instant) -> bool {
+        if self.state == BreakerState::Open && self.opened_at.is_some_and(|t| t >= at) {
+            return false;
+        }
+        let was_open = self.state == BreakerState::Open;
+        self.state = BreakerState::Open;
+        self.opened_at = Some(at);
+        // A probe this replica has out no longer decides: the other replica's did.
+        self.probe_out = false;
+        !was_open
+    }
+
+    /// Another replica's probe succeeded at `at`: close here too, unless the breaker was
+    /// opened here after that. True when this changed the state.
+    pub fn force_close(&mut self, at: Instant) -> bool {
+        if self.state == BreakerState::Closed || self.opened_at.is_some_and(|t| t > at) {
+            return false;
+        }
+        self.state = BreakerState::Closed;
+        self.opened_at = None;
+        self.probe_out = false;
+        self.window.clear();
+        true
+    }
+
+    /// Another replica got a 429: keep the target aside until `until` (or longer, if this
+    /// replica already was told so).
+    pub fn hold_off_until(&mut self, until: Instant) {
+        if self.rate_limited_until.is_none_or(|t| t < until) {
+            self.rate_limited_until = Some(until);
         }
     }
 
@@ -234,6 +290,13 @@ impl TargetHealth {
             return Admit::AtConcurrencyLimit;
         }
         Admit::Yes
+    }
+
+    /// When the breaker last opened, while it is open or half-open.
+    pub fn opened_at(&self) -> Option<Instant> {
+        (self.state != BreakerState::Closed)
+            .then_some(self.opened_at)
+            .flatten()
     }
 
     /// Until when a 429 keeps this target aside.
@@ -327,13 +390,26 @@ impl TargetHealth {
         (w.total > 0).then(|| w.errors as f64 / w.total as f64)
     }
 
-    /// The policy's view of this target now.
+    /// The policy's view of this target now: its own figures, blended with the other
+    /// replicas' when there are any.
     pub fn view(&self, cfg: &HealthConfig, now: Instant) -> HealthView {
+        let own = self.figures();
+        let f = match self.remote {
+            Some(remote) => {
+                let cap = (1.0 / cfg.ewma_alpha).ceil().clamp(1.0, 1e6) as u64;
+                TargetFigures::merge(&[own, remote], cap).unwrap_or(own)
+            }
+            None => own,
+        };
+        let secs = |v: Option<f64>| {
+            v.filter(|x| x.is_finite() && *x >= 0.0)
+                .map(Duration::from_secs_f64)
+        };
         HealthView {
-            ttft: self.ttft_s.get().map(Duration::from_secs_f64),
-            ttft_dev: self.ttft_s.dev().map(Duration::from_secs_f64),
-            latency: self.latency_s.get().map(Duration::from_secs_f64),
-            tokens_per_s: self.tokens_per_s.get(),
+            ttft: secs(f.ttft_s),
+            ttft_dev: secs(f.ttft_dev_s),
+            latency: secs(f.latency_s),
+            tokens_per_s: f.tokens_per_s,
             admit: self.admit(cfg, now),
         }
     }
@@ -421,6 +497,53 @@ mod tests {
             None,
             "a closed breaker starts a fresh window"
         );
+    }
+
+    #[test]
+    fn other_replicas_open_close_and_hold_off() {
+        let cfg = HealthConfig {
+            open_for: ms(1000),
+            ..HealthConfig::default()
+        };
+        let t0 = Instant::now();
+        let mut h = TargetHealth::new(0);
+        assert!(h.force_open(t0));
+        assert!(!h.force_open(t0), "already open since then");
+        assert_eq!(h.admit(&cfg, t0 + ms(999)), Admit::BreakerOpen);
+        assert_eq!(h.admit(&cfg, t0 + ms(1000)), Admit::Probe);
+        // A close from before this open does not undo it.
+        assert!(!h.force_close(t0 - ms(1)));
+        assert!(h.force_close(t0 + ms(10)));
+        assert_eq!(h.admit(&cfg, t0 + ms(20)), Admit::Yes);
+        h.hold_off_until(t0 + ms(500));
+        h.hold_off_until(t0 + ms(100));
+        assert_eq!(h.admit(&cfg, t0 + ms(499)), Admit::RateLimited);
+        assert_eq!(h.admit(&cfg, t0 + ms(500)), Admit::Yes);
+    }
+
+    #[test]
+    fn remote_figures_fill_in_and_blend() {
+        let cfg = HealthConfig {
+            ewma_alpha: 0.5,
+            ..HealthConfig::default()
+        };
+        let t0 = Instant::now();
+        let mut h = TargetHealth::new(0);
+        let remote = TargetFigures {
+            ttft_s: Some(0.3),
+            samples: 10,
+            ..TargetFigures::default()
+        };
+        h.set_remote(Some(remote));
+        // Never used here: the others' figure.
+        assert_eq!(h.view(&cfg, t0).ttft, Some(ms(300)));
+        h.start(&cfg, t0);
+        h.finish(&cfg, ok(), t0);
+        // One sample of 100 ms here against 10 (capped at 1/alpha = 2) of 300 ms there.
+        let v = h.view(&cfg, t0).ttft.unwrap().as_secs_f64();
+        assert!((v - (0.1 + 2.0 * 0.3) / 3.0).abs() < 1e-9, "{v}");
+        h.set_remote(None);
+        assert_eq!(h.view(&cfg, t0).ttft, Some(ms(100)));
     }
 
     #[test]
