@@ -1,15 +1,17 @@
 //! Flotilla's durable and shared state: the request ledger (one row per request with its
 //! attempts, cost and decision reason, written off the request path by a batching writer),
-//! API keys (hashed secrets, budgets, limits), the savings report, and the in-memory
-//! per-key rate limits and budget reservations the gateway enforces.
+//! API keys (hashed secrets, budgets, limits), the savings report, the per-key rate limits
+//! and budget reservations the gateway enforces, and what scheduler replicas share through
+//! Redis (`shared`).
 //!
-//! Stores in SQLite or PostgreSQL through one set of migrations. Depends on `flotilla-api`
+//! Stores in SQLite or PostgreSQL through one set of migrations; shares through Redis. Depends on `flotilla-api`
 //! only among our crates; never on axum, an HTTP client, the scheduler or the engine.
 
 pub mod error;
 pub mod keys;
 pub mod ledger;
 pub mod limits;
+pub mod shared;
 
 mod date;
 mod db;
@@ -22,6 +24,7 @@ pub use ledger::{
     SavingsReport, SavingsRow,
 };
 pub use limits::{BudgetExceeded, Budgets, RateLimiter, Reservation};
+pub use shared::{Event, Liveness, ReplicaReport, Shared, SharedConfig, TargetFigures, TargetMark};
 
 /// Unix time in milliseconds.
 pub(crate) fn now_ms() -> i64 {

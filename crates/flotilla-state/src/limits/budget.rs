@@ -4,8 +4,10 @@
 use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use super::lock;
+use crate::shared::{Shared, spawn_detached};
 
 #[derive(Debug, Default)]
 struct Account {
@@ -18,10 +20,14 @@ struct Account {
 
 type Accounts = Arc<Mutex<HashMap<String, Account>>>;
 
-/// Per-key spend and reservations.
+/// Per-key spend and reservations. With a shared store, reservations and spend live in
+/// Redis (atomic across replicas, see [`Budgets::hold`]); while it is down each replica
+/// holds against its own figures.
 #[derive(Debug, Default)]
 pub struct Budgets {
     accounts: Accounts,
+    /// The store, and how long a reservation its replica never settled (it died) holds.
+    shared: Option<(Shared, Duration)>,
 }
 
 /// A refused reservation, with the figures behind the refusal.
@@ -52,11 +58,54 @@ impl Budgets {
         Budgets::default()
     }
 
+    /// Budgets kept in the shared store; a reservation not settled within `ttl` is given
+    /// back.
+    pub fn with_shared(shared: Shared, ttl: Duration) -> Self {
+        Budgets {
+            accounts: Accounts::default(),
+            shared: Some((shared, ttl)),
+        }
+    }
+
+    /// [`Budgets::reserve`] across replicas when the store is up (one atomic step in Redis,
+    /// so concurrent requests through any replicas never reserve past the budget), on this
+    /// replica's own figures otherwise.
+    pub async fn hold(
+        &self,
+        key: &str,
+        budget_usd: f64,
+        amount_usd: f64,
+    ) -> Result<Reservation, BudgetExceeded> {
+        let amount = amount_usd.max(0.0);
+        if let Some((shared, ttl)) = &self.shared
+            && let Some(r) = shared.reserve(key, budget_usd, amount, *ttl).await
+        {
+            return r.map(|id| Reservation {
+                amount,
+                open: true,
+                holder: Holder::Shared {
+                    shared: shared.clone(),
+                    key: key.to_owned(),
+                    id,
+                },
+            });
+        }
+        self.reserve(key, budget_usd, amount)
+    }
+
     /// Records what the key has spent according to the database. Only ever raises the
     /// figure: spend settled here may not have reached the database yet.
     pub fn observe_spent(&self, key: &str, spent_usd: f64) {
         if !spent_usd.is_finite() {
             return;
+        }
+        if let Some((shared, _)) = &self.shared
+            && shared.is_up()
+        {
+            let (shared, key) = (shared.clone(), key.to_owned());
+            spawn_detached(async move {
+                shared.observe_spent(&key, spent_usd).await;
+            });
         }
         let mut accounts = lock(&self.accounts);
         let a = accounts.entry(key.to_string()).or_default();
@@ -93,10 +142,12 @@ impl Budgets {
         a.reserved += amount;
         a.open += 1;
         Ok(Reservation {
-            accounts: self.accounts.clone(),
-            key: key.to_string(),
             amount,
             open: true,
+            holder: Holder::Local {
+                accounts: self.accounts.clone(),
+                key: key.to_string(),
+            },
         })
     }
 
@@ -114,10 +165,24 @@ impl Budgets {
 #[derive(Debug)]
 #[must_use = "dropping a reservation releases it at once"]
 pub struct Reservation {
-    accounts: Accounts,
-    key: String,
     amount: f64,
     open: bool,
+    holder: Holder,
+}
+
+/// Where the amount is held.
+#[derive(Debug)]
+enum Holder {
+    Local {
+        accounts: Accounts,
+        key: String,
+    },
+    /// In the shared store, under this reservation id.
+    Shared {
+        shared: Shared,
+        key: String,
+        id: String,
+    },
 }
 
 impl Reservation {
@@ -135,8 +200,20 @@ impl Reservation {
         if !std::mem::replace(&mut self.open, false) {
             return;
         }
-        let mut accounts = lock(&self.accounts);
-        let a = accounts.entry(self.key.clone()).or_default();
+        let (accounts, key) = match &self.holder {
+            Holder::Local { accounts, key } => (accounts, key),
+            Holder::Shared { shared, key, id } => {
+                // Settled without waiting; if the store is down the reservation expires
+                // there, and the spend reaches it from the ledger at the next key refresh.
+                let (shared, key, id) = (shared.clone(), key.clone(), id.clone());
+                spawn_detached(async move {
+                    shared.settle(&key, &id, spend).await;
+                });
+                return;
+            }
+        };
+        let mut accounts = lock(accounts);
+        let a = accounts.entry(key.clone()).or_default();
         a.open = a.open.saturating_sub(1);
         a.reserved = if a.open == 0 {
             0.0

@@ -1,7 +1,7 @@
-//! Per-key limits the gateway enforces in memory: request and token rates over a sliding
-//! minute, and budgets with reservations so concurrent requests cannot overspend. Plain
-//! synchronous structs (std Mutex), so a shared store can replace them later behind the same
-//! methods.
+//! Per-key limits the gateway enforces: request and token rates over a sliding minute, and
+//! budgets with reservations so concurrent requests cannot overspend. In memory (std Mutex)
+//! by default; with a shared store the same rules run in Redis as Lua scripts, and the
+//! in-memory figures carry on while the store is down.
 
 mod budget;
 mod rate;

@@ -5,6 +5,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::lock;
+use crate::shared::{Shared, spawn_detached};
 
 const WINDOW_S: u64 = 60;
 
@@ -58,10 +59,14 @@ impl Window {
 }
 
 /// Per-key request and token rate limits over a sliding 60 s window (60 one-second buckets).
+/// With a shared store the window lives in Redis and is counted atomically across replicas;
+/// while the store is down each replica counts on its own.
 #[derive(Debug)]
 pub struct RateLimiter {
     origin: Instant,
     keys: Mutex<HashMap<String, Window>>,
+    /// The store and the name space of this limiter's keys in it.
+    shared: Option<(Shared, String)>,
 }
 
 impl Default for RateLimiter {
@@ -75,7 +80,49 @@ impl RateLimiter {
         RateLimiter {
             origin: Instant::now(),
             keys: Mutex::new(HashMap::new()),
+            shared: None,
         }
+    }
+
+    /// A limiter whose windows live in the shared store under `space` (one per kind of
+    /// key: API keys, providers).
+    pub fn with_shared(shared: Shared, space: &str) -> Self {
+        RateLimiter {
+            shared: Some((shared, space.to_owned())),
+            ..RateLimiter::new()
+        }
+    }
+
+    /// [`RateLimiter::check`] across replicas when the store is up, on this replica's own
+    /// window otherwise.
+    pub async fn admit(
+        &self,
+        key: &str,
+        rpm: Option<u32>,
+        tpm: Option<u64>,
+        tokens: u64,
+    ) -> Result<(), Duration> {
+        if let Some((shared, space)) = &self.shared
+            && let Some(r) = shared.rate_check(space, key, rpm, tpm, tokens).await
+        {
+            return r;
+        }
+        self.check(key, rpm, tpm, tokens, Instant::now())
+    }
+
+    /// [`RateLimiter::adjust_tokens`] where [`RateLimiter::admit`] counted: in the store
+    /// (without waiting for it) when it is up.
+    pub fn adjust(&self, key: &str, delta: i64) {
+        if let Some((shared, space)) = &self.shared
+            && shared.is_up()
+        {
+            let (shared, space, key) = (shared.clone(), space.clone(), key.to_owned());
+            spawn_detached(async move {
+                shared.rate_adjust(&space, &key, delta).await;
+            });
+            return;
+        }
+        self.adjust_tokens(key, delta, Instant::now());
     }
 
     fn elapsed(&self, now: Instant) -> Duration {
