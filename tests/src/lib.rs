@@ -292,3 +292,19 @@ pub async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
     }
     cond()
 }
+
+/// The value of the first `/metrics` line starting with `line_start` (a name with labels).
+pub async fn metric(url: &str, line_start: &str) -> Option<f64> {
+    let text = client()
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

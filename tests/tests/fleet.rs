@@ -128,7 +128,7 @@ async fn a_node_that_stops_heartbeating_is_unhealthy_and_traffic_goes_elsewhere(
     let ghost = MockUpstream::start(Behavior::reply("from the ghost"))
         .await
         .unwrap();
-    let ghost_url = ghost.base_url().trim_end_matches("/v1").to_owned();
+    let ghost_url = ghost.root_url();
     let beat = || async {
         let report = NodeReport::new(
             "a-ghost",

@@ -70,7 +70,7 @@ async fn one_busy_slot(sched_url: &str) -> (MockUpstream, tokio::task::JoinHandl
         .await
         .unwrap();
     local.push(Behavior::Hang);
-    let base = local.base_url().trim_end_matches("/v1").to_owned();
+    let base = local.root_url();
     register_node(sched_url, "node-a", &base, 1).await;
     let url = sched_url.to_owned();
     let hanging = tokio::spawn(async move {
@@ -78,21 +78,6 @@ async fn one_busy_slot(sched_url: &str) -> (MockUpstream, tokio::task::JoinHandl
     });
     assert!(eventually(|| local.hits() == 1).await, "the slot is taken");
     (local, hanging)
-}
-
-async fn metric(url: &str, line_start: &str) -> Option<f64> {
-    let text = client()
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 /// Polls `/metrics` until `n` interactive requests wait for a local slot (false after 2 s).
@@ -417,7 +402,7 @@ async fn requests_queued_for_an_agent_that_dies_complete_elsewhere() {
     let (cloud, sched) = cloud_and_scheduler(8).await;
     // The agent holds its one slot and never answers; three more requests queue for it.
     let local = MockUpstream::start(Behavior::Hang).await.unwrap();
-    let base = local.base_url().trim_end_matches("/v1").to_owned();
+    let base = local.root_url();
     register_node(&sched.url, "node-a", &base, 1).await;
     let mut clients = Vec::new();
     for stream in [false, true, false, true] {

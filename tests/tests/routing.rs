@@ -58,7 +58,7 @@ async fn overflows_to_the_cloud_when_the_local_queue_is_full() {
         .await
         .unwrap();
     local.push(Behavior::Hang);
-    let local_base = local.base_url().trim_end_matches("/v1").to_owned();
+    let local_base = local.root_url();
     register_node(&sched.url, "node-a", &local_base, 1).await;
 
     let c = client();

@@ -239,6 +239,10 @@ pub struct ServerArgs {
     /// $XDG_DATA_HOME/flotilla or ~/.local/share/flotilla).
     #[arg(long, env = "FLOTILLA_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Redis shared with other scheduler replicas (`redis://[:password@]host:port`);
+    /// overrides `scheduler.state.redis_url`.
+    #[arg(long, env = "FLOTILLA_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
 }
 
 fn parse_auth(s: &str) -> Result<flotilla_gateway::AuthMode, String> {

@@ -70,12 +70,21 @@ fn load_config(
     config::FileConfig,
 )> {
     let mut file = config::load(args.config.as_deref())?;
+    apply_server_args(&mut file, args);
+    let (s, a) = config::resolve(&file, need_agent)?;
+    Ok((s, a, file))
+}
+
+/// What the command line overrides in the config: the ledger's place, auth, Redis.
+fn apply_server_args(file: &mut config::FileConfig, args: &ServerArgs) {
     ledger::default_ledger_url(&mut file.scheduler, args.data_dir.as_deref());
     if let Some(a) = args.auth {
         file.scheduler.auth = Some(a);
     }
-    let (s, a) = config::resolve(&file, need_agent)?;
-    Ok((s, a, file))
+    if let Some(url) = &args.redis_url {
+        file.scheduler.state.redis_url = Some(url.clone());
+        file.scheduler.state.redis_url_env = None;
+    }
 }
 
 /// The models `up` serves when the config names none: the built-in test model, and MiniLM
@@ -101,10 +110,7 @@ pub fn default_models() -> Vec<ModelSpec> {
 
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let mut file = config::load(args.server.config.as_deref())?;
-    ledger::default_ledger_url(&mut file.scheduler, args.server.data_dir.as_deref());
-    if let Some(a) = args.server.auth {
-        file.scheduler.auth = Some(a);
-    }
+    apply_server_args(&mut file, &args.server);
     let listen = args
         .server
         .listen

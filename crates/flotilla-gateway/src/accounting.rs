@@ -253,10 +253,7 @@ impl Tally {
             let clamp = |n: u64| n.min(i64::MAX as u64) as i64;
             let delta = clamp(tokens).saturating_sub(clamp(self.counted_tokens));
             if delta != 0 {
-                self.state
-                    .inner
-                    .limits
-                    .adjust_tokens(&k.id, delta, Instant::now());
+                self.state.inner.limits.adjust(&k.id, delta);
             }
         }
     }

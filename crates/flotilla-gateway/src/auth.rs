@@ -231,7 +231,7 @@ pub(crate) fn max_cost(
 
 /// Admits a keyed request under its rate limits and budget: 429 with `Retry-After` when a
 /// per-minute limit is spent, 429 `budget_exceeded` when its maximum cost does not fit.
-pub(crate) fn admit_key(
+pub(crate) async fn admit_key(
     s: &AppState,
     key: &ApiKey,
     tokens: u64,
@@ -240,7 +240,8 @@ pub(crate) fn admit_key(
     if let Err(wait) = s
         .inner
         .limits
-        .check(&key.id, key.rpm, key.tpm, tokens, Instant::now())
+        .admit(&key.id, key.rpm, key.tpm, tokens)
+        .await
     {
         return Err(ApiError::new(
             ErrorKind::RateLimited,
@@ -262,15 +263,13 @@ pub(crate) fn admit_key(
     let Some(budget) = key.budget_usd else {
         return Ok(None);
     };
-    match s.inner.budgets.reserve(&key.id, budget, max_cost_usd) {
+    match s.inner.budgets.hold(&key.id, budget, max_cost_usd).await {
         Ok(r) => Ok(Some(r)),
         Err(e) => {
             // The request was never run: give its tokens back.
-            s.inner.limits.adjust_tokens(
-                &key.id,
-                -(tokens.min(i64::MAX as u64) as i64),
-                Instant::now(),
-            );
+            s.inner
+                .limits
+                .adjust(&key.id, -(tokens.min(i64::MAX as u64) as i64));
             Err(ApiError::new(
                 ErrorKind::RateLimited,
                 format!("API key `{}`: {e}", key.name),
@@ -281,7 +280,11 @@ pub(crate) fn admit_key(
 }
 
 /// A provider's own per-minute limits: whether one more request of `tokens` fits now.
-pub(crate) fn provider_admits(s: &AppState, provider: &str, tokens: u64) -> Result<(), Duration> {
+pub(crate) async fn provider_admits(
+    s: &AppState,
+    provider: &str,
+    tokens: u64,
+) -> Result<(), Duration> {
     let Some(p) = s.inner.config.provider(provider) else {
         return Ok(());
     };
@@ -290,5 +293,6 @@ pub(crate) fn provider_admits(s: &AppState, provider: &str, tokens: u64) -> Resu
     }
     s.inner
         .provider_limits
-        .check(provider, p.rpm, p.tpm, tokens, Instant::now())
+        .admit(provider, p.rpm, p.tpm, tokens)
+        .await
 }

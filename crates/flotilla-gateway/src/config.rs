@@ -12,6 +12,7 @@ use flotilla_scheduler::{
     Capability, CloudTarget, HealthConfig, MidStream, ModelGroup, PolicySettings, Priority, Rule,
     Strategy,
 };
+use flotilla_state::SharedConfig;
 use serde::{Deserialize, Serialize};
 
 /// How requests spread over agents with free slots.
@@ -96,6 +97,39 @@ impl Default for LedgerSection {
             url: None,
             flush_ms: 200,
             batch: 512,
+        }
+    }
+}
+
+/// State shared with other scheduler replicas (`[scheduler.state]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateSection {
+    /// `redis://[:password@]host:port[/db]`; unset = every replica keeps its own state
+    /// in memory.
+    pub redis_url: Option<String>,
+    /// An environment variable holding the URL (when it carries a password).
+    pub redis_url_env: Option<String>,
+    /// Replicas with the same prefix share state; different fleets use different ones.
+    pub key_prefix: String,
+    /// How often each replica writes its in-flight counts and health figures and reads the
+    /// others' (breakers, Retry-After and nodes travel at once by pub/sub).
+    pub sync_ms: u64,
+    /// The most one Redis call may take before Redis counts as down.
+    pub timeout_ms: u64,
+    /// While Redis is down, one warning per this interval.
+    pub warn_every_ms: u64,
+}
+
+impl Default for StateSection {
+    fn default() -> Self {
+        StateSection {
+            redis_url: None,
+            redis_url_env: None,
+            key_prefix: "flotilla".into(),
+            sync_ms: 250,
+            timeout_ms: 250,
+            warn_every_ms: 10_000,
         }
     }
 }
@@ -200,6 +234,7 @@ pub struct SchedulerSection {
     /// Per API key (by name): the class and strategy of its requests without headers.
     pub key_defaults: HashMap<String, KeyDefaults>,
     pub ledger: LedgerSection,
+    pub state: StateSection,
     /// The cloud provider the savings report prices all traffic on ("what it would have
     /// cost without Flotilla"); unset = the first configured provider.
     pub default_provider: Option<String>,
@@ -251,6 +286,7 @@ impl Default for SchedulerSection {
             key_refresh_ms: 5_000,
             key_defaults: HashMap::new(),
             ledger: LedgerSection::default(),
+            state: StateSection::default(),
             default_provider: None,
             usage_tokenizer: None,
             providers: Vec::new(),
@@ -340,6 +376,10 @@ pub struct SchedulerConfig {
     pub key_refresh: Duration,
     pub key_defaults: HashMap<String, KeyDefaults>,
     pub ledger: LedgerSection,
+    /// Redis shared with other replicas; None = state in memory only.
+    pub shared: Option<SharedConfig>,
+    /// How often in-flight counts and health figures are exchanged with other replicas.
+    pub sync: Duration,
     /// The savings report's baseline provider.
     pub default_provider: Option<String>,
     pub counter: Arc<TokenCounter>,
@@ -419,6 +459,9 @@ impl SchedulerSection {
             ("scheduler.key_refresh_ms", self.key_refresh_ms),
             ("scheduler.ledger.flush_ms", self.ledger.flush_ms),
             ("scheduler.ledger.batch", self.ledger.batch as u64),
+            ("scheduler.state.sync_ms", self.state.sync_ms),
+            ("scheduler.state.timeout_ms", self.state.timeout_ms),
+            ("scheduler.state.warn_every_ms", self.state.warn_every_ms),
         ] {
             if v == 0 {
                 errors.push(format!("{key}: must be greater than 0"));
@@ -448,6 +491,12 @@ impl SchedulerSection {
         if self.heartbeat_ms > 3_600_000 {
             errors.push("scheduler.heartbeat_ms: must be at most 3600000 (an hour)".into());
         }
+        let shared = self
+            .state
+            .resolve()
+            .map_err(|e| errors.push(e))
+            .ok()
+            .flatten();
         let missed_heartbeats = match self.node_ttl_ms {
             Some(ttl) if ttl <= self.heartbeat_ms => {
                 errors.push(format!(
@@ -620,9 +669,43 @@ impl SchedulerSection {
             key_refresh: Duration::from_millis(self.key_refresh_ms),
             key_defaults: self.key_defaults.clone(),
             ledger: self.ledger.clone(),
+            shared,
+            sync: Duration::from_millis(self.state.sync_ms.max(1)),
             default_provider,
             counter,
         })
+    }
+}
+
+impl StateSection {
+    /// The shared store's settings, None without a URL.
+    fn resolve(&self) -> Result<Option<SharedConfig>, String> {
+        let url = match (&self.redis_url, &self.redis_url_env) {
+            (Some(_), Some(_)) => {
+                return Err("scheduler.state: set redis_url or redis_url_env, not both".to_owned());
+            }
+            (Some(u), None) => u.clone(),
+            (None, Some(var)) => std::env::var(var).map_err(|_| {
+                format!("scheduler.state.redis_url_env: environment variable `{var}` is not set")
+            })?,
+            (None, None) => return Ok(None),
+        };
+        if !url.starts_with("redis://") {
+            // Never echo the URL: it may carry a password.
+            return Err(
+                "scheduler.state.redis_url: must start with redis:// (TLS to Redis is not built in)"
+                    .into(),
+            );
+        }
+        if self.key_prefix.is_empty() || self.key_prefix.contains(char::is_whitespace) {
+            return Err("scheduler.state.key_prefix: must be non-empty, without spaces".into());
+        }
+        Ok(Some(SharedConfig {
+            url,
+            prefix: self.key_prefix.clone(),
+            timeout: Duration::from_millis(self.timeout_ms.max(1)),
+            warn_every: Duration::from_millis(self.warn_every_ms.max(1)),
+        }))
     }
 }
 
@@ -744,6 +827,51 @@ mod tests {
         .validate()
         .unwrap_err();
         assert!(e[0].contains("node_ttl_ms"), "{e:?}");
+    }
+
+    #[test]
+    fn redis_settings_are_checked_without_echoing_the_url() {
+        let with = |state: StateSection| {
+            SchedulerSection {
+                state,
+                ..SchedulerSection::default()
+            }
+            .validate()
+        };
+        let c = with(StateSection {
+            redis_url: Some("redis://:pw@127.0.0.1:6379/2".into()),
+            sync_ms: 100,
+            ..StateSection::default()
+        })
+        .unwrap();
+        let sh = c.shared.expect("shared state");
+        assert_eq!(sh.prefix, "flotilla");
+        assert_eq!(c.sync, Duration::from_millis(100));
+        let errs = with(StateSection {
+            redis_url: Some("http://:secret-pw@host".into()),
+            ..StateSection::default()
+        })
+        .unwrap_err();
+        assert!(errs[0].starts_with("scheduler.state.redis_url"), "{errs:?}");
+        assert!(!errs[0].contains("secret-pw"));
+        let errs = with(StateSection {
+            redis_url_env: Some("FLOTILLA_TEST_UNSET_REDIS_URL".into()),
+            sync_ms: 0,
+            ..StateSection::default()
+        })
+        .unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("FLOTILLA_TEST_UNSET_REDIS_URL"))
+        );
+        assert!(
+            SchedulerSection::default()
+                .validate()
+                .unwrap()
+                .shared
+                .is_none()
+        );
     }
 
     #[test]

@@ -150,7 +150,8 @@ async fn route(
         t.request(&info, &r.body);
         if let Some(k) = &key {
             let tokens = counted_tokens(&info, r);
-            let reservation = admit_key(s, k, tokens, max_cost(s, &group, &info, r.max_tokens))?;
+            let reservation =
+                admit_key(s, k, tokens, max_cost(s, &group, &info, r.max_tokens)).await?;
             t.hold(reservation, tokens);
         }
     }
@@ -370,6 +371,13 @@ pub(crate) async fn open_attempt(
             {
                 s.inner.fleet.mark_unreachable(node_id);
                 s.inner.queues.wake.notify_one();
+                if let Some(sh) = &s.inner.shared {
+                    let node_id = node_id.clone();
+                    crate::shared::spawn_shared(sh, move |sh| async move {
+                        sh.publish(&flotilla_state::Event::NodeUnreachable { node_id })
+                            .await;
+                    });
+                }
             }
             Err(e)
         }
@@ -462,7 +470,7 @@ async fn carry(
                 .is_some_and(|u| !u.supports(r.ep))
             {
                 Some(format!("{provider} has no {} endpoint", r.ep.as_str()))
-            } else if let Err(wait) = provider_admits(s, provider, tokens) {
+            } else if let Err(wait) = provider_admits(s, provider, tokens).await {
                 Some(format!(
                     "{provider}'s per-minute limit is reached for {} ms more",
                     wait.as_millis()

@@ -1,13 +1,19 @@
 //! Every target's health in one map: the policy reads views of it, the failover loop and
-//! the stream relay write each attempt's outcome into it.
+//! the stream relay write each attempt's outcome into it. With shared state, breaker
+//! transitions and 429 windows are published to the other replicas the moment they happen,
+//! and theirs are applied here (`apply_*`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use flotilla_api::protocol::TargetFigures;
 use flotilla_scheduler::{
     Admit, BreakerState, HealthConfig, HealthView, Outcome, Target, TargetHealth,
 };
+use flotilla_state::Shared;
+
+use crate::shared::{instant_to_ms, spawn_shared};
 
 /// Health is kept per target and model: a provider may be fine for one model and
 /// rate-limited for another.
@@ -29,6 +35,7 @@ pub(crate) fn cloud_key(provider: &str, model: &str) -> String {
 pub(crate) struct HealthBook {
     cfg: HealthConfig,
     map: Mutex<HashMap<String, TargetHealth>>,
+    shared: Option<Shared>,
 }
 
 /// One target's health as `/metrics` shows it.
@@ -39,10 +46,11 @@ pub(crate) struct HealthRow {
 }
 
 impl HealthBook {
-    pub fn new(cfg: HealthConfig) -> Self {
+    pub fn new(cfg: HealthConfig, shared: Option<Shared>) -> Self {
         HealthBook {
             cfg,
             map: Mutex::new(HashMap::new()),
+            shared,
         }
     }
 
@@ -81,14 +89,38 @@ impl HealthBook {
         admit
     }
 
-    /// Records how an attempt ended and says so in the log when the breaker moved.
+    /// Records how an attempt ended, says so in the log when the breaker moved, and tells
+    /// the other replicas of a breaker move or a 429 window.
     pub fn finish(&self, key: &str, outcome: Outcome, now: Instant) {
-        let changed = {
+        let (changed, hold_off) = {
             let mut map = self.lock();
             let h = map.entry(key.to_owned()).or_default();
-            h.finish(&self.cfg, outcome, now)
-                .map(|s| (s, h.error_rate().unwrap_or(0.0)))
+            let changed = h
+                .finish(&self.cfg, outcome, now)
+                .map(|s| (s, h.error_rate().unwrap_or(0.0)));
+            let hold_off = matches!(outcome, Outcome::RateLimited { .. })
+                .then(|| h.rate_limited_until())
+                .flatten();
+            (changed, hold_off)
         };
+        if let Some(shared) = &self.shared {
+            let target = key.to_owned();
+            match (changed, hold_off) {
+                (Some((state, _)), _) if state != BreakerState::HalfOpen => {
+                    let at = instant_to_ms(now);
+                    spawn_shared(shared, move |sh| async move {
+                        sh.breaker(&target, state == BreakerState::Open, at).await;
+                    });
+                }
+                (_, Some(until)) => {
+                    let until = instant_to_ms(until);
+                    spawn_shared(shared, move |sh| async move {
+                        sh.retry_after(&target, until).await;
+                    });
+                }
+                _ => {}
+            }
+        }
         match changed {
             Some((BreakerState::Open, rate)) => tracing::warn!(
                 target_key = key,
@@ -100,6 +132,63 @@ impl HealthBook {
                 tracing::info!(target_key = key, "circuit breaker closed: target recovered")
             }
             _ => {}
+        }
+    }
+
+    /// Another replica opened (or closed) `key`'s breaker at `at`.
+    pub fn apply_breaker(&self, key: &str, open: bool, at: Instant) {
+        let mut map = self.lock();
+        let h = map.entry(key.to_owned()).or_default();
+        let changed = if open {
+            h.force_open(at)
+        } else {
+            h.force_close(at)
+        };
+        drop(map);
+        if changed {
+            tracing::info!(
+                target_key = key,
+                state = if open { "open" } else { "closed" },
+                "circuit breaker moved on another replica; following it"
+            );
+        }
+    }
+
+    /// Another replica got a 429 from `key`: aside until `until`.
+    pub fn apply_retry_after(&self, key: &str, until: Instant) {
+        self.lock()
+            .entry(key.to_owned())
+            .or_default()
+            .hold_off_until(until);
+    }
+
+    /// Open (or half-open) breakers with when they opened, for writing back to the store.
+    pub fn open_breakers(&self) -> Vec<(String, Instant)> {
+        self.lock()
+            .iter()
+            .filter_map(|(k, h)| h.opened_at().map(|t| (k.clone(), t)))
+            .collect()
+    }
+
+    /// This replica's own figures per target, for the others.
+    pub fn figures(&self) -> HashMap<String, TargetFigures> {
+        self.lock()
+            .iter()
+            .filter(|(_, h)| h.successes > 0)
+            .map(|(k, h)| (k.clone(), h.figures()))
+            .collect()
+    }
+
+    /// Sets what the other replicas measured, per target (targets not named: nothing).
+    pub fn set_remote(&self, mut remote: HashMap<String, TargetFigures>) {
+        let mut map = self.lock();
+        for (k, h) in map.iter_mut() {
+            h.set_remote(remote.remove(k));
+        }
+        for (k, f) in remote {
+            let mut h = TargetHealth::default();
+            h.set_remote(Some(f));
+            map.insert(k, h);
         }
     }
 

@@ -15,6 +15,7 @@ mod health;
 mod metrics;
 mod queue;
 mod routes;
+mod shared;
 mod state;
 mod stream;
 
@@ -22,7 +23,7 @@ use std::net::SocketAddr;
 
 pub use config::{
     AuthMode, ClassSection, HealthSection, KeyDefaults, LedgerSection, LocalBalance, ModelSection,
-    SchedulerConfig, SchedulerSection,
+    SchedulerConfig, SchedulerSection, StateSection,
 };
 pub use state::AppState;
 use tokio::net::TcpListener;
@@ -36,6 +37,8 @@ pub enum GatewayError {
     Serve(#[from] std::io::Error),
     #[error("the ledger: {0}")]
     Ledger(#[from] flotilla_state::StateError),
+    #[error("shared state: {0}")]
+    Shared(flotilla_state::StateError),
 }
 
 /// A scheduler bound to its listener, ready to serve.
@@ -86,6 +89,7 @@ impl Scheduler {
     /// writes the ledger rows still waiting.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), GatewayError> {
         tokio::spawn(sweep_fleet(self.state.clone(), shutdown.clone()));
+        tokio::spawn(shared::run(self.state.clone(), shutdown.clone()));
         if self.state.inner.config.auth == AuthMode::Keys {
             tokio::spawn(auth::refresh_keys(self.state.clone(), shutdown.clone()));
         }

@@ -154,5 +154,13 @@ pub(crate) fn render(s: &AppState) -> String {
         &[("result", "failed")],
         w.failed() as f64,
     );
+    if let Some(sh) = &s.inner.shared {
+        e.family(
+            m::SHARED_STATE_UP,
+            "gauge",
+            "1 while the Redis shared with other replicas answers, 0 while this replica runs on its own state.",
+        );
+        e.sample(m::SHARED_STATE_UP, &[], if sh.is_up() { 1.0 } else { 0.0 });
+    }
     e.finish()
 }

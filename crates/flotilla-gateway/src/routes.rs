@@ -193,6 +193,14 @@ async fn heartbeat(State(s): State<AppState>, h: HeaderMap, body: Body) -> Respo
         let node_id = report.node_id.clone();
         let models: Vec<String> = report.models.iter().map(|m| m.name.clone()).collect();
         let gpus = report.gpus.len();
+        if let Some(sh) = &s.inner.shared {
+            // Every replica hears of it at once (and later ones find it in the store).
+            let (report, seen) = (report.clone(), crate::shared::now_ms());
+            crate::shared::spawn_shared(sh, move |sh| async move {
+                sh.put_node(&report, seen, flotilla_scheduler::fleet::FORGET_AFTER)
+                    .await;
+            });
+        }
         let change = s.inner.fleet.upsert(report, Instant::now());
         // New load figures may free slots for queued requests.
         s.inner.queues.wake.notify_one();
@@ -222,6 +230,12 @@ async fn deregister(
 ) -> Response {
     if let Err(e) = check_cluster_token(&s, &h) {
         return e.into_response();
+    }
+    if let Some(sh) = &s.inner.shared {
+        let id = node_id.clone();
+        crate::shared::spawn_shared(sh, move |sh| async move {
+            sh.remove_node(&id).await;
+        });
     }
     if s.inner.fleet.remove(&node_id) {
         s.inner.queues.wake.notify_one();

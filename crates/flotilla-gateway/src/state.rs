@@ -1,9 +1,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use flotilla_providers::{ProviderError, Upstream, UpstreamPool};
 use flotilla_scheduler::Fleet;
-use flotilla_state::{Budgets, Ledger, LedgerWriter, RateLimiter, RequestRecord};
+use flotilla_state::{Budgets, Ledger, LedgerWriter, RateLimiter, RequestRecord, Shared};
 
 use crate::auth::KeyBook;
 use crate::health::HealthBook;
@@ -39,6 +40,8 @@ pub(crate) struct Inner {
     pub limits: RateLimiter,
     /// Per-provider request and token limits (what each provider allows us).
     pub provider_limits: RateLimiter,
+    /// The store shared with other replicas, when configured.
+    pub shared: Option<Shared>,
     /// (local model, prefix hash) -> the node that served it last.
     affinity: Mutex<HashMap<(String, u64), String>>,
 }
@@ -66,6 +69,30 @@ impl AppState {
             providers.insert(p.name.clone(), up);
         }
         let cluster_token = config.cluster_token.clone();
+        let shared = match &config.shared {
+            Some(cfg) => {
+                let shared = Shared::new(cfg.clone()).map_err(GatewayError::Shared)?;
+                // Down now is not fatal: requests are served on local state until it answers.
+                if shared.check().await == flotilla_state::Liveness::Down {
+                    tracing::warn!(
+                        "Redis does not answer at start; serving on this replica's own state until it does"
+                    );
+                }
+                Some(shared)
+            }
+            None => None,
+        };
+        // A reservation whose replica died unsettled is given back once no request could
+        // still be running on it.
+        let hold_for = config.timeouts.total + config.retry_budget + Duration::from_secs(60);
+        let (budgets, limits, provider_limits) = match &shared {
+            Some(sh) => (
+                Budgets::with_shared(sh.clone(), hold_for),
+                RateLimiter::with_shared(sh.clone(), "key"),
+                RateLimiter::with_shared(sh.clone(), "provider"),
+            ),
+            None => (Budgets::new(), RateLimiter::new(), RateLimiter::new()),
+        };
         let fleet = Fleet::new(config.heartbeat, config.missed_heartbeats);
         let queues = Arc::new(Queues::default());
         // A finished request frees a slot: the pump hands it to the next waiter.
@@ -73,7 +100,7 @@ impl AppState {
         fleet.on_release(Box::new(move || q.wake.notify_one()));
         Ok(AppState {
             inner: Arc::new(Inner {
-                health: HealthBook::new(config.health),
+                health: HealthBook::new(config.health, shared.clone()),
                 config,
                 fleet,
                 pool,
@@ -84,9 +111,10 @@ impl AppState {
                 ledger,
                 writer,
                 keys: KeyBook::default(),
-                budgets: Budgets::new(),
-                limits: RateLimiter::new(),
-                provider_limits: RateLimiter::new(),
+                budgets,
+                limits,
+                provider_limits,
+                shared,
                 affinity: Mutex::new(HashMap::new()),
             }),
         })

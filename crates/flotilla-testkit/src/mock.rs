@@ -200,6 +200,11 @@ impl MockUpstream {
         format!("http://{}/v1", self.addr)
     }
 
+    /// The address without `/v1`, as an agent advertises itself.
+    pub fn root_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
     /// Queues a behaviour for the next request (before the default).
     pub fn push(&self, b: Behavior) {
         lock(&self.state.script).push_back(b);
