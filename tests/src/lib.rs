@@ -308,3 +308,80 @@ pub async fn metric(url: &str, line_start: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// A SQLite ledger file in a fresh directory (kept for the test's life).
+pub fn sqlite_url() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
+    (dir, url)
+}
+
+/// A scheduler with one cloud-only model `m` on provider `p` at `base_url` (prices as
+/// given) and a ledger at `url` flushed every 20 ms.
+pub fn ledger_section(
+    base_url: &str,
+    prices: Option<flotilla_providers::Price>,
+    url: &str,
+) -> SchedulerSection {
+    use flotilla_gateway::{LedgerSection, ModelSection};
+    use flotilla_scheduler::{CloudTarget, Strategy};
+    let mut p = provider("p", base_url);
+    if let Some(pr) = prices {
+        p.prices.insert("p-model".into(), pr);
+    }
+    SchedulerSection {
+        providers: vec![p],
+        models: vec![ModelSection {
+            strategy: Some(Strategy::CloudOnly),
+            ..ModelSection::new("m", vec![CloudTarget::new("p", "p-model")])
+        }],
+        ledger: LedgerSection {
+            url: Some(url.to_owned()),
+            flush_ms: 20,
+            batch: 512,
+        },
+        ..scheduler_section()
+    }
+}
+
+/// The ledger rows of `model`, newest first, once `n` of them are there.
+pub async fn ledger_rows(
+    sched_url: &str,
+    model: &str,
+    n: usize,
+    bearer: Option<&str>,
+) -> Vec<Value> {
+    for _ in 0..300 {
+        let mut req = client().get(format!(
+            "{sched_url}/admin/v1/requests?model={model}&limit=1000"
+        ));
+        if let Some(b) = bearer {
+            req = req.bearer_auth(b);
+        }
+        let v: Value = req.send().await.unwrap().json().await.unwrap();
+        let data = v["data"].as_array().cloned().unwrap_or_default();
+        if data.len() >= n {
+            return data;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("fewer than {n} ledger rows for {model}");
+}
+
+/// Makes an API key in the ledger at `ledger` (as `flotilla keys create` does), adjusted by
+/// `f`; returns its secret.
+pub async fn new_key(
+    ledger: &flotilla_state::Ledger,
+    name: &str,
+    f: impl FnOnce(&mut flotilla_state::NewKey),
+) -> String {
+    let mut k = flotilla_state::NewKey {
+        name: name.into(),
+        budget_usd: None,
+        rpm: None,
+        tpm: None,
+        admin: false,
+    };
+    f(&mut k);
+    ledger.create_key(&k).await.unwrap().1
+}

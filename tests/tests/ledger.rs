@@ -2,13 +2,11 @@
 //! report, through real HTTP against mock providers and a real SQLite (or PostgreSQL)
 //! ledger.
 
-use std::time::Duration;
-
 use flotilla_e2e::*;
 use flotilla_gateway::{AuthMode, LedgerSection, ModelSection, SchedulerSection};
 use flotilla_providers::Price;
 use flotilla_scheduler::{CloudTarget, Strategy};
-use flotilla_state::{Ledger, NewKey};
+use flotilla_state::Ledger;
 use flotilla_testkit::{Behavior, MockOptions, MockUpstream};
 use serde_json::{Value, json};
 
@@ -31,60 +29,12 @@ async fn mock_with(options: MockOptions, reply: &str) -> MockUpstream {
         .unwrap()
 }
 
-/// A SQLite ledger file in a fresh directory (kept for the test's life).
-fn sqlite_url() -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
-    (dir, url)
-}
-
-/// A scheduler with one cloud-only model `m` on provider `p` (prices as given) and a
-/// ledger at `url` flushed every 20 ms.
-fn section(mock: &MockUpstream, prices: Option<Price>, url: &str) -> SchedulerSection {
-    let mut p = provider("p", &mock.base_url());
-    if let Some(pr) = prices {
-        p.prices.insert("p-model".into(), pr);
-    }
-    SchedulerSection {
-        providers: vec![p],
-        models: vec![ModelSection {
-            strategy: Some(Strategy::CloudOnly),
-            ..ModelSection::new("m", vec![CloudTarget::new("p", "p-model")])
-        }],
-        ledger: LedgerSection {
-            url: Some(url.to_owned()),
-            flush_ms: 20,
-            batch: 512,
-        },
-        ..scheduler_section()
-    }
-}
-
 fn chat(stream: bool, max_tokens: u64) -> Value {
     chat_body(
         "m",
         "a prompt of forty characters, near enough",
         json!({"stream": stream, "max_tokens": max_tokens}),
     )
-}
-
-/// The ledger rows of `model`, newest first, once `n` of them are there.
-async fn rows(sched_url: &str, model: &str, n: usize, bearer: Option<&str>) -> Vec<Value> {
-    for _ in 0..300 {
-        let mut req = client().get(format!(
-            "{sched_url}/admin/v1/requests?model={model}&limit=1000"
-        ));
-        if let Some(b) = bearer {
-            req = req.bearer_auth(b);
-        }
-        let v: Value = req.send().await.unwrap().json().await.unwrap();
-        let data = v["data"].as_array().cloned().unwrap_or_default();
-        if data.len() >= n {
-            return data;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("fewer than {n} ledger rows for {model}");
 }
 
 fn close(a: f64, b: f64) -> bool {
@@ -102,7 +52,12 @@ async fn streamed_cost_is_the_price_table_times_the_final_chunk_usage() {
     )
     .await;
     let (_dir, url) = sqlite_url();
-    let sched = start_scheduler(section(&mock, Some(price(IN, OUT, Some(CACHED))), &url)).await;
+    let sched = start_scheduler(ledger_section(
+        &mock.base_url(),
+        Some(price(IN, OUT, Some(CACHED))),
+        &url,
+    ))
+    .await;
     let resp = post(
         &format!("{}/v1/chat/completions", sched.url),
         &chat(true, 16),
@@ -125,7 +80,7 @@ async fn streamed_cost_is_the_price_table_times_the_final_chunk_usage() {
         true
     );
 
-    let row = &rows(&sched.url, "m", 1, None).await[0];
+    let row = &ledger_rows(&sched.url, "m", 1, None).await[0];
     assert_eq!(row["status"], "ok");
     assert_eq!(row["stream"], true);
     assert_eq!(row["final_target"], "cloud:p");
@@ -152,7 +107,12 @@ async fn usage_a_provider_never_sent_is_counted_by_us_and_marked_estimated() {
     )
     .await;
     let (_dir, url) = sqlite_url();
-    let sched = start_scheduler(section(&mock, Some(price(IN, OUT, None)), &url)).await;
+    let sched = start_scheduler(ledger_section(
+        &mock.base_url(),
+        Some(price(IN, OUT, None)),
+        &url,
+    ))
+    .await;
     for stream in [false, true] {
         let resp = post(
             &format!("{}/v1/chat/completions", sched.url),
@@ -162,7 +122,7 @@ async fn usage_a_provider_never_sent_is_counted_by_us_and_marked_estimated() {
         assert_eq!(resp.status(), 200);
         let _ = resp.bytes().await.unwrap();
     }
-    let rows = rows(&sched.url, "m", 2, None).await;
+    let rows = ledger_rows(&sched.url, "m", 2, None).await;
     for row in &rows {
         assert_eq!(row["usage_estimated"], true, "{row}");
         assert!(row["prompt_tokens"].is_null(), "{row}");
@@ -179,14 +139,14 @@ async fn usage_a_provider_never_sent_is_counted_by_us_and_marked_estimated() {
 async fn an_unknown_price_is_recorded_as_an_unknown_cost_not_zero() {
     let mock = mock_with(MockOptions::default(), "hi").await;
     let (_dir, url) = sqlite_url();
-    let sched = start_scheduler(section(&mock, None, &url)).await;
+    let sched = start_scheduler(ledger_section(&mock.base_url(), None, &url)).await;
     let resp = post(
         &format!("{}/v1/chat/completions", sched.url),
         &chat(false, 4),
     )
     .await;
     assert_eq!(resp.status(), 200);
-    let row = &rows(&sched.url, "m", 1, None).await[0];
+    let row = &ledger_rows(&sched.url, "m", 1, None).await[0];
     assert_eq!(row["completion_tokens"], 1);
     assert!(row["cost_usd"].is_null(), "{row}");
     assert!(row["baseline_cost_usd"].is_null(), "{row}");
@@ -199,23 +159,11 @@ async fn keyed(mock: &MockUpstream, prices: Price) -> (tempfile::TempDir, Runnin
     let (dir, url) = sqlite_url();
     let sched = start_scheduler(SchedulerSection {
         auth: Some(AuthMode::Keys),
-        ..section(mock, Some(prices), &url)
+        ..ledger_section(&mock.base_url(), Some(prices), &url)
     })
     .await;
     let ledger = Ledger::connect(&url).await.unwrap();
     (dir, sched, ledger)
-}
-
-async fn new_key(ledger: &Ledger, name: &str, f: impl FnOnce(&mut NewKey)) -> String {
-    let mut k = NewKey {
-        name: name.into(),
-        budget_usd: None,
-        rpm: None,
-        tpm: None,
-        admin: false,
-    };
-    f(&mut k);
-    ledger.create_key(&k).await.unwrap().1
 }
 
 async fn chat_as(url: &str, key: Option<&str>, body: &Value) -> reqwest::Response {
@@ -282,7 +230,7 @@ async fn keys_are_required_checked_rate_limited_and_revocable() {
     assert!(text.contains("\"app\"") && !text.contains(&key), "{text}");
 
     // Rows carry the key's id; revoking it locks it out at once.
-    let rows = rows(&sched.url, "m", 2, Some(&admin)).await;
+    let rows = ledger_rows(&sched.url, "m", 2, Some(&admin)).await;
     assert!(rows.iter().all(|r| {
         r["api_key_id"]
             .as_str()
@@ -340,7 +288,7 @@ async fn a_budget_refuses_what_could_cost_more_and_concurrent_requests_cannot_ov
         "{statuses:?}"
     );
     let admin = new_key(&ledger, "ops", |k| k.admin = true).await;
-    let rows = rows(&sched.url, "m", 22, Some(&admin)).await;
+    let rows = ledger_rows(&sched.url, "m", 22, Some(&admin)).await;
     let spent: f64 = rows
         .iter()
         .filter(|r| r["api_key_id"].is_string() && r["status"] == "ok")
@@ -394,8 +342,8 @@ async fn the_savings_report_matches_a_hand_computation() {
             assert_eq!(r.status(), 200);
         }
     }
-    rows(&sched.url, "cheap", 3, None).await;
-    rows(&sched.url, "dear", 2, None).await;
+    ledger_rows(&sched.url, "cheap", 3, None).await;
+    ledger_rows(&sched.url, "dear", 2, None).await;
     let report = get_json(&format!("{}/admin/v1/savings", sched.url)).await;
     assert_eq!(report["baseline_provider"], "base");
     // Every answer: 5 prompt tokens, 3 completion tokens.
@@ -450,7 +398,7 @@ async fn a_graceful_shutdown_writes_every_waiting_row() {
             flush_ms: 600_000,
             batch: 100_000,
         },
-        ..section(&mock, Some(price(IN, OUT, None)), &url)
+        ..ledger_section(&mock.base_url(), Some(price(IN, OUT, None)), &url)
     })
     .await;
     for _ in 0..3 {
@@ -500,7 +448,7 @@ async fn failed_attempts_are_in_the_ledger_with_their_outcome() {
     )
     .await;
     assert_eq!(r.status(), 200);
-    let row = &rows(&sched.url, "m", 1, None).await[0];
+    let row = &ledger_rows(&sched.url, "m", 1, None).await[0];
     assert_eq!(row["final_target"], "cloud:good");
     let attempts = row["attempts"].as_array().unwrap();
     assert_eq!(attempts.len(), 2, "{row}");
@@ -569,7 +517,7 @@ async fn a_provider_past_its_own_rpm_is_skipped_for_the_next_target() {
         1,
         "the limited provider got one request a minute"
     );
-    let rows = rows(&sched.url, "m", 2, None).await;
+    let rows = ledger_rows(&sched.url, "m", 2, None).await;
     let attempts = &rows[0]["attempts"];
     assert_eq!(attempts[0]["target"], "cloud:limited");
     assert_eq!(attempts[0]["outcome"], "skipped");
@@ -597,7 +545,7 @@ async fn our_counts_use_the_configured_tokenizer() {
     let tokenizer = test_model_dir().join("tokenizer.json");
     let sched = start_scheduler(SchedulerSection {
         usage_tokenizer: Some(tokenizer.clone()),
-        ..section(&mock, Some(price(IN, OUT, None)), &url)
+        ..ledger_section(&mock.base_url(), Some(price(IN, OUT, None)), &url)
     })
     .await;
     let r = post(
@@ -606,7 +554,7 @@ async fn our_counts_use_the_configured_tokenizer() {
     )
     .await;
     assert_eq!(r.status(), 200);
-    let row = &rows(&sched.url, "m", 1, None).await[0];
+    let row = &ledger_rows(&sched.url, "m", 1, None).await[0];
     let tok = tokenizers::Tokenizer::from_file(&tokenizer).unwrap();
     let count = |s: &str| tok.encode_fast(s, false).unwrap().len() as i64;
     assert_eq!(

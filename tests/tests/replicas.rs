@@ -8,12 +8,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flotilla_e2e::*;
-use flotilla_gateway::{
-    AuthMode, HealthSection, LedgerSection, ModelSection, SchedulerSection, StateSection,
-};
+use flotilla_gateway::{AuthMode, HealthSection, ModelSection, SchedulerSection, StateSection};
 use flotilla_providers::Price;
 use flotilla_scheduler::{CloudTarget, Strategy};
-use flotilla_state::{Ledger, NewKey};
+use flotilla_state::Ledger;
 use flotilla_testkit::{Behavior, MockUpstream};
 use serde_json::{Value, json};
 
@@ -52,42 +50,10 @@ async fn start_replicas(n: usize, section: &SchedulerSection) -> Vec<Running> {
 
 /// A cloud-only model `m` on the mock provider `p`, keys required, the ledger at `url`.
 fn keyed_cloud(mock: &MockUpstream, url: &str, price: Option<Price>) -> SchedulerSection {
-    let mut p = provider("p", &mock.base_url());
-    if let Some(pr) = price {
-        p.prices.insert("p-model".into(), pr);
-    }
     SchedulerSection {
         auth: Some(AuthMode::Keys),
-        providers: vec![p],
-        models: vec![ModelSection {
-            strategy: Some(Strategy::CloudOnly),
-            ..ModelSection::new("m", vec![CloudTarget::new("p", "p-model")])
-        }],
-        ledger: LedgerSection {
-            url: Some(url.to_owned()),
-            flush_ms: 20,
-            batch: 512,
-        },
-        ..scheduler_section()
+        ..ledger_section(&mock.base_url(), price, url)
     }
-}
-
-fn sqlite_url() -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
-    (dir, url)
-}
-
-async fn new_key(ledger: &Ledger, name: &str, f: impl FnOnce(&mut NewKey)) -> String {
-    let mut k = NewKey {
-        name: name.into(),
-        budget_usd: None,
-        rpm: None,
-        tpm: None,
-        admin: false,
-    };
-    f(&mut k);
-    ledger.create_key(&k).await.unwrap().1
 }
 
 async fn chat_as(url: &str, key: &str, model: &str, max_tokens: u64) -> reqwest::Response {
@@ -183,27 +149,8 @@ async fn a_budget_spent_through_three_replicas_at_once_is_never_overspent() {
             }
         }
     }
-    // Every answered request's row, from whichever replica wrote it.
-    let mut rows = Vec::new();
-    for _ in 0..300 {
-        let v: Value = client()
-            .get(format!(
-                "{}/admin/v1/requests?model=m&limit=1000",
-                reps[0].url
-            ))
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        rows = v["data"].as_array().cloned().unwrap_or_default();
-        if rows.iter().filter(|r| r["status"] == "ok").count() >= ok {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Every request's row (answered or refused), from whichever replica wrote it.
+    let rows = ledger_rows(&reps[0].url, "m", 360, Some(&admin)).await;
     let costs: Vec<f64> = rows
         .iter()
         .filter(|r| r["status"] == "ok")
