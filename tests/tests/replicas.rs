@@ -171,8 +171,9 @@ async fn a_budget_spent_through_three_replicas_at_once_is_never_overspent() {
     }
 }
 
-/// Two providers in failover order (`flaky` first) for model `tiny-llama`.
-fn failover(flaky: &MockUpstream, good: &MockUpstream) -> SchedulerSection {
+/// Two providers in failover order (`flaky` first) for model `tiny-llama`; a breaker stays
+/// open `open_ms`.
+fn failover(flaky: &MockUpstream, good: &MockUpstream, open_ms: u64) -> SchedulerSection {
     let mut model = ModelSection::new(
         "tiny-llama",
         vec![
@@ -190,7 +191,7 @@ fn failover(flaky: &MockUpstream, good: &MockUpstream) -> SchedulerSection {
         health: HealthSection {
             min_requests: 3,
             error_rate: 0.5,
-            open_ms: 30_000,
+            open_ms,
             ..HealthSection::default()
         },
         ..scheduler_section()
@@ -211,7 +212,7 @@ async fn a_breaker_opened_on_one_replica_blocks_the_target_on_the_others_within_
     let good = MockUpstream::start(Behavior::reply("good")).await.unwrap();
     let reps = start_replicas(
         3,
-        &shared(failover(&flaky, &good), REDIS, &prefix("breaker")),
+        &shared(failover(&flaky, &good, 30_000), REDIS, &prefix("breaker")),
     )
     .await;
     let state = r#"flotilla_scheduler_breaker_state{target="cloud:flaky/flaky-model"}"#;
@@ -239,6 +240,89 @@ async fn a_breaker_opened_on_one_replica_blocks_the_target_on_the_others_within_
         }
     }
     assert_eq!(flaky.hits(), 3);
+    for r in reps {
+        r.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_half_open_target_gets_one_probe_across_three_replicas() {
+    let flaky = MockUpstream::start(Behavior::status(500)).await.unwrap();
+    let good = MockUpstream::start(Behavior::reply("good")).await.unwrap();
+    let reps = start_replicas(
+        3,
+        &shared(failover(&flaky, &good, 500), REDIS, &prefix("probe")),
+    )
+    .await;
+    let state = r#"flotilla_scheduler_breaker_state{target="cloud:flaky/flaky-model"}"#;
+    for _ in 0..3 {
+        chat(&reps[0].url).await;
+    }
+    for r in &reps {
+        until("open everywhere", async || {
+            metric(&r.url, state).await == Some(2.0)
+        })
+        .await;
+    }
+    // It recovers; the open period ends on all three at once (same opening time).
+    flaky.set_default(Behavior::Hang);
+    for r in &reps {
+        until("half-open everywhere", async || {
+            metric(&r.url, state).await == Some(1.0)
+        })
+        .await;
+    }
+    // One request through each replica at once: one probe, the others go on.
+    let calls = reps.iter().map(|r| {
+        let url = r.url.clone();
+        tokio::spawn(async move { chat(&url).await })
+    });
+    let calls: Vec<_> = calls.collect();
+    until("the probe is out", async || flaky.hits() == 4).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(flaky.hits(), 4, "one probe across three replicas");
+    for c in calls {
+        c.abort();
+    }
+    for r in reps {
+        r.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_probe_that_succeeds_on_one_replica_closes_the_breaker_on_all() {
+    let flaky = MockUpstream::start(Behavior::status(500)).await.unwrap();
+    let good = MockUpstream::start(Behavior::reply("good")).await.unwrap();
+    let reps = start_replicas(
+        3,
+        &shared(failover(&flaky, &good, 300), REDIS, &prefix("close")),
+    )
+    .await;
+    let state = r#"flotilla_scheduler_breaker_state{target="cloud:flaky/flaky-model"}"#;
+    for _ in 0..3 {
+        chat(&reps[0].url).await;
+    }
+    flaky.set_default(Behavior::reply("flaky is back"));
+    for r in &reps {
+        until("half-open everywhere", async || {
+            metric(&r.url, state).await == Some(1.0)
+        })
+        .await;
+    }
+    assert_eq!(target(&chat(&reps[1].url).await), "cloud:flaky", "B probes");
+    let closed = Instant::now();
+    for r in [&reps[0], &reps[2]] {
+        until("closed everywhere", async || {
+            metric(&r.url, state).await == Some(0.0)
+        })
+        .await;
+    }
+    assert!(
+        closed.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        closed.elapsed()
+    );
+    assert_eq!(target(&chat(&reps[2].url).await), "cloud:flaky");
     for r in reps {
         r.stop().await;
     }

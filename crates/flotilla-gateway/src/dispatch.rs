@@ -15,8 +15,8 @@ use flotilla_api::protocol::ModelKind;
 use flotilla_api::{ApiError, ErrorKind, headers};
 use flotilla_providers::{EncodeOptions, Endpoint, ProviderError, Upstream};
 use flotilla_scheduler::{
-    Action, Decision, InFlightGuard, MidStream, ModelGroup, Outcome, RequestInfo, Snapshot, Target,
-    decide,
+    Action, Admit, Decision, InFlightGuard, MidStream, ModelGroup, Outcome, RequestInfo, Snapshot,
+    Target, decide,
 };
 use serde_json::Value;
 
@@ -422,6 +422,18 @@ fn start_attempt(
     Ok((label, upstream, key, started, guard, sharing))
 }
 
+/// A half-open target takes one probe across all replicas: this replica may send it
+/// unless another claimed it (always, without shared state or while Redis is down).
+async fn claim_probe(s: &AppState, key: &str) -> bool {
+    match &s.inner.shared {
+        Some(sh) => sh
+            .claim_probe(key, s.inner.config.health.open_for)
+            .await
+            .unwrap_or(true),
+        None => true,
+    }
+}
+
 /// Tries `targets` in order until one answers.
 #[allow(clippy::too_many_arguments)]
 async fn carry(
@@ -462,6 +474,8 @@ async fn carry(
         let admit = s.inner.health.admit(&health_key(&target), now);
         let skip = if !admit.allowed() {
             Some(admit.as_str().to_owned())
+        } else if admit == Admit::Probe && !claim_probe(s, &health_key(&target)).await {
+            Some("probe_in_flight (another replica probes it)".to_owned())
         } else if let Target::Cloud { provider, .. } = &target {
             if s.inner
                 .providers

@@ -172,7 +172,7 @@ impl Shared {
                 } else {
                     tracing::info!(
                         replica = %self.inner.replica,
-                        "shared state up: Redis answers; sharing this replica's state again"
+                        "shared state up: Redis answers; sharing this replica's state"
                     );
                     Liveness::Back
                 }
@@ -452,6 +452,28 @@ impl Shared {
         })
         .await
         .is_some()
+    }
+
+    /// Claims the one probe a half-open target gets across replicas, for `ttl` (the open
+    /// period: a failed probe opens the breaker again for that long). `Some(false)` when
+    /// another replica holds the claim; `None` when the store is down.
+    pub async fn claim_probe(&self, target: &str, ttl: Duration) -> Option<bool> {
+        let k = self.key(&["probe", target]);
+        let me = self.inner.replica.clone();
+        let ttl_ms = ttl.as_millis().max(1) as u64;
+        let got: Option<String> = self
+            .call(|mut c| async move {
+                redis::cmd("SET")
+                    .arg(k)
+                    .arg(me)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl_ms)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Some(got.is_some())
     }
 
     /// Open breakers and Retry-After windows still running, by target; past windows are
