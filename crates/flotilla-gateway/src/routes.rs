@@ -53,8 +53,12 @@ pub(crate) fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// A request id that grows with time (UUIDv7: milliseconds, then random bits), so the
+/// ledger's primary-key index takes each new row at its end. Random (v4) ids scattered the
+/// inserts over the whole index: 40–56 µs of CPU a row instead of 9–13
+/// (`examples/ledger_insert.rs`, 300k rows).
 fn new_request_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
+    uuid::Uuid::now_v7().simple().to_string()
 }
 
 pub(crate) fn error_response(err: ApiError, request_id: &str) -> Response {

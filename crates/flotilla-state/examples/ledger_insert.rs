@@ -2,16 +2,23 @@
 //! ceiling, which a gateway at full load must stay under.
 //!
 //! ```text
-//! cargo run --release -p flotilla-state --example ledger_insert -- [URL] [ROWS] [BATCH]
+//! cargo run --release -p flotilla-state --example ledger_insert -- [URL] [ROWS] [BATCH] [IDS]
 //! ```
+//!
+//! IDS: `ordered` (default: ids that grow with time, as the gateway makes them) or `random`
+//! (UUIDv4-like, as it made them before: every insert lands somewhere else in the index).
 
 use std::time::{Duration, Instant};
 
 use flotilla_state::{AttemptRecord, Ledger, RequestRecord};
 
-fn record(i: usize) -> RequestRecord {
+fn record(i: usize, random_ids: bool) -> RequestRecord {
     RequestRecord {
-        request_id: format!("{i:032x}"),
+        request_id: if random_ids {
+            format!("{:032x}", rand::random::<u128>())
+        } else {
+            format!("{i:032x}")
+        },
         ts_ms: 1_796_000_000_000 + i as i64,
         model: "bench".into(),
         endpoint: "chat".into(),
@@ -70,15 +77,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rows: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(100_000);
     let batch: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(512);
     let ledger = Ledger::connect(&url).await?;
-    let records: Vec<RequestRecord> = (0..rows).map(record).collect();
+    let random_ids = args.get(4).is_some_and(|s| s == "random");
+    let records: Vec<RequestRecord> = (0..rows).map(|i| record(i, random_ids)).collect();
     let (t0, c0) = (Instant::now(), cpu());
     for chunk in records.chunks(batch) {
         ledger.insert(chunk).await?;
     }
     let (wall, used) = (t0.elapsed(), cpu() - c0);
     println!(
-        "{} rows in batches of {batch}: {:.0} rows/s, {:.1} µs CPU per row ({})",
+        "{} rows in batches of {batch}, {} ids: {:.0} rows/s, {:.1} µs CPU per row ({})",
         rows,
+        if random_ids { "random" } else { "ordered" },
         rows as f64 / wall.as_secs_f64(),
         used.as_secs_f64() * 1e6 / rows as f64,
         ledger.backend()
