@@ -385,3 +385,12 @@ pub async fn new_key(
     f(&mut k);
     ledger.create_key(&k).await.unwrap().1
 }
+
+/// The whole seconds of a response's `Retry-After` header (which must be there).
+pub fn retry_after_secs(resp: &reqwest::Response) -> u64 {
+    resp.headers()["retry-after"]
+        .to_str()
+        .expect("ASCII Retry-After")
+        .parse()
+        .expect("Retry-After in whole seconds")
+}

@@ -202,11 +202,7 @@ async fn keys_are_required_checked_rate_limited_and_revocable() {
     assert_eq!(chat_as(&sched.url, Some(&key), &body).await.status(), 200);
     let limited = chat_as(&sched.url, Some(&key), &body).await;
     assert_eq!(limited.status(), 429);
-    let wait: u64 = limited.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let wait = retry_after_secs(&limited);
     assert!((1..=60).contains(&wait), "{wait}");
 
     // The admin API wants an admin key.

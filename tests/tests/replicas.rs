@@ -87,11 +87,7 @@ async fn a_key_limit_of_100_a_minute_holds_across_three_replicas() {
         let calls = (0..30).map(|i| chat_as(&reps[(wave + i) % 3].url, &key, "m", 2));
         for r in futures::future::join_all(calls).await {
             if r.status() == 429 {
-                let wait: u64 = r.headers()["retry-after"]
-                    .to_str()
-                    .unwrap()
-                    .parse()
-                    .unwrap();
+                let wait = retry_after_secs(&r);
                 assert!((1..=60).contains(&wait), "Retry-After {wait}");
             }
             statuses.push(r.status().as_u16());
@@ -206,24 +202,34 @@ async fn chat(url: &str) -> reqwest::Response {
     .await
 }
 
-#[tokio::test]
-async fn a_breaker_opened_on_one_replica_blocks_the_target_on_the_others_within_a_second() {
+/// The breaker state of the `flaky` target on `/metrics`: 0 closed, 1 half-open, 2 open.
+const BREAKER: &str = r#"flotilla_scheduler_breaker_state{target="cloud:flaky/flaky-model"}"#;
+
+/// Three replicas over `flaky` (answering 500) then `good`, breakers open for `open_ms`;
+/// three requests through the first replica fail over to `good` and open its breaker.
+/// Returns `flaky`, `good` (keep it alive: every replica falls back to it) and the replicas.
+async fn failing_on_a(open_ms: u64, test: &str) -> (MockUpstream, MockUpstream, Vec<Running>) {
     let flaky = MockUpstream::start(Behavior::status(500)).await.unwrap();
     let good = MockUpstream::start(Behavior::reply("good")).await.unwrap();
     let reps = start_replicas(
         3,
-        &shared(failover(&flaky, &good, 30_000), REDIS, &prefix("breaker")),
+        &shared(failover(&flaky, &good, open_ms), REDIS, &prefix(test)),
     )
     .await;
-    let state = r#"flotilla_scheduler_breaker_state{target="cloud:flaky/flaky-model"}"#;
     for _ in 0..3 {
         assert_eq!(target(&chat(&reps[0].url).await), "cloud:good");
     }
     assert_eq!(flaky.hits(), 3);
-    assert_eq!(metric(&reps[0].url, state).await, Some(2.0), "open on A");
+    (flaky, good, reps)
+}
+
+#[tokio::test]
+async fn a_breaker_opened_on_one_replica_blocks_the_target_on_the_others_within_a_second() {
+    let (flaky, _good, reps) = failing_on_a(30_000, "breaker").await;
+    assert_eq!(metric(&reps[0].url, BREAKER).await, Some(2.0), "open on A");
     let opened = Instant::now();
     for r in &reps[1..] {
-        while metric(&r.url, state).await != Some(2.0) {
+        while metric(&r.url, BREAKER).await != Some(2.0) {
             assert!(
                 opened.elapsed() < Duration::from_secs(1),
                 "not open on {} within 1 s",
@@ -247,20 +253,10 @@ async fn a_breaker_opened_on_one_replica_blocks_the_target_on_the_others_within_
 
 #[tokio::test]
 async fn a_half_open_target_gets_one_probe_across_three_replicas() {
-    let flaky = MockUpstream::start(Behavior::status(500)).await.unwrap();
-    let good = MockUpstream::start(Behavior::reply("good")).await.unwrap();
-    let reps = start_replicas(
-        3,
-        &shared(failover(&flaky, &good, 500), REDIS, &prefix("probe")),
-    )
-    .await;
-    let state = r#"flotilla_scheduler_breaker_state{target="cloud:flaky/flaky-model"}"#;
-    for _ in 0..3 {
-        chat(&reps[0].url).await;
-    }
+    let (flaky, _good, reps) = failing_on_a(500, "probe").await;
     for r in &reps {
         until("open everywhere", async || {
-            metric(&r.url, state).await == Some(2.0)
+            metric(&r.url, BREAKER).await == Some(2.0)
         })
         .await;
     }
@@ -268,7 +264,7 @@ async fn a_half_open_target_gets_one_probe_across_three_replicas() {
     flaky.set_default(Behavior::Hang);
     for r in &reps {
         until("half-open everywhere", async || {
-            metric(&r.url, state).await == Some(1.0)
+            metric(&r.url, BREAKER).await == Some(1.0)
         })
         .await;
     }
@@ -291,21 +287,11 @@ async fn a_half_open_target_gets_one_probe_across_three_replicas() {
 
 #[tokio::test]
 async fn a_probe_that_succeeds_on_one_replica_closes_the_breaker_on_all() {
-    let flaky = MockUpstream::start(Behavior::status(500)).await.unwrap();
-    let good = MockUpstream::start(Behavior::reply("good")).await.unwrap();
-    let reps = start_replicas(
-        3,
-        &shared(failover(&flaky, &good, 300), REDIS, &prefix("close")),
-    )
-    .await;
-    let state = r#"flotilla_scheduler_breaker_state{target="cloud:flaky/flaky-model"}"#;
-    for _ in 0..3 {
-        chat(&reps[0].url).await;
-    }
+    let (flaky, _good, reps) = failing_on_a(300, "close").await;
     flaky.set_default(Behavior::reply("flaky is back"));
     for r in &reps {
         until("half-open everywhere", async || {
-            metric(&r.url, state).await == Some(1.0)
+            metric(&r.url, BREAKER).await == Some(1.0)
         })
         .await;
     }
@@ -313,7 +299,7 @@ async fn a_probe_that_succeeds_on_one_replica_closes_the_breaker_on_all() {
     let closed = Instant::now();
     for r in [&reps[0], &reps[2]] {
         until("closed everywhere", async || {
-            metric(&r.url, state).await == Some(0.0)
+            metric(&r.url, BREAKER).await == Some(0.0)
         })
         .await;
     }

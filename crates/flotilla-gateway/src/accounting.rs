@@ -52,7 +52,7 @@ impl Tally {
             state: state.clone(),
             rec: RequestRecord {
                 request_id: request_id.to_owned(),
-                ts_ms: unix_ms(),
+                ts_ms: flotilla_api::unix_now_ms(),
                 api_key_id: key.as_ref().map(|k| k.id.clone()),
                 model: model.to_owned(),
                 endpoint: ep.as_str().to_owned(),
@@ -249,7 +249,8 @@ impl Tally {
         if let Some(r) = self.reservation.take() {
             r.settle(cost);
         }
-        if let Some(k) = &self.key {
+        // Token counts only matter under a tokens-per-minute limit.
+        if let Some(k) = self.key.as_ref().filter(|k| k.tpm.is_some()) {
             let clamp = |n: u64| n.min(i64::MAX as u64) as i64;
             let delta = clamp(tokens).saturating_sub(clamp(self.counted_tokens));
             if delta != 0 {
@@ -283,13 +284,6 @@ impl Drop for Tally {
 
 fn ms(d: Duration) -> i64 {
     d.as_millis().min(i64::MAX as u128) as i64
-}
-
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Every piece of prompt text in a request, for a tokenizer to count.

@@ -267,9 +267,11 @@ pub(crate) async fn admit_key(
         Ok(r) => Ok(Some(r)),
         Err(e) => {
             // The request was never run: give its tokens back.
-            s.inner
-                .limits
-                .adjust(&key.id, -(tokens.min(i64::MAX as u64) as i64));
+            if key.tpm.is_some() {
+                s.inner
+                    .limits
+                    .adjust(&key.id, -(tokens.min(i64::MAX as u64) as i64));
+            }
             Err(ApiError::new(
                 ErrorKind::RateLimited,
                 format!("API key `{}`: {e}", key.name),

@@ -23,13 +23,7 @@ use crate::AppState;
 /// A full read of nodes and marks every this many sync ticks (1 s at the default 250 ms).
 const REPAIR_EVERY: u64 = 4;
 
-/// Unix time in milliseconds.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub(crate) use flotilla_api::unix_now_ms as now_ms;
 
 /// An instant as unix milliseconds (replicas exchange wall-clock times).
 pub(crate) fn instant_to_ms(t: Instant) -> i64 {

@@ -72,12 +72,9 @@ impl AppState {
         let shared = match &config.shared {
             Some(cfg) => {
                 let shared = Shared::new(cfg.clone()).map_err(GatewayError::Shared)?;
-                // Down now is not fatal: requests are served on local state until it answers.
-                if shared.check().await == flotilla_state::Liveness::Down {
-                    tracing::warn!(
-                        "Redis does not answer at start; serving on this replica's own state until it does"
-                    );
-                }
+                // Down now is not fatal (`check` says so in the log): requests are served on
+                // local state until Redis answers.
+                shared.check().await;
                 Some(shared)
             }
             None => None,

@@ -27,12 +27,7 @@ pub use limits::{BudgetExceeded, Budgets, RateLimiter, Reservation};
 pub use shared::{Event, Liveness, ReplicaReport, Shared, SharedConfig, TargetFigures, TargetMark};
 
 /// Unix time in milliseconds.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub(crate) use flotilla_api::unix_now_ms as now_ms;
 
 #[cfg(test)]
 mod tests {

@@ -94,7 +94,8 @@ impl RateLimiter {
     }
 
     /// [`RateLimiter::check`] across replicas when the store is up, on this replica's own
-    /// window otherwise.
+    /// window otherwise. Without either limit there is nothing to count: no window, no
+    /// call to the store.
     pub async fn admit(
         &self,
         key: &str,
@@ -102,6 +103,9 @@ impl RateLimiter {
         tpm: Option<u64>,
         tokens: u64,
     ) -> Result<(), Duration> {
+        if rpm.is_none() && tpm.is_none() {
+            return Ok(());
+        }
         if let Some((shared, space)) = &self.shared
             && let Some(r) = shared.rate_check(space, key, rpm, tpm, tokens).await
         {
@@ -111,7 +115,7 @@ impl RateLimiter {
     }
 
     /// [`RateLimiter::adjust_tokens`] where [`RateLimiter::admit`] counted: in the store
-    /// (without waiting for it) when it is up.
+    /// (without waiting for it) when it is up. Only keys with a `tpm` need it.
     pub fn adjust(&self, key: &str, delta: i64) {
         if let Some((shared, space)) = &self.shared
             && shared.is_up()

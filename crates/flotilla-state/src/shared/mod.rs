@@ -135,11 +135,6 @@ impl Shared {
         })
     }
 
-    /// This process's id among the replicas.
-    pub fn replica(&self) -> &str {
-        &self.inner.replica
-    }
-
     pub fn is_up(&self) -> bool {
         self.inner.up.load(Ordering::Relaxed)
     }
