@@ -6,7 +6,10 @@
 #   scripts/bench-gateway.sh
 #
 # Non-streaming: wrk at each concurrency, direct and via alternating for BENCH_ROUNDS rounds;
-# the table shows the per-metric median over rounds. Streaming: the stream_probe example,
+# the table shows the per-metric median over rounds. Each round also measures two bare
+# forwarders in front of the same mock (testkit's `forwarder` example: hyper server + hyper
+# client, and axum + reqwest), so the scheduler's throughput reads as a fraction of what a
+# forwarder doing nothing else reaches on the same cores in the same run. Streaming: the stream_probe example,
 # sequential streams alternating direct/via, time to first chunk and inter-chunk gap.
 # Ends with the CPU, the core count and the scheduler's peak RSS (VmHWM).
 #
@@ -74,13 +77,14 @@ fi
 if [[ "${BENCH_SKIP_BUILD:-}" != 1 ]]; then
     echo "building release binaries into $CARGO_TARGET_DIR ..." >&2
     cargo build --release --quiet \
-        -p flotilla-testkit --bin flotilla-mock-upstream --example stream_probe \
+        -p flotilla-testkit --bin flotilla-mock-upstream --example stream_probe --example forwarder \
         -p flotilla-gateway --example scheduler
 fi
 MOCK_BIN="$BIN/flotilla-mock-upstream"
 SCHED_BIN="$BIN/examples/scheduler"
 PROBE_BIN="$BIN/examples/stream_probe"
-for b in "$MOCK_BIN" "$SCHED_BIN" "$PROBE_BIN"; do
+FWD_BIN="$BIN/examples/forwarder"
+for b in "$MOCK_BIN" "$SCHED_BIN" "$PROBE_BIN" "$FWD_BIN"; do
     [[ -x "$b" ]] || die "$b is missing: build it or unset BENCH_SKIP_BUILD"
 done
 
@@ -162,6 +166,13 @@ SCHED_PID=$!
 PIDS+=("$SCHED_PID")
 SCHED_URL=$(wait_listening "scheduler" "$SCHED_PID" "$WORK/scheduler.out")
 
+"$FWD_BIN" hyper "$MOCK_URL" >"$WORK/fwd-hyper.out" 2>"$WORK/fwd-hyper.err" &
+PIDS+=("$!")
+HYPER_URL=$(wait_listening "hyper forwarder" "$!" "$WORK/fwd-hyper.out")
+"$FWD_BIN" axum-reqwest "$MOCK_URL" >"$WORK/fwd-axum.out" 2>"$WORK/fwd-axum.err" &
+PIDS+=("$!")
+AXUM_URL=$(wait_listening "axum+reqwest forwarder" "$!" "$WORK/fwd-axum.out")
+
 BODY='{"model":"bench","messages":[{"role":"user","content":"Say something short."}],"max_tokens":64}'
 for url in "$MOCK_URL" "$SCHED_URL"; do
     code=$(curl -sS -o "$WORK/check.json" -w '%{http_code}' -H 'content-type: application/json' \
@@ -214,9 +225,14 @@ RESULTS="$WORK/results.txt" # conc side round rps p50_us p99_us
 for conc in $CONCURRENCY; do
     for round in $(seq "$ROUNDS"); do
         # Alternate which side goes first, so neither always follows the other's load.
-        if ((round % 2)); then order="direct via"; else order="via direct"; fi
+        if ((round % 2)); then order="direct hyper via axum"; else order="axum via hyper direct"; fi
         for side in $order; do
-            if [[ $side == direct ]]; then url=$MOCK_URL; else url=$SCHED_URL; fi
+            case $side in
+                direct) url=$MOCK_URL ;;
+                via) url=$SCHED_URL ;;
+                hyper) url=$HYPER_URL ;;
+                axum) url=$AXUM_URL ;;
+            esac
             res=$(run_wrk "c$conc-r$round-$side" "$url" "$conc" "$DURATION")
             read -r rps p50 p99 <<<"$res"
             echo "c=$conc round $round/$ROUNDS $side: $rps req/s, p50 $p50 µs, p99 $p99 µs" >&2
@@ -226,10 +242,26 @@ for conc in $CONCURRENCY; do
 done
 
 # median CONC SIDE FIELD (4 rps, 5 p50, 6 p99): the median over rounds.
+# ratio CONC SIDE: the median over rounds of via rps / SIDE rps within the same round.
+ratio() {
+    awk -v c="$1" -v s="$2" '$1 == c && $2 == "via" { v[$3] = $4 } $1 == c && $2 == s { b[$3] = $4 }
+        END { for (r in v) if (b[r] > 0) print v[r] / b[r] }' "$RESULTS" | sort -g |
+        awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
 median() {
     awk -v c="$1" -v s="$2" -v f="$3" '$1 == c && $2 == s { print $f }' "$RESULTS" | sort -g |
         awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
+
+FORWARDER_TABLE=$(
+    echo "| concurrency | hyper forwarder req/s | axum + reqwest forwarder req/s | scheduler req/s | scheduler / hyper | scheduler / axum + reqwest |"
+    echo "|---:|---:|---:|---:|---:|---:|"
+    for conc in $CONCURRENCY; do
+        awk -v c="$conc" -v h="$(median "$conc" hyper 4)" -v a="$(median "$conc" axum 4)" -v v="$(median "$conc" via 4)" \
+            -v rh="$(ratio "$conc" hyper)" -v ra="$(ratio "$conc" axum)" \
+            'BEGIN { printf "| %d | %.0f | %.0f | %.0f | %.2f | %.2f |\n", c, h, a, v, rh, ra }'
+    done
+)
 
 NONSTREAM_TABLE=$(
     echo "| concurrency | direct req/s | via req/s | direct p50 / p99 (µs) | via p50 / p99 (µs) | added p50 / p99 (µs) |"
@@ -272,6 +304,10 @@ cat <<EOF
 - non-streaming: POST /v1/chat/completions, wrk -t min(c,2) -c c -d $DURATION, $ROUNDS interleaved rounds, median per column
 
 $NONSTREAM_TABLE
+
+- the same rounds, two bare forwarders in front of the same mock (no routing, health, metrics, ledger or logs); ratios are per round, then the median
+
+$FORWARDER_TABLE
 
 - streaming: stream_probe, sequential chat streams alternating direct/via; a chunk is one \`data:\` event
 

@@ -327,6 +327,77 @@ async fn the_breaker_opens_after_failures_half_opens_and_closes_on_recovery() {
     sched.stop().await;
 }
 
+/// Polls `/metrics` until `line` reads `want` (or 5 s pass).
+async fn metric_becomes(url: &str, line: &str, want: f64) -> bool {
+    for _ in 0..250 {
+        if metric(url, line).await == Some(want) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn idle_targets_are_probed_and_a_probe_not_a_client_closes_a_half_open_breaker() {
+    let flaky = MockUpstream::start(Behavior::status(500)).await.unwrap();
+    let good = MockUpstream::start(Behavior::reply("good")).await.unwrap();
+    let sched = start_scheduler(SchedulerSection {
+        health: HealthSection {
+            min_requests: 3,
+            error_rate: 0.5,
+            open_ms: 300,
+            probe_idle_ms: 100,
+            ..HealthSection::default()
+        },
+        ..section(&[("flaky", &flaky), ("good", &good)], |m| {
+            m.strategy = Some(Strategy::Failover)
+        })
+    })
+    .await;
+    let state = r#"flotilla_scheduler_breaker_state{target="cloud:flaky/flaky-model"}"#;
+    // No client request yet: the scheduler's own probes find the failing target and open
+    // its breaker, and measure the good one.
+    assert!(
+        metric_becomes(&sched.url, state, 2.0).await,
+        "opened by probes"
+    );
+    assert!(good.hits() >= 1, "the idle good target was probed too");
+    let probe = &flaky.requests()[0].body;
+    assert_eq!(probe["max_tokens"], 1, "a one-token probe: {probe}");
+    assert_eq!(probe["model"], "flaky-model");
+    let failed_probes = r#"flotilla_scheduler_probes_total{outcome="failure"}"#;
+    assert!(metric(&sched.url, failed_probes).await >= Some(3.0));
+
+    // It recovers: after the open period the scheduler's probe, not a client, closes it.
+    flaky.set_default(Behavior::reply("flaky is back"));
+    assert!(
+        metric_becomes(&sched.url, state, 0.0).await,
+        "closed by a probe"
+    );
+    let attempts = r#"flotilla_scheduler_attempts_total{outcome="success"}"#;
+    assert_eq!(
+        metric(&sched.url, attempts).await,
+        Some(0.0),
+        "no client yet"
+    );
+    // The first client request goes straight to the recovered first choice.
+    let resp = chat_with(&sched.url, &[], false).await;
+    assert_eq!(target(&resp), "cloud:flaky");
+    assert_eq!(content(resp).await, "flaky is back");
+    assert_eq!(metric(&sched.url, attempts).await, Some(1.0));
+    sched.stop().await;
+}
+
+#[tokio::test]
+async fn without_probe_idle_the_scheduler_sends_nothing_of_its_own() {
+    let quiet = MockUpstream::start(Behavior::reply("quiet")).await.unwrap();
+    let sched = start_scheduler(section(&[("quiet", &quiet)], |_| {})).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(quiet.hits(), 0);
+    sched.stop().await;
+}
+
 #[tokio::test]
 async fn a_stream_cut_mid_way_continues_on_the_next_target_as_one_stream() {
     let cut = MockUpstream::start(Behavior::StreamCut { after_chunks: 3 })

@@ -10,6 +10,8 @@ pub mod body;
 pub mod capability;
 pub mod error;
 pub mod headers;
+#[cfg(feature = "logging")]
+pub mod logging;
 pub mod metrics;
 pub mod openai;
 pub mod protocol;

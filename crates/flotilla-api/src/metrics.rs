@@ -51,6 +51,7 @@ pub const SCHED_TTFT: &str = "flotilla_scheduler_ttft_seconds";
 pub const SCHED_TTFT_ERROR: &str = "flotilla_scheduler_ttft_prediction_error_seconds";
 pub const SCHED_DECISIONS: &str = "flotilla_scheduler_routing_decisions_total";
 pub const SCHED_ATTEMPTS: &str = "flotilla_scheduler_attempts_total";
+pub const SCHED_PROBES: &str = "flotilla_scheduler_probes_total";
 pub const SCHED_QUEUE_DEPTH: &str = "flotilla_scheduler_queue_depth";
 pub const SCHED_BREAKER_STATE: &str = "flotilla_scheduler_breaker_state";
 pub const SCHED_TARGET_EWMA_TTFT: &str = "flotilla_scheduler_target_ttft_ewma_seconds";

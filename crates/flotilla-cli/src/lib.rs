@@ -420,19 +420,10 @@ pub fn bench_engine(args: &cli::BenchEngineArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn init_tracing(format: cli::LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("FLOTILLA_LOG")
-        .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colours only for a person at a terminal, not in files and log collectors.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    match format {
-        cli::LogFormat::Text => builder.init(),
-        cli::LogFormat::Json => builder.json().init(),
-    }
+/// Installs logging (see `flotilla_api::logging`); keep the guard until the process ends.
+pub fn init_tracing(format: cli::LogFormat) -> flotilla_api::logging::LogGuard {
+    flotilla_api::logging::init(match format {
+        cli::LogFormat::Text => flotilla_api::logging::LogFormat::Text,
+        cli::LogFormat::Json => flotilla_api::logging::LogFormat::Json,
+    })
 }

@@ -9,7 +9,7 @@ use flotilla_cli::cli::{BenchCommand, Cli, Command, ModelsCommand};
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    flotilla_cli::init_tracing(cli.log_format);
+    let logs = flotilla_cli::init_tracing(cli.log_format);
     let result = match cli.command {
         Command::Up(args) => flotilla_cli::up(args).await,
         Command::Scheduler(args) => flotilla_cli::scheduler(args).await,
@@ -38,6 +38,8 @@ async fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|e| Err(anyhow::anyhow!("benchmark panicked: {e}")))
         }
     };
+    // Every log line out before the final word.
+    drop(logs);
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -32,7 +32,7 @@ struct File {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_tracing();
+    let _logs = flotilla_api::logging::init(flotilla_api::logging::LogFormat::Text);
     let path = match std::env::args().nth(1) {
         Some(p) if p != "-h" && p != "--help" => p,
         _ => bail!("usage: scheduler CONFIG.toml"),
@@ -83,17 +83,4 @@ async fn signal() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
-}
-
-fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("FLOTILLA_LOG")
-        .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
 }

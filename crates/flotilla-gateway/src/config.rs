@@ -42,6 +42,12 @@ pub struct HealthSection {
     pub open_ms: u64,
     /// How long a 429 without `Retry-After` keeps a target aside.
     pub default_retry_after_ms: u64,
+    /// Active probes (0 = off): every target idle this long (cloud targets of the model
+    /// groups, and the models agents serve) gets a one-token request from the scheduler,
+    /// which keeps its latency figures current and opens its breaker before a client
+    /// meets the failure; and a half-open breaker is probed the same way rather than with
+    /// a client's request. Each probe is a real, billed request of one token.
+    pub probe_idle_ms: u64,
 }
 
 impl Default for HealthSection {
@@ -54,6 +60,7 @@ impl Default for HealthSection {
             error_rate: d.error_rate,
             open_ms: d.open_for.as_millis() as u64,
             default_retry_after_ms: d.default_retry_after.as_millis() as u64,
+            probe_idle_ms: 0,
         }
     }
 }
@@ -658,6 +665,8 @@ impl SchedulerSection {
                 error_rate: self.health.error_rate,
                 open_for: Duration::from_millis(self.health.open_ms),
                 default_retry_after: Duration::from_millis(self.health.default_retry_after_ms),
+                probe_idle: (self.health.probe_idle_ms > 0)
+                    .then(|| Duration::from_millis(self.health.probe_idle_ms)),
             },
             max_queue_wait: Duration::from_millis(self.max_queue_wait_ms),
             max_attempts: self.max_attempts,

@@ -9,11 +9,11 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use flotilla_api::protocol::ModelKind;
 use flotilla_api::{ApiError, ErrorKind, headers};
-use flotilla_providers::{EncodeOptions, Endpoint, ProviderError, Upstream};
+use flotilla_providers::{EncodeOptions, Endpoint, ProviderError, Upstream, UpstreamResponse};
 use flotilla_scheduler::{
     Action, Admit, Decision, InFlightGuard, MidStream, ModelGroup, Outcome, RequestInfo, Snapshot,
     Target, decide,
@@ -282,7 +282,7 @@ pub(crate) fn ledger_outcome(e: &ProviderError) -> (&'static str, Option<u16>) {
     }
 }
 
-fn outcome_of(e: &ProviderError) -> (Outcome, usize) {
+pub(crate) fn outcome_of(e: &ProviderError) -> (Outcome, usize) {
     match e {
         ProviderError::Status {
             status: 429,
@@ -299,7 +299,11 @@ fn outcome_of(e: &ProviderError) -> (Outcome, usize) {
     }
 }
 
-fn upstream_for(s: &AppState, target: &Target, label: &str) -> Result<Upstream, ProviderError> {
+pub(crate) fn upstream_for(
+    s: &AppState,
+    target: &Target,
+    label: &str,
+) -> Result<Upstream, ProviderError> {
     match target {
         Target::Local { base_url, .. } => Ok(s.inner.pool.upstream(
             label,
@@ -329,10 +333,16 @@ pub(crate) async fn open_attempt(
     body: &Value,
     stream: bool,
     guard: Option<InFlightGuard>,
-) -> Result<(Attempt, reqwest::Response, Option<InFlightGuard>), ProviderError> {
+) -> Result<(Attempt, UpstreamResponse, Option<InFlightGuard>), ProviderError> {
     let (label, upstream, key, started, guard, sharing) = start_attempt(s, target, guard)?;
-    let mut body = body.clone();
-    body["model"] = Value::String(target.model().to_owned());
+    // The target's own name for the model; a copy of the body only when it differs.
+    let body = if body.get("model").and_then(Value::as_str) == Some(target.model()) {
+        Cow::Borrowed(body)
+    } else {
+        let mut renamed = body.clone();
+        renamed["model"] = Value::String(target.model().to_owned());
+        Cow::Owned(renamed)
+    };
     let opts = EncodeOptions {
         stream,
         stream_usage: match target {
@@ -424,7 +434,7 @@ fn start_attempt(
 
 /// A half-open target takes one probe across all replicas: this replica may send it
 /// unless another claimed it (always, without shared state or while Redis is down).
-async fn claim_probe(s: &AppState, key: &str) -> bool {
+pub(crate) async fn claim_probe(s: &AppState, key: &str) -> bool {
     match &s.inner.shared {
         Some(sh) => sh
             .claim_probe(key, s.inner.config.health.open_for)
@@ -532,12 +542,15 @@ async fn carry(
         let predicted = decision.predicted_ttft;
         let builder = Response::builder()
             .status(StatusCode::OK)
-            .header(headers::TARGET, hv(&label))
-            .header(headers::REQUEST_ID, hv(r.request_id))
-            .header(headers::ROUTE_REASON, decision.code.as_str());
+            .header(TARGET, hv(&label))
+            .header(REQUEST_ID, hv(r.request_id))
+            .header(
+                ROUTE_REASON,
+                HeaderValue::from_static(decision.code.as_str()),
+            );
         if r.stream {
             s.inner.metrics.attempt(0);
-            tracing::info!(request_id = r.request_id, model = r.model, upstream = %label, priority = info.priority.as_str(), strategy = decision.strategy.as_str(), reason = decision.code.as_str(), detail = %decision.reason, predicted_ttft_ms = predicted.as_millis() as u64, failed_attempts = failures.len(), stream = true, "routed");
+            tracing::info!(request_id = r.request_id, model = r.model, upstream = %label, priority = info.priority.as_str(), strategy = decision.strategy.as_str(), reason = decision.code.as_str(), predicted_ttft_ms = predicted.as_millis() as u64, failed_attempts = failures.len(), stream = true, "routed");
             let cont =
                 (group.mid_stream == MidStream::Continue && r.ep == Endpoint::Chat).then(|| {
                     Continuation {
@@ -587,7 +600,7 @@ async fn carry(
                     .metrics
                     .observe_ttft(target.is_local(), predicted, took);
                 drop(guard);
-                tracing::info!(request_id = r.request_id, model = r.model, upstream = %label, priority = info.priority.as_str(), strategy = decision.strategy.as_str(), reason = decision.code.as_str(), detail = %decision.reason, predicted_ttft_ms = predicted.as_millis() as u64, failed_attempts = failures.len(), stream = false, latency_ms = took.as_millis() as u64, "routed");
+                tracing::info!(request_id = r.request_id, model = r.model, upstream = %label, priority = info.priority.as_str(), strategy = decision.strategy.as_str(), reason = decision.code.as_str(), predicted_ttft_ms = predicted.as_millis() as u64, failed_attempts = failures.len(), stream = false, latency_ms = took.as_millis() as u64, "routed");
                 if let Some(mut t) = tally.take() {
                     t.attempt(&label, attempt.started, "ok", Some(200), None);
                     let mut text = AnswerText::default();
@@ -630,6 +643,11 @@ async fn carry(
     );
     Err(all_failed(r.model, &failures))
 }
+
+// Parsed once, not per response.
+const TARGET: HeaderName = HeaderName::from_static(headers::TARGET);
+pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static(headers::REQUEST_ID);
+const ROUTE_REASON: HeaderName = HeaderName::from_static(headers::ROUTE_REASON);
 
 fn hv(s: &str) -> HeaderValue {
     HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static("unknown"))

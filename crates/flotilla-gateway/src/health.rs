@@ -70,6 +70,17 @@ impl HealthBook {
         }
     }
 
+    /// Whether the scheduler should probe `key` itself now (see `TargetHealth::wants_probe`);
+    /// a target never heard of is due.
+    pub fn wants_probe(&self, key: &str, now: Instant) -> bool {
+        if self.cfg.probe_idle.is_none() {
+            return false;
+        }
+        self.lock()
+            .get(key)
+            .is_none_or(|h| h.wants_probe(&self.cfg, now))
+    }
+
     pub fn admit(&self, key: &str, now: Instant) -> Admit {
         self.lock()
             .get(key)

@@ -13,6 +13,7 @@ mod dispatch;
 mod features;
 mod health;
 mod metrics;
+mod probe;
 mod queue;
 mod routes;
 mod shared;
@@ -90,6 +91,7 @@ impl Scheduler {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), GatewayError> {
         tokio::spawn(sweep_fleet(self.state.clone(), shutdown.clone()));
         tokio::spawn(shared::run(self.state.clone(), shutdown.clone()));
+        tokio::spawn(probe::run(self.state.clone(), shutdown.clone()));
         if self.state.inner.config.auth == AuthMode::Keys {
             tokio::spawn(auth::refresh_keys(self.state.clone(), shutdown.clone()));
         }

@@ -19,6 +19,8 @@ pub(crate) struct GatewayMetrics {
     /// Indexed like [`ReasonCode::ALL`].
     decisions: [AtomicU64; ReasonCode::ALL.len()],
     attempts: [AtomicU64; 4],
+    /// The scheduler's own probes, indexed like attempts.
+    probes: [AtomicU64; 4],
 }
 
 impl Default for GatewayMetrics {
@@ -30,6 +32,7 @@ impl Default for GatewayMetrics {
             error: h(),
             decisions: Default::default(),
             attempts: Default::default(),
+            probes: Default::default(),
         }
     }
 }
@@ -46,6 +49,13 @@ impl GatewayMetrics {
     pub fn decision(&self, code: ReasonCode) {
         if let Some(i) = ReasonCode::ALL.iter().position(|c| *c == code) {
             self.decisions[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `outcome` indexes [`OUTCOMES`].
+    pub fn probe(&self, outcome: usize) {
+        if let Some(a) = self.probes.get(outcome) {
+            a.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -98,6 +108,18 @@ pub(crate) fn render(s: &AppState) -> String {
     for (o, a) in OUTCOMES.iter().zip(mx.attempts.iter()) {
         e.sample(
             m::SCHED_ATTEMPTS,
+            &[("outcome", o)],
+            a.load(Ordering::Relaxed) as f64,
+        );
+    }
+    e.family(
+        m::SCHED_PROBES,
+        "counter",
+        "The scheduler's own probes of idle and half-open targets, by outcome.",
+    );
+    for (o, a) in OUTCOMES.iter().zip(mx.probes.iter()) {
+        e.sample(
+            m::SCHED_PROBES,
             &[("outcome", o)],
             a.load(Ordering::Relaxed) as f64,
         );

@@ -14,7 +14,7 @@ use flotilla_api::openai::{
 use flotilla_api::protocol::{
     DEREGISTER_PATH, HEARTBEAT_PATH, HeartbeatAck, NodeReport, PROTOCOL_VERSION,
 };
-use flotilla_api::{ApiError, ErrorKind, headers};
+use flotilla_api::{ApiError, ErrorKind};
 use flotilla_scheduler::Upsert;
 
 use crate::AppState;
@@ -64,7 +64,7 @@ fn new_request_id() -> String {
 pub(crate) fn error_response(err: ApiError, request_id: &str) -> Response {
     let mut resp = err.into_response();
     if let Ok(v) = HeaderValue::from_str(request_id) {
-        resp.headers_mut().insert(headers::REQUEST_ID, v);
+        resp.headers_mut().insert(crate::dispatch::REQUEST_ID, v);
     }
     resp
 }

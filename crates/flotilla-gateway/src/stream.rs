@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use bytes::Bytes;
 use flotilla_api::sse::{SseDecoder, data_event};
-use flotilla_providers::{Endpoint, EventKind, StreamDecoder};
+use flotilla_providers::{Endpoint, EventKind, StreamDecoder, UpstreamResponse};
 use flotilla_scheduler::{InFlightGuard, ModelGroup, Outcome, Target};
 use futures::stream::{BoxStream, StreamExt};
+use http_body_util::BodyExt;
 use serde_json::Value;
 
 use crate::AppState;
@@ -50,7 +51,7 @@ pub(crate) struct RelayCtx {
 
 struct Relay {
     ctx: RelayCtx,
-    upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+    upstream: BoxStream<'static, Result<Bytes, hyper::Error>>,
     sse: SseDecoder,
     /// Reads the current upstream's events (and translates them when it is not OpenAI).
     dec: Box<dyn StreamDecoder>,
@@ -343,7 +344,7 @@ impl Relay {
                         .stream_decoder(Endpoint::Chat, self.ctx.client_usage);
                     self.ctx.attempt = attempt;
                     self.ctx.guard = guard;
-                    self.upstream = resp.bytes_stream().boxed();
+                    self.upstream = resp.into_body().into_data_stream().boxed();
                     self.sse = SseDecoder::new();
                     self.first_event = None;
                     self.events = 0;
@@ -403,14 +404,14 @@ fn error_event(label: &str, message: &str) -> Bytes {
     Bytes::from(data_event(&body.to_string()))
 }
 
-pub(crate) fn relay_sse(resp: reqwest::Response, ctx: RelayCtx) -> Body {
+pub(crate) fn relay_sse(resp: UpstreamResponse, ctx: RelayCtx) -> Body {
     let dec = ctx
         .attempt
         .upstream
         .wire()
         .stream_decoder(ctx.ep, ctx.client_usage);
     let state = Relay {
-        upstream: resp.bytes_stream().boxed(),
+        upstream: resp.into_body().into_data_stream().boxed(),
         sse: SseDecoder::new(),
         dec,
         saw_done: false,

@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use flotilla_api::error::ErrorBody;
 use flotilla_api::sse::SseEvent;
-use reqwest::header::{HeaderMap, HeaderValue};
+use http::header::{HeaderMap, HeaderValue};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 

@@ -12,6 +12,9 @@ pub mod usage;
 pub mod wire;
 
 pub use error::ProviderError;
-pub use upstream::{ProviderConfig, ProviderKind, Secret, Timeouts, Upstream, UpstreamPool};
+pub use upstream::{
+    ProviderConfig, ProviderKind, Secret, Timeouts, Upstream, UpstreamPool, UpstreamResponse,
+    error_chain,
+};
 pub use usage::{Price, TokenCounter, TokenUsage};
 pub use wire::{EncodeError, EncodeOptions, Endpoint, EventKind, StreamDecoder, Wire};

@@ -8,6 +8,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use flotilla_api::Capability;
 use flotilla_api::error::ErrorBody;
+use http::Uri;
+use http::header::{HeaderMap, HeaderValue};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::{Deserialize, Serialize};
 
 use crate::ProviderError;
@@ -126,30 +134,48 @@ impl Default for Timeouts {
     }
 }
 
-/// The process-wide pooled HTTP client (keep-alive, HTTP/2 where the server offers it).
+/// What an upstream answers with: the status and headers, and a body read as it arrives.
+pub type UpstreamResponse = http::Response<Incoming>;
+
+type Connector = HttpsConnector<HttpConnector>;
+
+/// The process-wide pooled HTTP client: keep-alive connections per host, HTTP/2 where a TLS
+/// server offers it, plain HTTP/1.1 to agents and local servers.
+///
+/// hyper's pooled client directly rather than reqwest: reqwest re-parses the URL into a
+/// URI, merges header maps and boxes the body and every future on each request. Through
+/// the scheduler that was a third of the per-request CPU on the forwarding path
+/// (BENCHMARKS.md, "Forwarding with hyper's client").
 #[derive(Clone)]
 pub struct UpstreamPool {
-    client: reqwest::Client,
+    client: Client<Connector, Full<Bytes>>,
     timeouts: Timeouts,
     openai: Arc<dyn Wire>,
 }
 
-fn build_client(connect: Duration) -> Result<reqwest::Client, ProviderError> {
-    reqwest::Client::builder()
-        .connect_timeout(connect)
+fn build_client(connect: Duration) -> Client<Connector, Full<Bytes>> {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(connect));
+    http.set_nodelay(true);
+    // The connector also takes https:// URLs.
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
-        .tcp_nodelay(true)
-        .build()
-        .map_err(|e| ProviderError::Connect {
-            target: "client".into(),
-            reason: e.to_string(),
-        })
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(https)
 }
 
 impl UpstreamPool {
     pub fn new(timeouts: Timeouts) -> Result<Self, ProviderError> {
         Ok(UpstreamPool {
-            client: build_client(timeouts.connect)?,
+            client: build_client(timeouts.connect),
             timeouts,
             openai: Arc::new(OpenAiWire),
         })
@@ -161,15 +187,15 @@ impl UpstreamPool {
 
     /// An OpenAI-compatible upstream at `base_url` (e.g. `http://agent:9000/v1`).
     pub fn upstream(&self, label: &str, base_url: &str, key: Option<Secret>) -> Upstream {
-        Upstream {
-            label: label.to_owned(),
-            base_url: base_url.trim_end_matches('/').to_owned(),
-            headers: self.openai.headers(key.as_ref()),
-            client: self.client.clone(),
-            timeouts: self.timeouts,
-            wire: Arc::clone(&self.openai),
-            parsed: None,
-        }
+        let wire = Arc::clone(&self.openai);
+        Upstream::new(
+            label.to_owned(),
+            base_url,
+            wire.headers(key.as_ref()),
+            self.client.clone(),
+            self.timeouts,
+            wire,
+        )
     }
 
     /// A configured cloud provider; its key is read from the named environment variable.
@@ -199,75 +225,100 @@ impl UpstreamPool {
         let client = if timeouts.connect == self.timeouts.connect {
             self.client.clone()
         } else {
-            build_client(timeouts.connect)?
+            build_client(timeouts.connect)
         };
-        let base_url = cfg.base_url.trim_end_matches('/').to_owned();
-        let parsed: Vec<(Endpoint, reqwest::Url)> = ENDPOINTS
-            .iter()
-            .filter_map(|ep| {
-                let path = wire.path(*ep)?;
-                reqwest::Url::parse(&format!("{base_url}{path}"))
-                    .ok()
-                    .map(|u| (*ep, u))
-            })
-            .collect();
-        Ok(Upstream {
+        let headers = wire.headers(key.as_ref());
+        Ok(Upstream::new(
             label,
-            base_url,
-            headers: wire.headers(key.as_ref()),
+            &cfg.base_url,
+            headers,
             client,
             timeouts,
             wire,
-            parsed: Some(parsed.into()),
-        })
-    }
-
-    pub fn client(&self) -> &reqwest::Client {
-        &self.client
+        ))
     }
 }
 
 const ENDPOINTS: [Endpoint; 3] = [Endpoint::Chat, Endpoint::Completions, Endpoint::Embeddings];
 
+/// One upstream; cloning it is one reference count.
 #[derive(Clone)]
-pub struct Upstream {
+pub struct Upstream(Arc<UpstreamInner>);
+
+struct UpstreamInner {
     label: String,
     base_url: String,
-    /// Authentication and versioning headers, made once (values marked sensitive).
-    headers: reqwest::header::HeaderMap,
-    client: reqwest::Client,
+    /// Authentication and versioning headers, made once (values marked sensitive), with
+    /// the JSON content type.
+    headers: HeaderMap,
+    client: Client<Connector, Full<Bytes>>,
     timeouts: Timeouts,
     wire: Arc<dyn Wire>,
-    /// The endpoint URLs, parsed once (providers only).
-    parsed: Option<Arc<[(Endpoint, reqwest::Url)]>>,
+    /// The endpoint URIs, parsed once; an endpoint the API lacks, or whose URL does not
+    /// parse, is absent.
+    uris: Vec<(Endpoint, Uri)>,
 }
 
 impl fmt::Debug for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Upstream")
-            .field("label", &self.label)
-            .field("base_url", &self.base_url)
-            .field("wire", &self.wire.name())
+            .field("label", &self.0.label)
+            .field("base_url", &self.0.base_url)
+            .field("wire", &self.0.wire.name())
             .finish()
     }
 }
 
 impl Upstream {
+    fn new(
+        label: String,
+        base_url: &str,
+        mut headers: HeaderMap,
+        client: Client<Connector, Full<Bytes>>,
+        timeouts: Timeouts,
+        wire: Arc<dyn Wire>,
+    ) -> Self {
+        let base_url = base_url.trim_end_matches('/').to_owned();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let uris = ENDPOINTS
+            .iter()
+            .filter_map(|ep| {
+                let path = wire.path(*ep)?;
+                format!("{base_url}{path}")
+                    .parse::<Uri>()
+                    .ok()
+                    .map(|u| (*ep, u))
+            })
+            .collect();
+        Upstream(Arc::new(UpstreamInner {
+            label,
+            base_url,
+            headers,
+            client,
+            timeouts,
+            wire,
+            uris,
+        }))
+    }
+
     pub fn label(&self) -> &str {
-        &self.label
+        &self.0.label
     }
 
     pub fn wire(&self) -> &dyn Wire {
-        self.wire.as_ref()
+        self.0.wire.as_ref()
     }
 
     pub fn timeouts(&self) -> Timeouts {
-        self.timeouts
+        self.0.timeouts
     }
 
     /// Whether the provider has this endpoint at all (Anthropic has no embeddings).
     pub fn supports(&self, ep: Endpoint) -> bool {
-        self.wire.path(ep).is_some()
+        self.0.wire.path(ep).is_some()
     }
 
     /// POSTs an encoded body to the endpoint and returns the response once its headers
@@ -282,39 +333,34 @@ impl Upstream {
         ep: Endpoint,
         body: Bytes,
         stream: bool,
-    ) -> Result<reqwest::Response, ProviderError> {
+    ) -> Result<UpstreamResponse, ProviderError> {
+        let up = &*self.0;
         let header_limit = if stream {
-            self.timeouts.first_byte
+            up.timeouts.first_byte
         } else {
-            self.timeouts.total
+            up.timeouts.total
         };
-        let known = self
-            .parsed
-            .as_ref()
-            .and_then(|p| p.iter().find(|(k, _)| *k == ep))
-            .map(|(_, u)| u.clone());
-        let req = match known {
-            Some(url) => self.client.post(url),
-            None => {
-                let Some(path) = self.wire.path(ep) else {
-                    return Err(ProviderError::Status {
-                        target: self.label.clone(),
-                        status: 404,
-                        message: format!("{} has no {} endpoint", self.label, ep.as_str()),
-                        body: None,
-                        retry_after: None,
-                    });
-                };
-                self.client.post(format!("{}{}", self.base_url, path))
-            }
-        }
-        .headers(self.headers.clone())
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(body);
-        let resp = match tokio::time::timeout(header_limit, req.send()).await {
+        let Some((_, uri)) = up.uris.iter().find(|(k, _)| *k == ep) else {
+            let message = match up.wire.path(ep) {
+                None => format!("{} has no {} endpoint", up.label, ep.as_str()),
+                Some(path) => format!("`{}{path}` is not a valid URL", up.base_url),
+            };
+            return Err(ProviderError::Status {
+                target: up.label.clone(),
+                status: 404,
+                message,
+                body: None,
+                retry_after: None,
+            });
+        };
+        let mut req = http::Request::new(Full::new(body));
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = uri.clone();
+        *req.headers_mut() = up.headers.clone();
+        let resp = match tokio::time::timeout(header_limit, up.client.request(req)).await {
             Err(_) => {
                 return Err(ProviderError::Timeout {
-                    target: self.label.clone(),
+                    target: up.label.clone(),
                     after: header_limit,
                 });
             }
@@ -327,18 +373,19 @@ impl Upstream {
         }
         let retry_after = resp
             .headers()
-            .get(reqwest::header::RETRY_AFTER)
+            .get(http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|s| s.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
         // An error body is small; bound the wait for it like the headers.
-        let text = tokio::time::timeout(self.timeouts.first_byte, resp.text())
+        let text = tokio::time::timeout(up.timeouts.first_byte, resp.into_body().collect())
             .await
             .ok()
-            .and_then(Result::ok);
+            .and_then(Result::ok)
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned());
         let body: Option<Box<ErrorBody>> = text
             .as_deref()
-            .and_then(|t| self.wire.error_body(t))
+            .and_then(|t| up.wire.error_body(t))
             .map(Box::new);
         let message = match (&body, &text) {
             (Some(b), _) => b.error.message.clone(),
@@ -346,7 +393,7 @@ impl Upstream {
             (None, None) => String::new(),
         };
         Err(ProviderError::Status {
-            target: self.label.clone(),
+            target: up.label.clone(),
             status: status.as_u16(),
             message,
             body,
@@ -361,15 +408,16 @@ impl Upstream {
         ep: Endpoint,
         body: &serde_json::Value,
         opts: &crate::wire::EncodeOptions,
-    ) -> Result<reqwest::Response, ProviderError> {
-        let encoded = self
-            .wire
-            .encode(ep, body, opts)
-            .map_err(|e| ProviderError::Unsupported {
-                target: self.label.clone(),
-                param: e.param,
-                message: e.message,
-            })?;
+    ) -> Result<UpstreamResponse, ProviderError> {
+        let encoded =
+            self.0
+                .wire
+                .encode(ep, body, opts)
+                .map_err(|e| ProviderError::Unsupported {
+                    target: self.0.label.clone(),
+                    param: e.param,
+                    message: e.message,
+                })?;
         self.send(ep, encoded, opts.stream).await
     }
 
@@ -379,42 +427,47 @@ impl Upstream {
     pub async fn read_answer(
         &self,
         ep: Endpoint,
-        resp: reqwest::Response,
+        resp: UpstreamResponse,
     ) -> Result<(Bytes, Option<crate::TokenUsage>), ProviderError> {
-        match tokio::time::timeout(self.timeouts.total, resp.bytes()).await {
+        let up = &*self.0;
+        match tokio::time::timeout(up.timeouts.total, resp.into_body().collect()).await {
             Err(_) => Err(ProviderError::Timeout {
-                target: self.label.clone(),
-                after: self.timeouts.total,
+                target: up.label.clone(),
+                after: up.timeouts.total,
             }),
             Ok(Err(e)) => Err(ProviderError::Body {
-                target: self.label.clone(),
-                reason: e.to_string(),
+                target: up.label.clone(),
+                reason: error_chain(&e),
             }),
-            Ok(Ok(bytes)) => {
-                self.wire
-                    .decode_answer(ep, bytes)
-                    .map_err(|reason| ProviderError::Body {
-                        target: self.label.clone(),
-                        reason,
-                    })
-            }
+            Ok(Ok(body)) => up
+                .wire
+                .decode_answer(ep, body.to_bytes())
+                .map_err(|reason| ProviderError::Body {
+                    target: up.label.clone(),
+                    reason,
+                }),
         }
     }
 
-    fn transport_error(&self, e: &reqwest::Error) -> ProviderError {
-        // reqwest's Display includes the URL, never headers, so the key cannot appear.
-        let mut reason = e.to_string();
-        let mut src = std::error::Error::source(e);
-        while let Some(s) = src {
-            reason.push_str(": ");
-            reason.push_str(&s.to_string());
-            src = s.source();
-        }
+    fn transport_error(&self, e: &hyper_util::client::legacy::Error) -> ProviderError {
+        // Neither hyper's errors nor their sources carry headers, so the key cannot appear.
         ProviderError::Connect {
-            target: self.label.clone(),
-            reason,
+            target: self.0.label.clone(),
+            reason: error_chain(e),
         }
     }
+}
+
+/// An error and its sources, `: `-separated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut reason = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        reason.push_str(": ");
+        reason.push_str(&s.to_string());
+        src = s.source();
+    }
+    reason
 }
 
 #[cfg(test)]

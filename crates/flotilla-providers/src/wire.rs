@@ -9,7 +9,7 @@ use std::fmt;
 use bytes::Bytes;
 use flotilla_api::error::ErrorBody;
 use flotilla_api::sse::SseEvent;
-use reqwest::header::{HeaderMap, HeaderValue};
+use http::header::{HeaderMap, HeaderValue};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -152,7 +152,7 @@ impl Wire for OpenAiWire {
             && let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
         {
             v.set_sensitive(true);
-            h.insert(reqwest::header::AUTHORIZATION, v);
+            h.insert(http::header::AUTHORIZATION, v);
         }
         h
     }

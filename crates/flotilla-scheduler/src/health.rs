@@ -24,6 +24,10 @@ pub struct HealthConfig {
     pub open_for: Duration,
     /// Without a `Retry-After`, a 429 keeps the target aside this long.
     pub default_retry_after: Duration,
+    /// Active probes: a target nobody sent a request for this long gets a small one from
+    /// the scheduler, and a half-open breaker is probed by the scheduler rather than by a
+    /// client's request. None = no active probes.
+    pub probe_idle: Option<Duration>,
 }
 
 impl Default for HealthConfig {
@@ -35,6 +39,7 @@ impl Default for HealthConfig {
             error_rate: 0.5,
             open_for: Duration::from_secs(10),
             default_retry_after: Duration::from_secs(1),
+            probe_idle: None,
         }
     }
 }
@@ -180,6 +185,8 @@ pub struct TargetHealth {
     opened_at: Option<Instant>,
     probe_out: bool,
     rate_limited_until: Option<Instant>,
+    /// When the last request (or probe) to it started.
+    last_start: Option<Instant>,
     pub in_flight: u32,
     /// 0 = no limit.
     pub max_concurrency: u32,
@@ -207,6 +214,7 @@ impl TargetHealth {
             opened_at: None,
             probe_out: false,
             rate_limited_until: None,
+            last_start: None,
             in_flight: 0,
             max_concurrency,
             successes: 0,
@@ -308,6 +316,7 @@ impl TargetHealth {
     /// breaker is half-open.
     pub fn start(&mut self, cfg: &HealthConfig, now: Instant) {
         self.in_flight = self.in_flight.saturating_add(1);
+        self.last_start = Some(now);
         if self.breaker(cfg, now) == BreakerState::HalfOpen {
             self.state = BreakerState::HalfOpen;
             self.probe_out = true;
@@ -382,6 +391,26 @@ impl TargetHealth {
             }
         }
         None
+    }
+
+    /// Whether the scheduler should send this target a probe of its own now: its breaker
+    /// is half-open with no probe out (so no client request has to be the probe), or it
+    /// has been idle for `cfg.probe_idle` (never used counts as idle) and is otherwise fit
+    /// to take a request. Never while probes are off, rate-limited or busy.
+    pub fn wants_probe(&self, cfg: &HealthConfig, now: Instant) -> bool {
+        let Some(idle) = cfg.probe_idle else {
+            return false;
+        };
+        match self.admit(cfg, now) {
+            Admit::Probe => true,
+            Admit::Yes => {
+                self.in_flight == 0
+                    && self
+                        .last_start
+                        .is_none_or(|t| now.saturating_duration_since(t) >= idle)
+            }
+            _ => false,
+        }
     }
 
     /// Errors / judged requests in the window.
@@ -618,5 +647,42 @@ mod tests {
         h.start(&cfg, t0);
         h.finish(&cfg, Outcome::Rejected, t0);
         assert_eq!(h.error_rate(), Some(0.0), "rejections are not judged");
+    }
+
+    #[test]
+    fn probes_go_to_idle_and_half_open_targets_only_when_enabled() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let off = HealthConfig::default();
+        let cfg = HealthConfig {
+            probe_idle: Some(ms(100)),
+            min_requests: 1,
+            open_for: ms(50),
+            ..HealthConfig::default()
+        };
+        let mut h = TargetHealth::default();
+        assert!(!h.wants_probe(&off, t0), "probes are off by default");
+        assert!(h.wants_probe(&cfg, t0), "never used counts as idle");
+        h.start(&cfg, t0);
+        assert!(!h.wants_probe(&cfg, t0 + ms(10)), "busy");
+        let ok = Outcome::Success {
+            ttft: ms(1),
+            latency: ms(1),
+            tokens: None,
+        };
+        assert_eq!(h.finish(&cfg, ok, t0 + ms(10)), None);
+        assert!(!h.wants_probe(&cfg, t0 + ms(50)), "used 50 ms ago");
+        assert!(h.wants_probe(&cfg, t0 + ms(100)), "idle for 100 ms");
+        // A failure opens the breaker: no probe while open, one once half-open.
+        h.start(&cfg, t0 + ms(100));
+        assert_eq!(
+            h.finish(&cfg, Outcome::Failure, t0 + ms(100)),
+            Some(BreakerState::Open)
+        );
+        assert!(!h.wants_probe(&cfg, t0 + ms(120)), "open");
+        assert!(h.wants_probe(&cfg, t0 + ms(150)), "half-open");
+        h.start(&cfg, t0 + ms(150));
+        assert!(!h.wants_probe(&cfg, t0 + ms(160)), "its probe is out");
+        assert_eq!(h.finish(&cfg, ok, t0 + ms(170)), Some(BreakerState::Closed));
     }
 }

@@ -27,11 +27,18 @@ impl Backend {
 
 /// (version, name, SQL). Append only: an applied migration's text must never change, its
 /// checksum is checked at every start.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "ledger_and_keys",
-    include_str!("../migrations/0001_ledger_and_keys.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "ledger_and_keys",
+        include_str!("../migrations/0001_ledger_and_keys.sql"),
+    ),
+    (
+        2,
+        "fewer_request_indexes",
+        include_str!("../migrations/0002_fewer_request_indexes.sql"),
+    ),
+];
 
 /// Serialises concurrent migrators on one PostgreSQL database (any schema); released at commit.
 const PG_MIGRATION_LOCK: i64 = 0x666c_6f74_696c_6c61;
@@ -40,8 +47,14 @@ const PG_MIGRATION_LOCK: i64 = 0x666c_6f74_696c_6c61;
 #[derive(Debug)]
 enum Target {
     SqliteMemory,
-    SqliteFile { url: String },
-    Postgres { url: String, secrets: Vec<String> },
+    SqliteFile {
+        url: String,
+        file: Option<std::path::PathBuf>,
+    },
+    Postgres {
+        url: String,
+        secrets: Vec<String>,
+    },
 }
 
 impl Target {
@@ -73,8 +86,13 @@ impl Target {
                 Some(q) if !q.is_empty() => format!("{q}&mode=rwc"),
                 _ => "mode=rwc".to_string(),
             };
+            // The ledger writer opens the same file itself: the name as sqlx reads it
+            // (percent-decoded), unless the "file" is in memory.
+            let file = (!params.split('&').any(|kv| kv == "mode=memory"))
+                .then(|| percent_decode(path).into());
             return Ok(Target::SqliteFile {
                 url: format!("sqlite://{path}?{params}"),
+                file,
             });
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -149,8 +167,10 @@ pub(crate) fn scrub(message: String, secrets: &[String]) -> String {
         .fold(message, |m, secret| m.replace(secret.as_str(), "***"))
 }
 
-/// Opens the pool and runs the migrations.
-pub(crate) async fn open(url: &str) -> Result<(AnyPool, Backend), StateError> {
+/// Opens the pool and runs the migrations; for a SQLite file, also returns its path.
+pub(crate) async fn open(
+    url: &str,
+) -> Result<(AnyPool, Backend, Option<std::path::PathBuf>), StateError> {
     sqlx::any::install_default_drivers();
     let target = Target::parse(url)?;
     let (pool, backend, secrets) = match &target {
@@ -166,7 +186,7 @@ pub(crate) async fn open(url: &str) -> Result<(AnyPool, Backend), StateError> {
                 .await?;
             (pool, Backend::Sqlite, Vec::new())
         }
-        Target::SqliteFile { url } => {
+        Target::SqliteFile { url, .. } => {
             let pool = AnyPoolOptions::new()
                 .max_connections(4)
                 .acquire_timeout(Duration::from_secs(10))
@@ -209,7 +229,11 @@ pub(crate) async fn open(url: &str) -> Result<(AnyPool, Backend), StateError> {
         StateError::Migrate(m) => StateError::Migrate(scrub(m, &secrets)),
         other => other,
     })?;
-    Ok((pool, backend))
+    let file = match target {
+        Target::SqliteFile { file, .. } => file,
+        _ => None,
+    };
+    Ok((pool, backend, file))
 }
 
 async fn migrate(pool: &AnyPool, backend: Backend) -> Result<(), StateError> {
@@ -332,7 +356,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a/b/ledger.db");
         match Target::parse(&format!("sqlite://{}", path.display())) {
-            Ok(Target::SqliteFile { url }) => assert!(url.ends_with("?mode=rwc"), "{url}"),
+            Ok(Target::SqliteFile { url, .. }) => assert!(url.ends_with("?mode=rwc"), "{url}"),
             other => panic!("{other:?}"),
         }
         assert!(path.parent().unwrap().is_dir(), "parent directory created");

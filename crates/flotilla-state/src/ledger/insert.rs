@@ -25,7 +25,46 @@ const ATTEMPT_ARITY: usize = 8;
 /// 64 rows 79k, 16 rows 62k).
 const MAX_PARAMS: usize = 256 * REQUEST_ARITY;
 
-pub(crate) async fn insert(ledger: &Ledger, rows: &[RequestRecord]) -> Result<(), sqlx::Error> {
+/// Why a batch was not written.
+#[derive(Debug)]
+pub(crate) struct InsertError {
+    pub message: String,
+    /// The database refused these rows (a constraint, a bad value), as opposed to being
+    /// unreachable or busy: worth writing row by row so one bad row does not take the rest.
+    pub refused: bool,
+}
+
+impl std::fmt::Display for InsertError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<sqlx::Error> for InsertError {
+    fn from(e: sqlx::Error) -> Self {
+        InsertError {
+            refused: matches!(e, sqlx::Error::Database(_)),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<InsertError> for crate::error::StateError {
+    fn from(e: InsertError) -> Self {
+        crate::error::StateError::Db(e.message)
+    }
+}
+
+/// Writes `rows` in one transaction: on a SQLite file straight through its own connection
+/// (synchronously: the caller is the writer's thread), otherwise through the sqlx pool.
+pub(crate) async fn insert(ledger: &Ledger, rows: &[RequestRecord]) -> Result<(), InsertError> {
+    match &ledger.sqlite {
+        Some(sink) => sink.insert(rows),
+        None => insert_sqlx(ledger, rows).await.map_err(InsertError::from),
+    }
+}
+
+async fn insert_sqlx(ledger: &Ledger, rows: &[RequestRecord]) -> Result<(), sqlx::Error> {
     let (pool, backend) = (&ledger.pool, ledger.backend);
     if rows.is_empty() {
         return Ok(());

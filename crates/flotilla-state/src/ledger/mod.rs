@@ -7,8 +7,10 @@ mod query;
 mod record;
 mod savings;
 pub(crate) mod sql;
+mod sqlite;
 mod writer;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::AnyPool;
@@ -27,6 +29,8 @@ pub use writer::LedgerWriter;
 pub struct Ledger {
     pub(crate) pool: AnyPool,
     pub(crate) backend: Backend,
+    /// On a SQLite file, rows are written through this connection instead of the pool.
+    pub(crate) sqlite: Option<Arc<sqlite::SqliteSink>>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -42,9 +46,17 @@ impl Ledger {
     /// `sqlite::memory:` (one connection, gone with the process) or `postgres://...` /
     /// `postgresql://...`, and brings the schema up to date.
     pub async fn connect(url: &str) -> Result<Ledger, StateError> {
-        let (pool, backend) = db::open(url).await?;
+        let (pool, backend, file) = db::open(url).await?;
+        let sqlite = match file {
+            Some(path) => Some(Arc::new(sqlite::SqliteSink::open(&path)?)),
+            None => None,
+        };
         tracing::info!(backend = backend.as_str(), "ledger database ready");
-        Ok(Ledger { pool, backend })
+        Ok(Ledger {
+            pool,
+            backend,
+            sqlite,
+        })
     }
 
     /// "sqlite" | "postgres".
@@ -52,9 +64,10 @@ impl Ledger {
         self.backend.as_str()
     }
 
-    /// Starts the batching writer on the current tokio runtime: rows are written in one
-    /// transaction per batch, every `flush` or as soon as `batch` rows wait, whichever comes
-    /// first. A crash loses at most the rows of the last `flush` interval.
+    /// Starts the batching writer: rows are written in one transaction per batch, every
+    /// `flush` or as soon as `batch` rows wait, whichever comes first. A crash loses at most
+    /// the rows of the last `flush` interval. On a SQLite file the writer has a thread of
+    /// its own; otherwise it is a task on the current tokio runtime.
     ///
     /// Panics when called outside a tokio runtime.
     pub fn writer(&self, flush: Duration, batch: usize) -> LedgerWriter {
@@ -65,7 +78,17 @@ impl Ledger {
     /// is skipped (its spend is not counted again), and each new row's known cost is added
     /// to its key's `spent_usd`.
     pub async fn insert(&self, rows: &[RequestRecord]) -> Result<(), StateError> {
-        insert::insert(self, rows).await.map_err(StateError::from)
+        match &self.sqlite {
+            // Synchronous SQLite work stays off the async workers.
+            Some(sink) => {
+                let (sink, rows) = (Arc::clone(sink), rows.to_vec());
+                tokio::task::spawn_blocking(move || sink.insert(&rows))
+                    .await
+                    .map_err(|e| StateError::Db(format!("ledger insert stopped: {e}")))?
+                    .map_err(StateError::from)
+            }
+            None => insert::insert(self, rows).await.map_err(StateError::from),
+        }
     }
 
     /// One page of the ledger, newest first (keyset pagination on ts_ms, request_id).
