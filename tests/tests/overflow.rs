@@ -281,15 +281,23 @@ async fn a_429_with_retry_after_sends_traffic_elsewhere_until_it_passes() {
     sched.stop().await;
 }
 
-#[tokio::test]
-async fn the_breaker_opens_after_failures_half_opens_and_closes_on_recovery() {
+/// The breaker metric of `cloud:flaky` in [`flaky_then_good`].
+const FLAKY_BREAKER: &str = r#"flotilla_scheduler_breaker_state{target="cloud:flaky/flaky-model"}"#;
+
+/// A failover pair: `flaky` (500s until told otherwise) first, `good` second, with a breaker
+/// that judges on 3 requests at 50% and stays open `open_ms`; `probe_idle_ms` as given.
+async fn flaky_then_good(
+    open_ms: u64,
+    probe_idle_ms: u64,
+) -> (MockUpstream, MockUpstream, Running) {
     let flaky = MockUpstream::start(Behavior::status(500)).await.unwrap();
     let good = MockUpstream::start(Behavior::reply("good")).await.unwrap();
     let sched = start_scheduler(SchedulerSection {
         health: HealthSection {
             min_requests: 3,
             error_rate: 0.5,
-            open_ms: 400,
+            open_ms,
+            probe_idle_ms,
             ..HealthSection::default()
         },
         ..section(&[("flaky", &flaky), ("good", &good)], |m| {
@@ -297,7 +305,13 @@ async fn the_breaker_opens_after_failures_half_opens_and_closes_on_recovery() {
         })
     })
     .await;
-    let state = r#"flotilla_scheduler_breaker_state{target="cloud:flaky/flaky-model"}"#;
+    (flaky, good, sched)
+}
+
+#[tokio::test]
+async fn the_breaker_opens_after_failures_half_opens_and_closes_on_recovery() {
+    let (flaky, _good, sched) = flaky_then_good(400, 0).await;
+    let state = FLAKY_BREAKER;
     for _ in 0..3 {
         let resp = chat_with(&sched.url, &[], false).await;
         assert_eq!(target(&resp), "cloud:good");
@@ -340,22 +354,8 @@ async fn metric_becomes(url: &str, line: &str, want: f64) -> bool {
 
 #[tokio::test]
 async fn idle_targets_are_probed_and_a_probe_not_a_client_closes_a_half_open_breaker() {
-    let flaky = MockUpstream::start(Behavior::status(500)).await.unwrap();
-    let good = MockUpstream::start(Behavior::reply("good")).await.unwrap();
-    let sched = start_scheduler(SchedulerSection {
-        health: HealthSection {
-            min_requests: 3,
-            error_rate: 0.5,
-            open_ms: 300,
-            probe_idle_ms: 100,
-            ..HealthSection::default()
-        },
-        ..section(&[("flaky", &flaky), ("good", &good)], |m| {
-            m.strategy = Some(Strategy::Failover)
-        })
-    })
-    .await;
-    let state = r#"flotilla_scheduler_breaker_state{target="cloud:flaky/flaky-model"}"#;
+    let (flaky, good, sched) = flaky_then_good(300, 100).await;
+    let state = FLAKY_BREAKER;
     // No client request yet: the scheduler's own probes find the failing target and open
     // its breaker, and measure the good one.
     assert!(

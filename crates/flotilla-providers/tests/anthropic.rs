@@ -83,7 +83,7 @@ async fn stream(up: &Upstream, body: &Value, client_usage: bool) -> Streamed {
     let mut sse = SseDecoder::new();
     let mut out = Vec::new();
     let mut end = Err("the stream ended without message_stop".to_owned());
-    let mut bytes = resp.bytes_stream();
+    let mut bytes = http_body_util::BodyExt::into_data_stream(resp.into_body());
     'read: while let Some(chunk) = bytes.next().await {
         for ev in sse.feed(&chunk.unwrap()) {
             match decoder.event(&ev, &mut out) {
