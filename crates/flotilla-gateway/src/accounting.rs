@@ -10,7 +10,6 @@ use flotilla_api::ApiError;
 use flotilla_providers::{Endpoint, Price, TokenUsage};
 use flotilla_scheduler::{Decision, RequestInfo, Target};
 use flotilla_state::{ApiKey, AttemptRecord, RequestRecord, Reservation};
-use serde::Deserialize;
 use serde_json::Value;
 
 use crate::AppState;
@@ -329,70 +328,15 @@ pub(crate) struct AnswerText {
     text: String,
 }
 
-#[derive(Deserialize)]
-struct AnswerView<'a> {
-    #[serde(default, borrow)]
-    choices: Vec<ChoiceView<'a>>,
-}
-
-#[derive(Deserialize)]
-struct ChoiceView<'a> {
-    #[serde(default, borrow)]
-    message: Option<MessageView<'a>>,
-    #[serde(default, borrow)]
-    delta: Option<MessageView<'a>>,
-    #[serde(default, borrow)]
-    text: Option<std::borrow::Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct MessageView<'a> {
-    #[serde(default, borrow)]
-    content: Option<std::borrow::Cow<'a, str>>,
-    #[serde(default, borrow)]
-    tool_calls: Option<Vec<ToolCallView<'a>>>,
-}
-
-#[derive(Deserialize)]
-struct ToolCallView<'a> {
-    #[serde(default, borrow)]
-    function: Option<FunctionView<'a>>,
-}
-
-#[derive(Deserialize)]
-struct FunctionView<'a> {
-    #[serde(default, borrow)]
-    name: Option<std::borrow::Cow<'a, str>>,
-    #[serde(default, borrow)]
-    arguments: Option<std::borrow::Cow<'a, str>>,
-}
-
 impl AnswerText {
     /// Adds one answer object or chunk (JSON text); anything unreadable adds nothing.
     pub(crate) fn add(&mut self, json: &[u8]) {
-        let Ok(v) = serde_json::from_slice::<AnswerView>(json) else {
-            return;
-        };
-        for c in v.choices {
-            if let Some(t) = c.text {
-                self.text.push_str(&t);
-            }
-            for m in [c.message, c.delta].into_iter().flatten() {
-                if let Some(t) = m.content {
-                    self.text.push_str(&t);
-                }
-                for call in m.tool_calls.into_iter().flatten() {
-                    if let Some(f) = call.function {
-                        if let Some(n) = f.name {
-                            self.text.push_str(&n);
-                        }
-                        if let Some(a) = f.arguments {
-                            self.text.push_str(&a);
-                        }
-                    }
-                }
-            }
-        }
+        flotilla_providers::append_answer_text(json, &mut self.text);
+    }
+
+    /// A whole answer's text, as the upstream's answer was decoded.
+    pub(crate) fn whole(text: String) -> Self {
+        AnswerText { text }
     }
 
     pub(crate) fn count(&self, state: &AppState, ep: Endpoint) -> u64 {

@@ -584,7 +584,8 @@ async fn carry(
                 }));
         }
         match attempt.upstream.read_answer(r.ep, resp).await {
-            Ok((bytes, usage)) => {
+            Ok(answer) => {
+                let (bytes, usage) = (answer.body, answer.usage);
                 let took = attempt.started.elapsed();
                 s.inner.health.finish(
                     &attempt.health_key,
@@ -603,9 +604,7 @@ async fn carry(
                 tracing::info!(request_id = r.request_id, model = r.model, upstream = %label, priority = info.priority.as_str(), strategy = decision.strategy.as_str(), reason = decision.code.as_str(), predicted_ttft_ms = predicted.as_millis() as u64, failed_attempts = failures.len(), stream = false, latency_ms = took.as_millis() as u64, "routed");
                 if let Some(mut t) = tally.take() {
                     t.attempt(&label, attempt.started, "ok", Some(200), None);
-                    let mut text = AnswerText::default();
-                    text.add(&bytes);
-                    let ours = text.count(s, r.ep);
+                    let ours = AnswerText::whole(answer.text).count(s, r.ep);
                     t.answered(&target, Some(took), usage, ours, attempt.pricing(group))
                         .await;
                 }

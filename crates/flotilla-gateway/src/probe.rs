@@ -103,13 +103,13 @@ pub(crate) async fn probe(s: &AppState, target: &Target, ep: Endpoint) -> Outcom
         Err(e) => Err(e),
     };
     let (outcome, n) = match &answer {
-        Ok((_, usage)) => {
+        Ok(answer) => {
             let took = started.elapsed();
             (
                 Outcome::Success {
                     ttft: took,
                     latency: took,
-                    tokens: usage.map(|u| u.completion),
+                    tokens: answer.usage.map(|u| u.completion),
                 },
                 0,
             )

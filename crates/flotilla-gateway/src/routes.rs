@@ -105,13 +105,16 @@ async fn handle<R: OpenAiRequest>(
     let res = async {
         let key = crate::auth::authenticate(s, headers).await?;
         let bytes = read_limited(body, cfg.max_body_bytes, cfg.body_timeout).await?;
-        let req: R = parse_json(&bytes)?;
+        // One parse of the text; the typed request is read from that tree (it checks the
+        // shape), and the tree itself is what goes upstream, as the client wrote it.
+        let value: serde_json::Value = parse_json(&bytes)?;
+        let req = R::deserialize(&value)
+            .map_err(|e| ApiError::invalid(format!("invalid request: {e}")))?;
         let tally = Tally::new(s, &id, ep, req.model(), req.is_stream(), key);
         if let Err(e) = req.validate() {
             tally.failed(&e).await;
             return Err(e);
         }
-        let value = serde_json::to_value(&req).map_err(|e| ApiError::invalid(e.to_string()))?;
         let client_usage = value
             .pointer("/stream_options/include_usage")
             .and_then(serde_json::Value::as_bool)

@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 
 use crate::Secret;
 use crate::usage::TokenUsage;
-use crate::wire::{EncodeError, EncodeOptions, Endpoint, EventKind, StreamDecoder, Wire};
+use crate::wire::{Answer, EncodeError, EncodeOptions, Endpoint, EventKind, StreamDecoder, Wire};
 
 /// Completion limit sent when the request sets none: Anthropic requires `max_tokens`.
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
@@ -78,29 +78,33 @@ impl Wire for AnthropicWire {
             .map_err(|e| EncodeError::new(None, e.to_string()))
     }
 
-    fn decode_answer(
-        &self,
-        _ep: Endpoint,
-        bytes: Bytes,
-    ) -> Result<(Bytes, Option<TokenUsage>), String> {
+    fn decode_answer(&self, _ep: Endpoint, bytes: Bytes) -> Result<Answer, String> {
         let msg: Message =
             serde_json::from_slice(&bytes).map_err(|e| format!("invalid JSON: {e}"))?;
         if msg.kind != "message" {
             return Err(format!("expected a message, got `{}`", msg.kind));
         }
         let mut text = String::new();
+        // Tool names and arguments, after the content, as the OpenAI answer reads.
+        let mut tool_text = String::new();
         let mut tool_calls = Vec::new();
         for block in &msg.content {
             match block {
                 Block::Text { text: t } => text.push_str(t),
-                Block::ToolUse { id, name, input } => tool_calls.push(json!({
-                    "id": id,
-                    "type": "function",
-                    "function": {"name": name, "arguments": input.to_string()},
-                })),
+                Block::ToolUse { id, name, input } => {
+                    let arguments = input.to_string();
+                    tool_text.push_str(name);
+                    tool_text.push_str(&arguments);
+                    tool_calls.push(json!({
+                        "id": id,
+                        "type": "function",
+                        "function": {"name": name, "arguments": arguments},
+                    }));
+                }
                 Block::Other => {}
             }
         }
+        let answer_text = format!("{text}{tool_text}");
         let mut message = json!({
             "role": "assistant",
             "content": if text.is_empty() { Value::Null } else { Value::String(text) },
@@ -123,7 +127,11 @@ impl Wire for AnthropicWire {
             "usage": openai_usage(&usage),
         });
         let bytes = serde_json::to_vec(&out).map_err(|e| e.to_string())?;
-        Ok((Bytes::from(bytes), Some(usage)))
+        Ok(Answer {
+            body: Bytes::from(bytes),
+            usage: Some(usage),
+            text: answer_text,
+        })
     }
 
     fn stream_decoder(&self, _ep: Endpoint, client_usage: bool) -> Box<dyn StreamDecoder> {
@@ -1078,9 +1086,14 @@ mod tests {
             "stop_reason": "tool_use", "stop_sequence": null,
             "usage": {"input_tokens": 10, "output_tokens": 20, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 5},
         });
-        let (bytes, usage) = wire()
+        let Answer {
+            body: bytes,
+            usage,
+            text,
+        } = wire()
             .decode_answer(Endpoint::Chat, Bytes::from(raw.to_string()))
             .unwrap();
+        assert_eq!(text, r#"Let me check.weather{"city":"Oslo"}"#);
         assert_eq!(
             usage,
             Some(TokenUsage {
@@ -1113,9 +1126,10 @@ mod tests {
         let plain = json!({"id": "msg_02", "type": "message", "role": "assistant", "model": "m",
                            "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}],
                            "stop_reason": "max_tokens", "usage": {"input_tokens": 1, "output_tokens": 2}});
-        let (bytes, _) = wire()
+        let bytes = wire()
             .decode_answer(Endpoint::Chat, Bytes::from(plain.to_string()))
-            .unwrap();
+            .unwrap()
+            .body;
         let v: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(v["choices"][0]["message"]["content"], Value::Null);
         assert_eq!(v["choices"][0]["finish_reason"], "length");

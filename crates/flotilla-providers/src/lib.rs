@@ -12,9 +12,14 @@ pub mod usage;
 pub mod wire;
 
 pub use error::ProviderError;
+/// Which upstreams go through which proxy ([`UpstreamPool::with_proxies`]).
+pub use hyper_util::client::proxy::matcher::Matcher as ProxyMatcher;
 pub use upstream::{
     ProviderConfig, ProviderKind, Secret, Timeouts, Upstream, UpstreamPool, UpstreamResponse,
     error_chain,
 };
 pub use usage::{Price, TokenCounter, TokenUsage};
-pub use wire::{EncodeError, EncodeOptions, Endpoint, EventKind, StreamDecoder, Wire};
+pub use wire::{
+    Answer, EncodeError, EncodeOptions, Endpoint, EventKind, StreamDecoder, Wire,
+    append_answer_text,
+};

@@ -13,8 +13,10 @@ use http::header::{HeaderMap, HeaderValue};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::proxy::Tunnel;
+use hyper_util::client::legacy::{Client, ResponseFuture};
+use hyper_util::client::proxy::matcher::{Intercept, Matcher};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::{Deserialize, Serialize};
 
@@ -140,44 +142,96 @@ pub type UpstreamResponse = http::Response<Incoming>;
 type Connector = HttpsConnector<HttpConnector>;
 
 /// The process-wide pooled HTTP client: keep-alive connections per host, HTTP/2 where a TLS
-/// server offers it, plain HTTP/1.1 to agents and local servers.
+/// server offers it, plain HTTP/1.1 to agents and local servers. An https provider is
+/// reached through the proxy `HTTPS_PROXY` / `ALL_PROXY` name (unless `NO_PROXY` exempts
+/// it), by an HTTP CONNECT tunnel.
 ///
 /// hyper's pooled client directly rather than reqwest: reqwest re-parses the URL into a
 /// URI, merges header maps and boxes the body and every future on each request. Through
 /// the scheduler that was a third of the per-request CPU on the forwarding path
-/// (BENCHMARKS.md, "Forwarding with hyper's client").
+/// (BENCHMARKS.md, "where the scheduler's CPU goes").
 #[derive(Clone)]
 pub struct UpstreamPool {
-    client: Client<Connector, Full<Bytes>>,
+    client: Transport,
     timeouts: Timeouts,
     openai: Arc<dyn Wire>,
+    proxies: Arc<Matcher>,
 }
 
-fn build_client(connect: Duration) -> Client<Connector, Full<Bytes>> {
+/// How an upstream's connections are made.
+#[derive(Clone)]
+enum Transport {
+    Direct(Client<Connector, Full<Bytes>>),
+    /// Through an HTTP proxy's CONNECT tunnel, TLS inside it.
+    Tunnel(Client<HttpsConnector<Tunnel<HttpConnector>>, Full<Bytes>>),
+}
+
+impl Transport {
+    fn request(&self, req: http::Request<Full<Bytes>>) -> ResponseFuture {
+        match self {
+            Transport::Direct(c) => c.request(req),
+            Transport::Tunnel(c) => c.request(req),
+        }
+    }
+}
+
+fn tcp(connect: Duration) -> HttpConnector {
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(connect));
     http.set_nodelay(true);
-    // The connector also takes https:// URLs.
+    // The TLS connector above it takes https:// URLs too.
     http.enforce_http(false);
+    http
+}
+
+fn pooled<C>(connector: C) -> Client<C, Full<Bytes>>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone,
+{
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector)
+}
+
+fn build_client(connect: Duration) -> Transport {
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(https)
+        .wrap_connector(tcp(connect));
+    Transport::Direct(pooled(https))
+}
+
+fn build_tunnel(connect: Duration, proxy: &Intercept) -> Transport {
+    let mut tunnel = Tunnel::new(proxy.uri().clone(), tcp(connect));
+    if let Some(auth) = proxy.basic_auth() {
+        tunnel = tunnel.with_auth(auth.clone());
+    }
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(tunnel);
+    Transport::Tunnel(pooled(https))
 }
 
 impl UpstreamPool {
+    /// Proxies from the environment (`HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`).
     pub fn new(timeouts: Timeouts) -> Result<Self, ProviderError> {
+        Self::with_proxies(timeouts, Matcher::from_env())
+    }
+
+    /// With proxies chosen by `proxies` rather than the environment.
+    pub fn with_proxies(timeouts: Timeouts, proxies: Matcher) -> Result<Self, ProviderError> {
         Ok(UpstreamPool {
             client: build_client(timeouts.connect),
             timeouts,
             openai: Arc::new(OpenAiWire),
+            proxies: Arc::new(proxies),
         })
     }
 
@@ -185,7 +239,8 @@ impl UpstreamPool {
         self.timeouts
     }
 
-    /// An OpenAI-compatible upstream at `base_url` (e.g. `http://agent:9000/v1`).
+    /// An OpenAI-compatible upstream at `base_url` (e.g. `http://agent:9000/v1`), reached
+    /// directly.
     pub fn upstream(&self, label: &str, base_url: &str, key: Option<Secret>) -> Upstream {
         let wire = Arc::clone(&self.openai);
         Upstream::new(
@@ -196,6 +251,28 @@ impl UpstreamPool {
             self.timeouts,
             wire,
         )
+    }
+
+    /// The CONNECT proxy for an https `base_url`, when one applies. Only http:// proxies can
+    /// tunnel; another kind is named in a warning and the provider is reached directly.
+    fn proxy_for(&self, label: &str, base_url: &str) -> Option<Intercept> {
+        let uri: Uri = base_url.parse().ok()?;
+        if uri.scheme_str() != Some("https") {
+            return None;
+        }
+        let proxy = self.proxies.intercept(&uri)?;
+        let at = format!(
+            "{}:{}",
+            proxy.uri().host().unwrap_or("?"),
+            proxy.uri().port_u16().unwrap_or(80)
+        );
+        if proxy.uri().scheme_str() != Some("http") {
+            tracing::warn!(provider = label, proxy = %at, "only http:// proxies can tunnel; connecting directly");
+            return None;
+        }
+        // The proxy's host and port only: never its credentials.
+        tracing::info!(provider = label, proxy = %at, "reaching the provider through a proxy");
+        Some(proxy)
     }
 
     /// A configured cloud provider; its key is read from the named environment variable.
@@ -222,10 +299,10 @@ impl UpstreamPool {
             )),
         };
         let timeouts = cfg.timeouts(self.timeouts);
-        let client = if timeouts.connect == self.timeouts.connect {
-            self.client.clone()
-        } else {
-            build_client(timeouts.connect)
+        let client = match self.proxy_for(&label, &cfg.base_url) {
+            Some(proxy) => build_tunnel(timeouts.connect, &proxy),
+            None if timeouts.connect == self.timeouts.connect => self.client.clone(),
+            None => build_client(timeouts.connect),
         };
         let headers = wire.headers(key.as_ref());
         Ok(Upstream::new(
@@ -251,7 +328,7 @@ struct UpstreamInner {
     /// Authentication and versioning headers, made once (values marked sensitive), with
     /// the JSON content type.
     headers: HeaderMap,
-    client: Client<Connector, Full<Bytes>>,
+    client: Transport,
     timeouts: Timeouts,
     wire: Arc<dyn Wire>,
     /// The endpoint URIs, parsed once; an endpoint the API lacks, or whose URL does not
@@ -274,7 +351,7 @@ impl Upstream {
         label: String,
         base_url: &str,
         mut headers: HeaderMap,
-        client: Client<Connector, Full<Bytes>>,
+        client: Transport,
         timeouts: Timeouts,
         wire: Arc<dyn Wire>,
     ) -> Self {
@@ -423,12 +500,12 @@ impl Upstream {
 
     /// Reads a whole non-streaming answer within the total timeout and decodes it into the
     /// OpenAI object the client gets (the bytes as they came, for OpenAI-compatible
-    /// providers) and the usage it reported.
+    /// providers), the usage it reported and its text.
     pub async fn read_answer(
         &self,
         ep: Endpoint,
         resp: UpstreamResponse,
-    ) -> Result<(Bytes, Option<crate::TokenUsage>), ProviderError> {
+    ) -> Result<crate::Answer, ProviderError> {
         let up = &*self.0;
         match tokio::time::timeout(up.timeouts.total, resp.into_body().collect()).await {
             Err(_) => Err(ProviderError::Timeout {

@@ -4,6 +4,7 @@
 //! Together, Fireworks, Groq, DeepInfra, OpenRouter, vLLM, Ollama, Flotilla agents) pass
 //! bodies through untouched; Anthropic's Messages API is translated both ways.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use bytes::Bytes;
@@ -113,12 +114,9 @@ pub trait Wire: Send + Sync + fmt::Debug {
         body: &Value,
         opts: &EncodeOptions,
     ) -> Result<Bytes, EncodeError>;
-    /// A whole non-streaming answer as the OpenAI object the client expects, and its usage.
-    fn decode_answer(
-        &self,
-        ep: Endpoint,
-        bytes: Bytes,
-    ) -> Result<(Bytes, Option<TokenUsage>), String>;
+    /// A whole non-streaming answer as the OpenAI object the client expects, with its usage
+    /// and its text, read in one pass.
+    fn decode_answer(&self, ep: Endpoint, bytes: Bytes) -> Result<Answer, String>;
     /// A decoder for one streamed answer; `client_usage` says whether the client asked for
     /// the usage chunk.
     fn stream_decoder(&self, ep: Endpoint, client_usage: bool) -> Box<dyn StreamDecoder>;
@@ -130,11 +128,86 @@ pub trait Wire: Send + Sync + fmt::Debug {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OpenAiWire;
 
-/// The part of a non-streaming answer or a chunk that is read; the rest passes untouched.
+/// A whole answer, as the client gets it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    /// The OpenAI object (the upstream's bytes as they came, for OpenAI-compatible APIs).
+    pub body: Bytes,
+    /// What the upstream reported.
+    pub usage: Option<TokenUsage>,
+    /// The answer's text, for our own token count: chat content and tool-call names and
+    /// arguments, completion text.
+    pub text: String,
+}
+
+/// The parts of an OpenAI answer or chunk that are read; the rest passes untouched.
 #[derive(Deserialize)]
-struct UsageOnly {
+struct AnswerView<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<TextChoice<'a>>,
     #[serde(default)]
     usage: Option<OpenAiUsage>,
+}
+
+#[derive(Deserialize)]
+struct TextChoice<'a> {
+    #[serde(default, borrow)]
+    message: Option<TextMessage<'a>>,
+    #[serde(default, borrow)]
+    delta: Option<TextMessage<'a>>,
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct TextMessage<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    tool_calls: Option<Vec<TextToolCall<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct TextToolCall<'a> {
+    #[serde(default, borrow)]
+    function: Option<TextFunction<'a>>,
+}
+
+#[derive(Deserialize)]
+struct TextFunction<'a> {
+    #[serde(default, borrow)]
+    name: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    arguments: Option<Cow<'a, str>>,
+}
+
+impl AnswerView<'_> {
+    fn append_text(&self, out: &mut String) {
+        for c in &self.choices {
+            if let Some(t) = &c.text {
+                out.push_str(t);
+            }
+            for m in [&c.message, &c.delta].into_iter().flatten() {
+                if let Some(t) = &m.content {
+                    out.push_str(t);
+                }
+                for call in m.tool_calls.iter().flatten() {
+                    if let Some(f) = &call.function {
+                        out.push_str(f.name.as_deref().unwrap_or(""));
+                        out.push_str(f.arguments.as_deref().unwrap_or(""));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Appends the text of one OpenAI answer or chunk (JSON) to `out`; anything unreadable
+/// adds nothing.
+pub fn append_answer_text(json: &[u8], out: &mut String) {
+    if let Ok(v) = serde_json::from_slice::<AnswerView>(json) {
+        v.append_text(out);
+    }
 }
 
 impl Wire for OpenAiWire {
@@ -186,14 +259,19 @@ impl Wire for OpenAiWire {
             .map_err(|e| EncodeError::new(None, e.to_string()))
     }
 
-    fn decode_answer(
-        &self,
-        _ep: Endpoint,
-        bytes: Bytes,
-    ) -> Result<(Bytes, Option<TokenUsage>), String> {
-        let parsed: UsageOnly =
-            serde_json::from_slice(&bytes).map_err(|e| format!("invalid JSON: {e}"))?;
-        Ok((bytes, parsed.usage.map(TokenUsage::from)))
+    fn decode_answer(&self, _ep: Endpoint, bytes: Bytes) -> Result<Answer, String> {
+        let (usage, text) = {
+            let view: AnswerView =
+                serde_json::from_slice(&bytes).map_err(|e| format!("invalid JSON: {e}"))?;
+            let mut text = String::new();
+            view.append_text(&mut text);
+            (view.usage.map(TokenUsage::from), text)
+        };
+        Ok(Answer {
+            body: bytes,
+            usage,
+            text,
+        })
     }
 
     fn stream_decoder(&self, _ep: Endpoint, _client_usage: bool) -> Box<dyn StreamDecoder> {
@@ -347,11 +425,11 @@ mod tests {
     #[test]
     fn answer_usage_is_read_and_bytes_kept() {
         let raw = Bytes::from_static(br#"{"id":"x","choices":[],"usage":{"prompt_tokens":2,"completion_tokens":5,"total_tokens":7}}"#);
-        let (bytes, usage) = OpenAiWire
+        let a = OpenAiWire
             .decode_answer(Endpoint::Chat, raw.clone())
             .unwrap();
-        assert_eq!(bytes, raw);
-        assert_eq!(usage.unwrap().completion, 5);
+        assert_eq!(a.body, raw);
+        assert_eq!(a.usage.unwrap().completion, 5);
         assert!(
             OpenAiWire
                 .decode_answer(Endpoint::Chat, Bytes::from_static(b"nope"))

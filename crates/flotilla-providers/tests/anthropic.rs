@@ -59,7 +59,9 @@ async fn ask(up: &Upstream, body: &Value) -> (ChatCompletion, Value, Option<Toke
         .post_json(Endpoint::Chat, body, &opts(false))
         .await
         .unwrap();
-    let (bytes, usage) = up.read_answer(Endpoint::Chat, resp).await.unwrap();
+    let flotilla_providers::Answer {
+        body: bytes, usage, ..
+    } = up.read_answer(Endpoint::Chat, resp).await.unwrap();
     let typed = serde_json::from_slice(&bytes).unwrap();
     (typed, serde_json::from_slice(&bytes).unwrap(), usage)
 }

@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
-use flotilla_providers::{EncodeOptions, Endpoint, ProviderError, Secret, Timeouts, UpstreamPool};
+use flotilla_providers::{
+    EncodeOptions, Endpoint, ProviderConfig, ProviderError, ProxyMatcher, Secret, Timeouts,
+    UpstreamPool,
+};
 use flotilla_testkit::{Behavior, MockUpstream};
 use serde_json::json;
 
@@ -40,7 +43,9 @@ async fn sends_the_key_as_bearer_and_reads_the_answer() {
         )
         .await
         .unwrap();
-    let (bytes, usage) = up.read_answer(Endpoint::Chat, resp).await.unwrap();
+    let flotilla_providers::Answer {
+        body: bytes, usage, ..
+    } = up.read_answer(Endpoint::Chat, resp).await.unwrap();
     let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], "hello");
     assert_eq!(usage.unwrap().completion, 1);
@@ -131,4 +136,93 @@ async fn no_headers_within_the_first_byte_timeout_is_a_retryable_timeout() {
             assert!(waited >= Duration::from_millis(400), "{waited:?}");
         }
     }
+}
+
+/// A proxy that records the first request head it gets and refuses the tunnel.
+async fn refusing_proxy() -> (String, tokio::task::JoinHandle<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://user:s3cret@{}", listener.local_addr().unwrap());
+    let seen = tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = conn.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        conn.write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&head).into_owned()
+    });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn an_https_provider_is_reached_through_the_proxy_by_a_connect_tunnel() {
+    let (proxy, seen) = refusing_proxy().await;
+    let pool = UpstreamPool::with_proxies(
+        Timeouts::default(),
+        ProxyMatcher::builder().https(proxy.clone()).build(),
+    )
+    .unwrap();
+    let up = pool
+        .provider(&ProviderConfig::new(
+            "remote",
+            "https://api.example.test/v1",
+        ))
+        .unwrap();
+    let err = up
+        .post_json(
+            Endpoint::Chat,
+            &json!({"model": "m", "messages": []}),
+            &opts(false),
+        )
+        .await
+        .unwrap_err();
+    // The proxy refused: a connection error, retryable, without the proxy's password.
+    assert!(matches!(err, ProviderError::Connect { .. }), "{err}");
+    assert!(err.is_retryable());
+    assert!(!err.to_string().contains("s3cret"), "{err}");
+    let head = seen.await.unwrap().to_ascii_lowercase();
+    assert!(
+        head.starts_with("connect api.example.test:443 http/1.1\r\n"),
+        "{head}"
+    );
+    // user:s3cret, base64.
+    assert!(
+        head.contains("proxy-authorization: basic dxnlcjpzm2nyzxq="),
+        "{head}"
+    );
+}
+
+#[tokio::test]
+async fn plain_http_upstreams_do_not_use_the_https_proxy() {
+    let mock = MockUpstream::start(Behavior::reply("direct"))
+        .await
+        .unwrap();
+    let pool = UpstreamPool::with_proxies(
+        Timeouts::default(),
+        ProxyMatcher::builder()
+            .all("http://127.0.0.1:9".to_string())
+            .build(),
+    )
+    .unwrap();
+    let up = pool
+        .provider(&ProviderConfig::new("local-vllm", &mock.base_url()))
+        .unwrap();
+    let resp = up
+        .post_json(
+            Endpoint::Chat,
+            &json!({"model": "m", "messages": []}),
+            &opts(false),
+        )
+        .await
+        .expect("reached directly");
+    let body = up.read_answer(Endpoint::Chat, resp).await.unwrap().body;
+    assert!(String::from_utf8_lossy(&body).contains("direct"));
 }
