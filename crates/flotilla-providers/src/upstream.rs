@@ -195,14 +195,18 @@ where
         .build(connector)
 }
 
-fn build_client(connect: Duration) -> Transport {
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+/// TLS (webpki roots, HTTP/1 and HTTP/2 by ALPN) over `inner`; http:// URLs pass through.
+fn tls<C>(inner: C) -> HttpsConnector<C> {
+    hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(tcp(connect));
-    Transport::Direct(pooled(https))
+        .wrap_connector(inner)
+}
+
+fn build_client(connect: Duration) -> Transport {
+    Transport::Direct(pooled(tls(tcp(connect))))
 }
 
 fn build_tunnel(connect: Duration, proxy: &Intercept) -> Transport {
@@ -210,13 +214,7 @@ fn build_tunnel(connect: Duration, proxy: &Intercept) -> Transport {
     if let Some(auth) = proxy.basic_auth() {
         tunnel = tunnel.with_auth(auth.clone());
     }
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(tunnel);
-    Transport::Tunnel(pooled(https))
+    Transport::Tunnel(pooled(tls(tunnel)))
 }
 
 impl UpstreamPool {
