@@ -168,6 +168,19 @@ async fn a_node_that_stops_heartbeating_is_unhealthy_and_traffic_goes_elsewhere(
     }
     assert_eq!(ghost.hits(), 1, "nothing more went to the silent node");
 
+    // Agents are packed fullest first: until a heartbeat says b-real's last sequence has
+    // finished, it would still win over the idle ghost. Waited for before the ghost beats,
+    // so the ghost's one beat is fresh when the prompt comes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let b = node(&sched.url, "b-real").await.unwrap();
+        let m = &b["models"][0];
+        if m["running"] == 0 && m["waiting"] == 0 && m["in_flight"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b-real never reported idle: {b}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // It comes back as soon as it heartbeats again.
     beat().await;
     assert_eq!(
