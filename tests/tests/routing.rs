@@ -1,6 +1,8 @@
 //! Overflow to the cloud and failover between targets, with the testkit's mock upstream
 //! standing in for cloud providers.
 
+use std::time::Duration;
+
 use flotilla_e2e::*;
 use flotilla_gateway::{ModelSection, SchedulerSection};
 use flotilla_providers::ProviderConfig;
@@ -388,4 +390,58 @@ async fn heartbeats_need_the_cluster_token_when_one_is_set() {
     assert_eq!(status["nodes"].as_array().unwrap().len(), 1);
     stop.cancel();
     let _ = task.await;
+}
+
+#[tokio::test]
+async fn a_graceful_shutdown_finishes_the_request_in_flight_then_stops_accepting() {
+    let slow = MockUpstream::start(Behavior::Reply {
+        text: "late but whole".into(),
+        latency: Duration::from_millis(400),
+    })
+    .await
+    .unwrap();
+    let sched = start_scheduler(section(
+        8,
+        vec![provider("slow", &slow.base_url())],
+        &[("slow", "m")],
+    ))
+    .await;
+    // The OpenAI routes are served on their own path; everything else is still the router's.
+    let c = client();
+    let wrong_method = c
+        .get(format!("{}/v1/chat/completions", sched.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_method.status(), 405);
+    let nowhere = c
+        .post(format!("{}/v1/chat/completions/extra", sched.url))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(nowhere.status(), 404);
+    let err: Value = nowhere.json().await.unwrap();
+    assert!(err["error"]["message"].is_string(), "{err}");
+
+    let url = sched.url.clone();
+    let in_flight = tokio::spawn(async move { chat(&url, false).await });
+    assert!(
+        eventually(|| slow.hits() == 1).await,
+        "the request never reached the upstream"
+    );
+    sched.shutdown.cancel();
+    let resp = in_flight.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "late but whole");
+    tokio::time::timeout(Duration::from_secs(10), sched.task)
+        .await
+        .expect("the scheduler stops once the request is answered")
+        .unwrap();
+    let addr = sched.url.trim_start_matches("http://");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no connections are accepted after the shutdown"
+    );
 }

@@ -481,10 +481,11 @@ async fn carry(
         // What happened since the decision (a 429, an opened breaker, a wait in the queue)
         // applies at once; a skipped target is not an attempt.
         let now = Instant::now();
-        let admit = s.inner.health.admit(&health_key(&target), now);
+        let hkey = health_key(&target);
+        let admit = s.inner.health.admit(&hkey, now);
         let skip = if !admit.allowed() {
             Some(admit.as_str().to_owned())
-        } else if admit == Admit::Probe && !claim_probe(s, &health_key(&target)).await {
+        } else if admit == Admit::Probe && !claim_probe(s, &hkey).await {
             Some("probe_in_flight (another replica probes it)".to_owned())
         } else if let Target::Cloud { provider, .. } = &target {
             if s.inner

@@ -145,7 +145,8 @@ pub(crate) fn request_info(
         needs.push(Capability::Tools);
     }
     if body
-        .pointer("/response_format/type")
+        .get("response_format")
+        .and_then(|f| f.get("type"))
         .and_then(Value::as_str)
         == Some("json_schema")
     {

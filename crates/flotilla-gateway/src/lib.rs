@@ -16,6 +16,7 @@ mod metrics;
 mod probe;
 mod queue;
 mod routes;
+mod serve;
 mod shared;
 mod state;
 mod stream;
@@ -34,8 +35,6 @@ use tokio_util::sync::CancellationToken;
 pub enum GatewayError {
     #[error("building the upstream client: {0}")]
     Client(#[from] flotilla_providers::ProviderError),
-    #[error("serving HTTP: {0}")]
-    Serve(#[from] std::io::Error),
     #[error("the ledger: {0}")]
     Ledger(#[from] flotilla_state::StateError),
     #[error("shared state: {0}")]
@@ -107,19 +106,12 @@ impl Scheduler {
                 .heartbeat
                 .min(std::time::Duration::from_millis(250)),
         ));
-        let app = routes::router(self.state);
-        // Stream chunks are small writes that must leave at once: no Nagle delay.
-        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await;
+        let app = routes::router(self.state.clone());
+        serve::serve(self.listener, self.state, app, shutdown).await;
         let flushed = state.inner.writer.close().await;
         if let Err(e) = &flushed {
             tracing::error!(error = %e, "writing the last ledger rows failed");
         }
-        served?;
         flushed?;
         Ok(())
     }

@@ -94,7 +94,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
 
 /// Read, parse and validate one OpenAI request, then hand it to the failover loop. Errors
 /// carry the request id like answers do.
-async fn handle<R: OpenAiRequest>(
+pub(crate) async fn handle<R: OpenAiRequest>(
     s: &AppState,
     ep: Endpoint,
     headers: &HeaderMap,
@@ -116,7 +116,8 @@ async fn handle<R: OpenAiRequest>(
             return Err(e);
         }
         let client_usage = value
-            .pointer("/stream_options/include_usage")
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
             .and_then(serde_json::Value::as_bool)
             .unwrap_or(false);
         let max_tokens = ["max_completion_tokens", "max_tokens"]

@@ -266,9 +266,11 @@ impl Relay {
         if self.stream_id.is_none() {
             self.stream_id = v.get("id").and_then(Value::as_str).map(str::to_owned);
         }
-        let choice = v.pointer("/choices/0");
+        // `get`, not `pointer`: a pointer allocates for each of its tokens, on every chunk.
+        let choice = v.get("choices").and_then(|c| c.get(0));
         let content = choice
-            .and_then(|c| c.pointer("/delta/content"))
+            .and_then(|c| c.get("delta"))
+            .and_then(|d| d.get("content"))
             .and_then(Value::as_str)
             .unwrap_or("");
         self.partial.push_str(content);

@@ -237,7 +237,8 @@ impl Wire for OpenAiWire {
         opts: &EncodeOptions,
     ) -> Result<Bytes, EncodeError> {
         let asks = body
-            .pointer("/stream_options/include_usage")
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
             .and_then(Value::as_bool)
             .unwrap_or(false);
         if opts.stream && opts.stream_usage && !asks && ep != Endpoint::Embeddings {
