@@ -263,6 +263,21 @@ FORWARDER_TABLE=$(
     done
 )
 
+# What each front adds to direct's latency, in the same rounds: the scheduler beside what a
+# forwarder doing nothing else adds (the floor any proxy on these cores pays for its hop).
+ADDED_TABLE=$(
+    echo "| concurrency | hyper forwarder added p50 / p99 (µs) | axum + reqwest forwarder added p50 / p99 (µs) | scheduler added p50 / p99 (µs) |"
+    echo "|---:|---:|---:|---:|"
+    for conc in $CONCURRENCY; do
+        d50=$(median "$conc" direct 5); d99=$(median "$conc" direct 6)
+        awk -v c="$conc" -v d50="$d50" -v d99="$d99" \
+            -v h50="$(median "$conc" hyper 5)" -v h99="$(median "$conc" hyper 6)" \
+            -v a50="$(median "$conc" axum 5)" -v a99="$(median "$conc" axum 6)" \
+            -v v50="$(median "$conc" via 5)" -v v99="$(median "$conc" via 6)" \
+            'BEGIN { printf "| %d | %+.0f / %+.0f | %+.0f / %+.0f | %+.0f / %+.0f |\n", c, h50 - d50, h99 - d99, a50 - d50, a99 - d99, v50 - d50, v99 - d99 }'
+    done
+)
+
 NONSTREAM_TABLE=$(
     echo "| concurrency | direct req/s | via req/s | direct p50 / p99 (µs) | via p50 / p99 (µs) | added p50 / p99 (µs) |"
     echo "|---:|---:|---:|---:|---:|---:|"
@@ -308,6 +323,10 @@ $NONSTREAM_TABLE
 - the same rounds, two bare forwarders in front of the same mock (no routing, health, metrics, ledger or logs); ratios are per round, then the median
 
 $FORWARDER_TABLE
+
+- latency each front adds over direct (medians over rounds)
+
+$ADDED_TABLE
 
 - streaming: stream_probe, sequential chat streams alternating direct/via; a chunk is one \`data:\` event
 
