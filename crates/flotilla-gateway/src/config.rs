@@ -94,7 +94,10 @@ pub struct LedgerSection {
     pub url: Option<String>,
     /// Rows are written at least this often; a crash loses at most this much.
     pub flush_ms: u64,
-    /// Or as soon as this many rows wait.
+    /// Or as soon as this many rows wait; also the most rows one transaction writes. Kept
+    /// small: the writer's thread shares the cores with the request path, and a 512-row
+    /// transaction (~5 ms of CPU) put +2.3 ms on the scheduler's p99 at concurrency 1,
+    /// where 32 rows cost no measurable CPU more a row under load (BENCHMARKS.md).
     pub batch: usize,
 }
 
@@ -103,7 +106,7 @@ impl Default for LedgerSection {
         LedgerSection {
             url: None,
             flush_ms: 200,
-            batch: 512,
+            batch: 32,
         }
     }
 }
