@@ -509,3 +509,149 @@ async fn requests_queued_for_an_agent_that_dies_complete_elsewhere() {
     assert_eq!(local.hits(), 1, "nothing else reached the dead agent");
     sched.stop().await;
 }
+
+/// Every series `/metrics` has for requests, after a spill, a queued batch request served
+/// locally, a client that left, an unknown model and an unreadable body.
+#[tokio::test]
+async fn metrics_count_requests_by_model_target_status_and_priority_and_spillover_by_reason() {
+    let cloud = MockUpstream::start(Behavior::reply("from the cloud"))
+        .await
+        .unwrap();
+    let sched = start_scheduler(section(&[("mockcloud", &cloud)], |m| {
+        m.max_queue_depth = Some(0);
+        // Priced far above the local GPU's time, so `cost` keeps work local while it fits.
+        m.cloud[0].input_usd_per_mtok = Some(10_000.0);
+        m.cloud[0].output_usd_per_mtok = Some(20_000.0);
+    }))
+    .await;
+    let url = sched.url.as_str();
+    let (_local, hanging) = one_busy_slot(url).await;
+
+    // Interactive work past the queue depth spills to the cloud...
+    let resp = chat_with(url, &[], false).await;
+    assert_eq!(target(&resp), "cloud:mockcloud");
+    let cloud_ok = r#"flotilla_scheduler_requests_total{model="tiny-llama",target="cloud:mockcloud",status="ok",priority="interactive"}"#;
+    assert_eq!(metric(url, cloud_ok).await, Some(1.0));
+    let spilled =
+        r#"flotilla_scheduler_overflow_total{model="tiny-llama",reason="queue_depth_exceeded"}"#;
+    assert_eq!(metric(url, spilled).await, Some(1.0));
+    let ttft = r#"flotilla_scheduler_target_ttft_seconds_count{target="cloud:mockcloud"}"#;
+    assert_eq!(metric(url, ttft).await, Some(1.0));
+    let latency = r#"flotilla_scheduler_request_duration_seconds_count{target="cloud:mockcloud"}"#;
+    assert_eq!(metric(url, latency).await, Some(1.0));
+    let cost = r#"flotilla_scheduler_cost_usd_total{target="cloud:mockcloud"}"#;
+    assert!(metric(url, cost).await.unwrap() > 0.0);
+    let completion =
+        r#"flotilla_scheduler_tokens_total{target="cloud:mockcloud",kind="completion"}"#;
+    assert!(metric(url, completion).await.unwrap() >= 1.0);
+
+    // ...batch work waits in the queue and is served locally once the slot frees; the
+    // client that held the slot and left is counted as cancelled.
+    let u = sched.url.clone();
+    let batch =
+        tokio::spawn(
+            async move { chat_with(&u, &[("x-flotilla-priority", "batch")], false).await },
+        );
+    assert!(queue_reaches_batch(url, 1).await, "the batch request waits");
+    hanging.abort();
+    let resp = batch.await.unwrap();
+    assert_eq!(target(&resp), "local:node-a/tiny-llama");
+    let local_ok = r#"flotilla_scheduler_requests_total{model="tiny-llama",target="local:node-a/tiny-llama",status="ok",priority="batch"}"#;
+    assert_eq!(metric(url, local_ok).await, Some(1.0));
+    let waited = r#"flotilla_scheduler_queue_wait_seconds_count{model="tiny-llama"}"#;
+    assert_eq!(metric(url, waited).await, Some(1.0));
+    let left = r#"flotilla_scheduler_requests_total{model="tiny-llama",target="none",status="cancelled",priority="interactive"}"#;
+    assert!(metric_becomes(url, left, 1.0).await, "the client that left");
+    // Nothing local spilled, so the batch request adds no overflow.
+    assert_eq!(metric(url, spilled).await, Some(1.0));
+
+    // A model nobody serves is counted without its made-up name; a body that is not JSON
+    // never gets as far as a model.
+    let resp = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&chat_body("no-such-model-xyz", "hi", json!({})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let unknown = r#"flotilla_scheduler_requests_total{model="other",target="none",status="rejected",priority="none"}"#;
+    assert_eq!(metric(url, unknown).await, Some(1.0));
+    let body = client()
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!body.contains("no-such-model-xyz"), "{body}");
+    let resp = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let refused = r#"flotilla_scheduler_refused_total{code="400"}"#;
+    assert_eq!(metric(url, refused).await, Some(1.0));
+
+    // The dashboard's data holds the same figures; its page is served from the binary.
+    let d = get_json(&format!("{url}/dashboard/data")).await;
+    let rows = d["targets"].as_array().unwrap();
+    let row = |t: &str| rows.iter().find(|r| r["target"] == t).unwrap().clone();
+    let cloud_row = row("cloud:mockcloud");
+    assert_eq!(cloud_row["requests"], 1);
+    assert_eq!(cloud_row["success_rate"], 1.0);
+    assert!(cloud_row["ttft_p50_ms"].as_f64().unwrap() > 0.0);
+    assert!(cloud_row["cost_usd"].as_f64().unwrap() > 0.0);
+    assert_eq!(row("local:node-a/tiny-llama")["share"], 0.5);
+    assert_eq!(d["spill"]["queue_depth_exceeded"], 1);
+    assert!(!d["timeline"]["t_ms"].as_array().unwrap().is_empty());
+    let resp = client()
+        .get(format!("{url}/dashboard"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let page = resp.text().await.unwrap();
+    assert!(
+        page.contains("/dashboard/data") && !page.contains("<script src"),
+        "own script only"
+    );
+    sched.stop().await;
+}
+
+/// Polls `/metrics` until `n` batch requests wait for a local slot (false after 2 s).
+async fn queue_reaches_batch(url: &str, n: u64) -> bool {
+    let depth = r#"flotilla_scheduler_queue_depth{model="tiny-llama",priority="batch"}"#;
+    metric_becomes(url, depth, n as f64).await
+}
+
+#[tokio::test]
+async fn metrics_count_failovers_per_model() {
+    let broken = MockUpstream::start(Behavior::status(500)).await.unwrap();
+    let good = MockUpstream::start(Behavior::reply("good")).await.unwrap();
+    let sched = start_scheduler(section(&[("broken", &broken), ("good", &good)], |m| {
+        m.strategy = Some(Strategy::Failover)
+    }))
+    .await;
+    let failovers = r#"flotilla_scheduler_failovers_total{model="tiny-llama"}"#;
+    for n in 1..=2 {
+        let resp = chat_with(&sched.url, &[], false).await;
+        assert_eq!(target(&resp), "cloud:good");
+        assert_eq!(metric(&sched.url, failovers).await, Some(n as f64));
+    }
+    let failed_first = r#"flotilla_scheduler_attempts_total{outcome="failure"}"#;
+    assert_eq!(metric(&sched.url, failed_first).await, Some(2.0));
+    // The strategy chose the cloud; `ordered` says so.
+    let ordered = r#"flotilla_scheduler_overflow_total{model="tiny-llama",reason="ordered"}"#;
+    assert_eq!(metric(&sched.url, ordered).await, Some(2.0));
+    sched.stop().await;
+}

@@ -57,6 +57,17 @@ pub const SCHED_BREAKER_STATE: &str = "flotilla_scheduler_breaker_state";
 pub const SCHED_TARGET_EWMA_TTFT: &str = "flotilla_scheduler_target_ttft_ewma_seconds";
 pub const SCHED_LEDGER_ROWS: &str = "flotilla_scheduler_ledger_rows_total";
 pub const SHARED_STATE_UP: &str = "flotilla_shared_state_up";
+pub const SHARED_STATE_ERRORS: &str = "flotilla_shared_state_errors_total";
+// Per request, once it ends (the figures its ledger row holds).
+pub const SCHED_REQUESTS: &str = "flotilla_scheduler_requests_total";
+pub const SCHED_REFUSED: &str = "flotilla_scheduler_refused_total";
+pub const SCHED_TARGET_TTFT: &str = "flotilla_scheduler_target_ttft_seconds";
+pub const SCHED_TARGET_LATENCY: &str = "flotilla_scheduler_request_duration_seconds";
+pub const SCHED_TARGET_COST: &str = "flotilla_scheduler_cost_usd_total";
+pub const SCHED_TARGET_TOKENS: &str = "flotilla_scheduler_tokens_total";
+pub const SCHED_OVERFLOW: &str = "flotilla_scheduler_overflow_total";
+pub const SCHED_FAILOVERS: &str = "flotilla_scheduler_failovers_total";
+pub const SCHED_QUEUE_WAIT: &str = "flotilla_scheduler_queue_wait_seconds";
 
 /// TTFT buckets, seconds (vLLM's, which dashboards already plot).
 pub const TTFT_BUCKETS: &[f64] = &[
@@ -237,6 +248,100 @@ fn write_value(out: &mut String, v: f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every series name the shipped Grafana dashboard queries is one we export (a renamed
+    /// metric would leave its panel empty without anyone noticing).
+    #[test]
+    fn the_grafana_dashboard_reads_only_series_we_export() {
+        let exported = [
+            DCGM_GPU_UTIL,
+            DCGM_MEM_COPY_UTIL,
+            DCGM_FB_USED,
+            DCGM_FB_FREE,
+            DCGM_GPU_TEMP,
+            DCGM_POWER_USAGE,
+            DCGM_POWER_LIMIT,
+            DCGM_SM_CLOCK,
+            DCGM_MEM_CLOCK,
+            HOST_CPU_UTIL,
+            HOST_MEMORY_TOTAL,
+            HOST_MEMORY_AVAILABLE,
+            REQUESTS_RUNNING,
+            REQUESTS_WAITING,
+            MAX_NUM_SEQS,
+            KV_CACHE_USAGE,
+            KV_BLOCKS_TOTAL,
+            PROMPT_TOKENS,
+            PREFIX_CACHE_HITS,
+            GENERATION_TOKENS,
+            PREEMPTIONS,
+            TTFT,
+            TPOT,
+            AGENT_DRAINING,
+            SCHED_PREDICTED_TTFT,
+            SCHED_TTFT,
+            SCHED_TTFT_ERROR,
+            SCHED_DECISIONS,
+            SCHED_ATTEMPTS,
+            SCHED_PROBES,
+            SCHED_QUEUE_DEPTH,
+            SCHED_BREAKER_STATE,
+            SCHED_TARGET_EWMA_TTFT,
+            SCHED_LEDGER_ROWS,
+            SHARED_STATE_UP,
+            SHARED_STATE_ERRORS,
+            SCHED_REQUESTS,
+            SCHED_REFUSED,
+            SCHED_TARGET_TTFT,
+            SCHED_TARGET_LATENCY,
+            SCHED_TARGET_COST,
+            SCHED_TARGET_TOKENS,
+            SCHED_OVERFLOW,
+            SCHED_FAILOVERS,
+            SCHED_QUEUE_WAIT,
+        ];
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/grafana/flotilla-fleet.json"
+        );
+        let text = std::fs::read_to_string(path).expect("deploy/grafana/flotilla-fleet.json");
+        let dash: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+        let mut exprs = Vec::new();
+        for panel in dash["panels"].as_array().expect("panels") {
+            for t in panel["targets"].as_array().into_iter().flatten() {
+                exprs.push(t["expr"].as_str().expect("expr").to_owned());
+            }
+        }
+        assert!(exprs.len() >= 20, "{} queries", exprs.len());
+        let mut seen = 0;
+        for expr in &exprs {
+            let mut rest = expr.as_str();
+            while let Some(i) = rest
+                .find("flotilla_")
+                .into_iter()
+                .chain(rest.find("DCGM_"))
+                .min()
+            {
+                let tail = &rest[i..];
+                let end = tail
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(tail.len());
+                let name = &tail[..end];
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .filter(|b| exported.contains(b))
+                    .unwrap_or(name);
+                assert!(
+                    exported.contains(&base),
+                    "`{name}` in `{expr}` is not exported"
+                );
+                seen += 1;
+                rest = &tail[end..];
+            }
+        }
+        assert!(seen >= exprs.len(), "every query reads a series");
+    }
 
     #[test]
     fn histogram_counts_each_observation_once() {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use flotilla_api::ApiError;
 use flotilla_providers::{Endpoint, Price, TokenUsage};
-use flotilla_scheduler::{Decision, RequestInfo, Target};
+use flotilla_scheduler::{Decision, ReasonCode, RequestInfo, Target};
 use flotilla_state::{ApiKey, AttemptRecord, RequestRecord, Reservation};
 use serde_json::Value;
 
@@ -35,6 +35,12 @@ pub(crate) struct Tally {
     counted_tokens: u64,
     /// Our count of the prompt, made once.
     our_prompt: u64,
+    /// The model resolved to a group or a served model: fit to be a metric label.
+    model_known: bool,
+    /// The policy sent the request to a cloud target first, for this reason.
+    to_cloud: Option<ReasonCode>,
+    /// The answer's TTFT, exactly (the row holds milliseconds).
+    ttft: Option<Duration>,
     written: bool,
 }
 
@@ -66,6 +72,9 @@ impl Tally {
             reservation: None,
             counted_tokens: 0,
             our_prompt: 0,
+            model_known: false,
+            to_cloud: None,
+            ttft: None,
             written: false,
         }
     }
@@ -86,6 +95,16 @@ impl Tally {
             info.prompt_tokens
         };
         self.rec.our_prompt_tokens = Some(self.our_prompt as i64);
+    }
+
+    /// The model named a group or a served model.
+    pub(crate) fn model_known(&mut self) {
+        self.model_known = true;
+    }
+
+    /// The request goes to a cloud target first, for `why`.
+    pub(crate) fn sent_to_cloud(&mut self, why: ReasonCode) {
+        self.to_cloud = Some(why);
     }
 
     pub(crate) fn decision(&mut self, d: &Decision) {
@@ -172,6 +191,7 @@ impl Tally {
         r.error = error;
         r.final_target = Some(target.label());
         r.ttft_ms = ttft.map(ms);
+        self.ttft = ttft;
         r.latency_ms = ms(self.arrived.elapsed());
         r.our_completion_tokens = Some(our_completion as i64);
         let billed = match usage {
@@ -236,9 +256,36 @@ impl Tally {
         self.settle(None, 0);
     }
 
+    /// The request's figures into `/metrics`, as its row says them.
+    fn observe(&self) {
+        let r = &self.rec;
+        let tried = r.attempts.iter().filter(|a| a.outcome != "skipped").count() as u64;
+        let tokens = match (r.prompt_tokens, r.completion_tokens) {
+            (Some(p), Some(c)) => Some((p, c)),
+            _ => r.our_prompt_tokens.zip(r.our_completion_tokens),
+        };
+        self.state.inner.metrics.request(&crate::metrics::Ended {
+            model: self.model_known.then_some(r.model.as_str()),
+            target: r.final_target.as_deref(),
+            status: &r.status,
+            priority: if r.priority.is_empty() {
+                "none"
+            } else {
+                &r.priority
+            },
+            ttft: self.ttft,
+            latency: self.arrived.elapsed(),
+            cost_usd: r.cost_usd,
+            tokens: tokens.map(|(p, c)| (p.max(0) as u64, c.max(0) as u64)),
+            failovers: tried.saturating_sub(1),
+            to_cloud: self.to_cloud,
+        });
+    }
+
     /// Queues the row, waiting for room in the writer's queue.
     async fn queue(mut self) {
         self.written = true;
+        self.observe();
         let rec = std::mem::take(&mut self.rec);
         self.state.inner.writer.record(rec).await;
     }
@@ -262,6 +309,7 @@ impl Tally {
         if std::mem::replace(&mut self.written, true) {
             return;
         }
+        self.observe();
         let rec = std::mem::take(&mut self.rec);
         self.state.inner.ledger_record(rec);
     }

@@ -143,6 +143,9 @@ async fn route(
     let arrived = Instant::now();
     let cfg = &s.inner.config;
     let group = resolve_group(s, r.model, kind_of(r.ep))?;
+    if let Some(t) = tally.as_mut() {
+        t.model_known();
+    }
     let key = tally.as_ref().and_then(|t| t.key().cloned());
     let mut info =
         crate::features::request_info(cfg, &r.body, r.headers, r.request_id, key.as_deref())?;
@@ -185,8 +188,8 @@ async fn route(
                 "route decision"
             );
         }
-        let (targets, guard) = match decision.action {
-            Action::Dispatch => (decision.targets.clone(), None),
+        let (targets, guard, why) = match decision.action {
+            Action::Dispatch => (decision.targets.clone(), None, decision.code),
             Action::Enqueue { spill_after } => {
                 let mut ticket =
                     s.inner
@@ -202,11 +205,14 @@ async fn route(
                     }
                 };
                 drop(ticket);
+                s.inner
+                    .metrics
+                    .queue_wait(&group.local_model, arrived.elapsed());
                 match woke {
                     Some(Wake::Slot(target, guard)) => {
                         let mut targets = vec![target];
                         targets.extend(decision.targets.iter().cloned());
-                        (targets, Some(guard))
+                        (targets, Some(guard), decision.code)
                     }
                     Some(Wake::Reconsider) => continue,
                     // Time to leave the queue: for the deadline, or after the longest wait.
@@ -221,7 +227,11 @@ async fn route(
                         s.inner
                             .metrics
                             .decision(flotilla_scheduler::ReasonCode::DeadlineMiss);
-                        (decision.targets.clone(), None)
+                        (
+                            decision.targets.clone(),
+                            None,
+                            flotilla_scheduler::ReasonCode::DeadlineMiss,
+                        )
                     }
                     None => {
                         return Err(flotilla_scheduler::SchedulerError::QueueTimeout {
@@ -233,6 +243,9 @@ async fn route(
                 }
             }
         };
+        if let (Some(t), Some(Target::Cloud { .. })) = (tally.as_mut(), targets.first()) {
+            t.sent_to_cloud(why);
+        }
         return carry(
             s, r, &group, &info, &decision, targets, guard, arrived, tally,
         )

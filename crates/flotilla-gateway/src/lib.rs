@@ -9,6 +9,7 @@ mod accounting;
 mod admin;
 mod auth;
 pub mod config;
+mod dashboard;
 mod dispatch;
 mod features;
 mod health;
@@ -91,6 +92,7 @@ impl Scheduler {
         tokio::spawn(sweep_fleet(self.state.clone(), shutdown.clone()));
         tokio::spawn(shared::run(self.state.clone(), shutdown.clone()));
         tokio::spawn(probe::run(self.state.clone(), shutdown.clone()));
+        tokio::spawn(dashboard::run(self.state.clone(), shutdown.clone()));
         if self.state.inner.config.auth == AuthMode::Keys {
             tokio::spawn(auth::refresh_keys(self.state.clone(), shutdown.clone()));
         }

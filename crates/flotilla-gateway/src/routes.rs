@@ -32,6 +32,8 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/health", get(|| async { "ok" }))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/dashboard", get(crate::dashboard::page))
+        .route("/dashboard/data", get(crate::dashboard::data))
         .route("/admin/v1/nodes", get(crate::admin::nodes))
         .route("/admin/v1/requests", get(crate::admin::requests))
         .route("/admin/v1/savings", get(crate::admin::savings))
@@ -102,6 +104,8 @@ pub(crate) async fn handle<R: OpenAiRequest>(
 ) -> Response {
     let id = new_request_id();
     let cfg = &s.inner.config;
+    // Set once the request has an account: from then on its end is counted with its row.
+    let mut tallied = false;
     let res = async {
         let key = crate::auth::authenticate(s, headers).await?;
         let bytes = read_limited(body, cfg.max_body_bytes, cfg.body_timeout).await?;
@@ -111,6 +115,7 @@ pub(crate) async fn handle<R: OpenAiRequest>(
         let req = R::deserialize(&value)
             .map_err(|e| ApiError::invalid(format!("invalid request: {e}")))?;
         let tally = Tally::new(s, &id, ep, req.model(), req.is_stream(), key);
+        tallied = true;
         if let Err(e) = req.validate() {
             tally.failed(&e).await;
             return Err(e);
@@ -140,7 +145,12 @@ pub(crate) async fn handle<R: OpenAiRequest>(
         .await
     }
     .await;
-    res.unwrap_or_else(|e| error_response(e, &id))
+    res.unwrap_or_else(|e| {
+        if !tallied {
+            s.inner.metrics.refused(e.kind.http_status());
+        }
+        error_response(e, &id)
+    })
 }
 
 async fn models(State(s): State<AppState>) -> Json<ModelList> {

@@ -31,6 +31,8 @@ pub(crate) struct Inner {
     pub health: HealthBook,
     pub queues: Arc<Queues>,
     pub metrics: GatewayMetrics,
+    /// The dashboard's samples of the last hour.
+    pub history: crate::dashboard::History,
     /// Where every request's row goes, and the task that writes them in batches.
     pub ledger: Ledger,
     pub writer: LedgerWriter,
@@ -105,6 +107,7 @@ impl AppState {
                 cluster_token,
                 queues,
                 metrics: GatewayMetrics::default(),
+                history: Default::default(),
                 ledger,
                 writer,
                 keys: KeyBook::default(),

@@ -11,7 +11,7 @@
 mod event;
 mod scripts;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -65,6 +65,8 @@ struct Inner {
     timeout: Duration,
     warn_every: Duration,
     up: AtomicBool,
+    /// Calls and pings that failed or timed out.
+    errors: AtomicU64,
     warned_at: Mutex<Option<Instant>>,
     scripts: Scripts,
 }
@@ -122,6 +124,7 @@ impl Shared {
                 timeout: cfg.timeout,
                 warn_every: cfg.warn_every,
                 up: AtomicBool::new(false),
+                errors: AtomicU64::new(0),
                 warned_at: Mutex::new(None),
                 scripts: Scripts {
                     rate_check: Script::new(scripts::RATE_CHECK),
@@ -137,6 +140,11 @@ impl Shared {
 
     pub fn is_up(&self) -> bool {
         self.inner.up.load(Ordering::Relaxed)
+    }
+
+    /// Calls to the store (and pings) that failed or got no answer in time, since start.
+    pub fn errors(&self) -> u64 {
+        self.inner.errors.load(Ordering::Relaxed)
     }
 
     fn key(&self, parts: &[&str]) -> String {
@@ -185,6 +193,7 @@ impl Shared {
 
     /// Marks the store down; warns at once when it was up, then once per `warn_every`.
     fn down(&self, why: &str) {
+        self.inner.errors.fetch_add(1, Ordering::Relaxed);
         let was_up = self.inner.up.swap(false, Ordering::Relaxed);
         let now = Instant::now();
         let mut warned = self
