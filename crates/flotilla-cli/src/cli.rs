@@ -40,6 +40,9 @@ pub enum Command {
     Agent(AgentArgs),
     /// The fleet as a scheduler sees it: nodes, their GPUs and models.
     Status(StatusArgs),
+    /// Chat with a model through a scheduler: answers stream in, and a line on stderr says
+    /// where each ran. `/model NAME`, `/reset`, `/exit`.
+    Chat(ChatArgs),
     /// Model utilities.
     Models {
         #[command(subcommand)]
@@ -307,8 +310,47 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    /// The scheduler (or any OpenAI-compatible server) to talk to.
+    #[arg(
+        long,
+        env = "FLOTILLA_SCHEDULER_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub scheduler_url: String,
+    /// Model to chat with (default: the first the server lists that generates text).
+    #[arg(long, short)]
+    pub model: Option<String>,
+    /// API key, when the scheduler requires one (`flotilla keys create`).
+    #[arg(long, env = "FLOTILLA_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// A system prompt that starts the conversation.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Longest answer, in tokens.
+    #[arg(long)]
+    pub max_tokens: Option<u32>,
+    #[arg(long)]
+    pub temperature: Option<f32>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum ModelsCommand {
+    /// Download a Hugging Face model repo (config, tokenizer, weights) into the hub cache,
+    /// with a progress bar per file, so agents can load it (`source = "org/name"`), offline
+    /// too. Files already in the cache are not fetched again.
+    Pull {
+        /// The repo id, e.g. Qwen/Qwen2.5-0.5B-Instruct.
+        repo_id: String,
+        /// The hub cache to fill (default: $HF_HUB_CACHE, $HF_HOME/hub, then
+        /// ~/.cache/huggingface/hub: where agents look).
+        #[arg(long, env = "HF_HUB_CACHE")]
+        cache_dir: Option<PathBuf>,
+        /// The hub to download from (default: $HF_ENDPOINT, then https://huggingface.co).
+        #[arg(long, env = "HF_ENDPOINT")]
+        endpoint: Option<String>,
+    },
     /// Write one of the project's llama-architecture test models (deterministic random
     /// weights, our own tokenizer) into DIR.
     MakeTest {

@@ -1,6 +1,7 @@
 //! The `flotilla` binary's library: one function per subcommand, so tests and other
 //! binaries can start the same servers on a pre-bound listener.
 
+pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod ledger;
@@ -277,6 +278,42 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         drain_limit,
     )
     .await
+}
+
+/// `flotilla models pull`: the repo into the hub cache, then the snapshot's path and size
+/// on stdout.
+pub async fn pull_model(
+    repo_id: &str,
+    cache_dir: Option<&std::path::Path>,
+    endpoint: Option<&str>,
+) -> anyhow::Result<()> {
+    let hub = flotilla_engine::Hub {
+        cache_dir,
+        endpoint,
+        progress: true,
+    };
+    let snapshot = flotilla_engine::pull_model(repo_id, &hub)
+        .await
+        .with_context(|| format!("pulling {repo_id}"))?;
+    let (mut files, mut bytes) = (0u64, 0u64);
+    for entry in std::fs::read_dir(&snapshot)
+        .with_context(|| format!("reading {}", snapshot.display()))?
+        .flatten()
+    {
+        // Snapshot entries link into blobs/: metadata follows the link.
+        if let Ok(m) = std::fs::metadata(entry.path())
+            && m.is_file()
+        {
+            files += 1;
+            bytes += m.len();
+        }
+    }
+    println!(
+        "{repo_id}: {files} files, {:.1} MB in {}",
+        bytes as f64 / 1e6,
+        snapshot.display()
+    );
+    Ok(())
 }
 
 pub fn make_test_model(dir: &std::path::Path, size: cli::TestSize) -> anyhow::Result<()> {

@@ -15,6 +15,15 @@ async fn main() -> std::process::ExitCode {
         Command::Scheduler(args) => flotilla_cli::scheduler(args).await,
         Command::Agent(args) => flotilla_cli::agent(args).await,
         Command::Status(args) => flotilla_cli::status::run(&args).await,
+        Command::Chat(args) => flotilla_cli::chat::run(&args).await,
+        Command::Models {
+            command:
+                ModelsCommand::Pull {
+                    repo_id,
+                    cache_dir,
+                    endpoint,
+                },
+        } => flotilla_cli::pull_model(&repo_id, cache_dir.as_deref(), endpoint.as_deref()).await,
         Command::Models {
             command: ModelsCommand::MakeTest { dir, size },
         } => flotilla_cli::make_test_model(&dir, size),

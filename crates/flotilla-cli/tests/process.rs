@@ -240,6 +240,33 @@ fn the_example_config_is_valid() {
     );
 }
 
+/// The Kubernetes config in deploy/ is valid for both halves, given the Secret's variables.
+#[test]
+fn the_deploy_config_is_valid() {
+    let config = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/k8s/flotilla.toml"
+    );
+    for cmd in ["scheduler", "agent"] {
+        let out = Command::new(BIN)
+            .args([cmd, "--check-config", "--config", config])
+            .env(
+                "FLOTILLA_LEDGER_URL",
+                "postgres://flotilla:pw@db:5432/flotilla",
+            )
+            .env("FLOTILLA_ADMIN_TOKEN", "admin")
+            .env("FLOTILLA_CLUSTER_TOKEN", "cluster")
+            .env("OPENAI_API_KEY", "sk-test")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 #[test]
 fn make_test_is_deterministic() {
     let a = tempfile::tempdir().unwrap();
@@ -573,4 +600,129 @@ async fn keys_made_by_the_cli_open_the_scheduler_and_the_ledger_reports() {
     let report = run_ok(&["report", "savings", "--data-dir", &dir]);
     assert!(report.starts_with("DAY"), "{report}");
     run_ok(&["keys", "revoke", "app", "--data-dir", &dir]);
+}
+
+/// Runs `flotilla chat ARGS` with `stdin` piped in; returns (success, stdout, stderr).
+fn chat(args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .arg("chat")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn flotilla chat");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn chat_streams_each_answer_and_says_where_it_ran() {
+    let cache = tempfile::tempdir().unwrap();
+    let (_proc, url) = spawn(&[
+        "up",
+        "--listen",
+        "127.0.0.1:0",
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+    ]);
+    // No --model: the first listed model that generates text (minilm, when installed,
+    // serves embeddings only and is passed over).
+    let (ok, stdout, stderr) = chat(
+        &["--scheduler-url", &url, "--max-tokens", "3"],
+        "hello there\n/model\n\nand again\n/exit\nnot sent\n",
+    );
+    assert!(ok, "{stderr}");
+    let summaries: Vec<&str> = stderr.lines().filter(|l| l.starts_with('[')).collect();
+    assert_eq!(summaries.len(), 2, "{stderr}");
+    for s in &summaries {
+        assert!(
+            s.starts_with("[tiny-llama · local:local/tiny-llama · local_capacity · first token "),
+            "{s}"
+        );
+        // At most 3 tokens; the usage chunk's count is shown.
+        assert!(
+            [" · 1 token", " · 2 tokens", " · 3 tokens"]
+                .iter()
+                .any(|n| s.contains(n)),
+            "{s}"
+        );
+    }
+    assert!(stderr.contains("model: tiny-llama"), "{stderr}");
+    assert!(!stdout.trim().is_empty(), "the answers stream to stdout");
+
+    // A model nobody serves: the server's message, and a failing exit for scripts.
+    let (ok, _, stderr) = chat(
+        &["--scheduler-url", &url, "--model", "no-such-model"],
+        "hi\n",
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("error: 404") && stderr.contains("no-such-model"),
+        "{stderr}"
+    );
+    // No server: one clear line.
+    let (ok, _, stderr) = chat(&["--scheduler-url", "http://127.0.0.1:1"], "hi\n");
+    assert!(!ok);
+    assert!(
+        stderr.contains("error: asking http://127.0.0.1:1/v1/models"),
+        "{stderr}"
+    );
+}
+
+/// `models pull` of a repo already complete in a hub cache laid out by hand: no download
+/// (the hub it would ask is a closed port), the snapshot named on stdout.
+#[test]
+fn models_pull_uses_a_complete_hub_cache_without_the_network() {
+    let cache = tempfile::tempdir().unwrap();
+    let rev = "0123456789abcdef0123456789abcdef01234567";
+    let repo = cache.path().join("models--org--name");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), rev).unwrap();
+    let snap = repo.join("snapshots").join(rev);
+    std::fs::create_dir_all(&snap).unwrap();
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::fs::write(snap.join(f), "{}").unwrap();
+    }
+    let out = Command::new(BIN)
+        .args(["models", "pull", "org/name", "--cache-dir"])
+        .arg(cache.path())
+        .env("HF_ENDPOINT", "http://127.0.0.1:1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("org/name: 3 files") && stdout.contains(rev),
+        "{stdout}"
+    );
+    // Not complete (no tokenizer) and no hub to ask: the file is named.
+    std::fs::remove_file(snap.join("tokenizer.json")).unwrap();
+    let out = Command::new(BIN)
+        .args(["models", "pull", "org/name", "--cache-dir"])
+        .arg(cache.path())
+        .env("HF_ENDPOINT", "http://127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error: pulling org/name") && err.contains("tokenizer.json"),
+        "{err}"
+    );
 }

@@ -54,15 +54,52 @@ pub async fn resolve_model_source(
     if offline {
         resolve_offline(source, cache_dir)
     } else {
-        resolve_online(source, cache_dir).await
+        resolve_online(source, &Hub::cache(cache_dir)).await
     }
+}
+
+/// Where and how [`pull_model`] fetches.
+#[derive(Debug, Clone, Default)]
+pub struct Hub<'a> {
+    /// The hub cache to fill (default: `$HF_HUB_CACHE`, `$HF_HOME/hub`, then
+    /// `~/.cache/huggingface/hub`).
+    pub cache_dir: Option<&'a Path>,
+    /// The hub's address (default: `$HF_ENDPOINT`, then https://huggingface.co).
+    pub endpoint: Option<&'a str>,
+    /// Draw a progress bar per file on stderr (hidden when stderr is not a terminal).
+    pub progress: bool,
+}
+
+impl<'a> Hub<'a> {
+    fn cache(cache_dir: Option<&'a Path>) -> Self {
+        Hub {
+            cache_dir,
+            ..Hub::default()
+        }
+    }
+}
+
+/// Downloads a Hugging Face model repo's files (config, tokenizer, weights: what the
+/// loaders read) into the hub cache, skipping those already there, and returns the
+/// snapshot directory the agent will load from (`source = "org/name"`).
+pub async fn pull_model(repo_id: &str, hub: &Hub<'_>) -> Result<PathBuf, EngineError> {
+    if !looks_like_repo_id(repo_id) {
+        return Err(err(
+            repo_id,
+            "not a Hugging Face repo id of the form org/name",
+        ));
+    }
+    resolve_online(repo_id, hub).await
 }
 
 fn looks_like_repo_id(s: &str) -> bool {
     let mut parts = s.split('/');
+    // As the hub names repos: no leading dot and no `..`, so `../x` is never a repo id.
     let ok = |p: Option<&str>| {
         p.is_some_and(|p| {
             !p.is_empty()
+                && !p.starts_with('.')
+                && !p.contains("..")
                 && p.chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         })
@@ -135,10 +172,13 @@ fn resolve_offline(repo_id: &str, cache_dir: Option<&Path>) -> Result<PathBuf, E
     Ok(snapshot)
 }
 
-async fn resolve_online(repo_id: &str, cache_dir: Option<&Path>) -> Result<PathBuf, EngineError> {
-    let mut builder = hf_hub::api::tokio::ApiBuilder::from_env();
-    if let Some(dir) = cache_dir {
+async fn resolve_online(repo_id: &str, hub: &Hub<'_>) -> Result<PathBuf, EngineError> {
+    let mut builder = hf_hub::api::tokio::ApiBuilder::from_env().with_progress(hub.progress);
+    if let Some(dir) = hub.cache_dir {
         builder = builder.with_cache_dir(dir.to_path_buf());
+    }
+    if let Some(endpoint) = hub.endpoint {
+        builder = builder.with_endpoint(endpoint.trim_end_matches('/').to_owned());
     }
     let api = builder
         .build()
@@ -188,6 +228,9 @@ mod tests {
         assert!(!looks_like_repo_id("name"));
         assert!(!looks_like_repo_id("a/b/c"));
         assert!(!looks_like_repo_id("/abs/path"));
+        assert!(!looks_like_repo_id("../etc"));
+        assert!(!looks_like_repo_id("org/.hidden"));
+        assert!(looks_like_repo_id("Qwen/Qwen2.5-0.5B-Instruct"));
     }
 
     #[test]
