@@ -339,6 +339,7 @@ pub fn ledger_section(
             url: Some(url.to_owned()),
             flush_ms: 20,
             batch: 512,
+            ..LedgerSection::default()
         },
         ..scheduler_section()
     }

@@ -42,6 +42,7 @@ fn section(anthropic: &MockAnthropic, backup: Option<&MockUpstream>) -> Schedule
             url: Some("sqlite::memory:".into()),
             flush_ms: 20,
             batch: 512,
+            ..LedgerSection::default()
         },
         ..scheduler_section()
     }

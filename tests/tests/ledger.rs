@@ -324,6 +324,7 @@ async fn the_savings_report_matches_a_hand_computation() {
             url: Some(url),
             flush_ms: 20,
             batch: 512,
+            ..LedgerSection::default()
         },
         ..scheduler_section()
     })
@@ -393,6 +394,7 @@ async fn a_graceful_shutdown_writes_every_waiting_row() {
             // Far longer than the test: only the shutdown can write these rows.
             flush_ms: 600_000,
             batch: 100_000,
+            ..LedgerSection::default()
         },
         ..ledger_section(&mock.base_url(), Some(price(IN, OUT, None)), &url)
     })
@@ -434,6 +436,7 @@ async fn failed_attempts_are_in_the_ledger_with_their_outcome() {
             url: Some(url),
             flush_ms: 20,
             batch: 512,
+            ..LedgerSection::default()
         },
         ..scheduler_section()
     })
@@ -495,6 +498,7 @@ async fn a_provider_past_its_own_rpm_is_skipped_for_the_next_target() {
             url: Some(url),
             flush_ms: 20,
             batch: 512,
+            ..LedgerSection::default()
         },
         ..scheduler_section()
     })

@@ -28,9 +28,9 @@ pub fn data_dir(flag: Option<&Path>) -> PathBuf {
 }
 
 /// Fills `scheduler.ledger.url` with the data directory's `ledger.db` when the config
-/// leaves it unset.
+/// names no database (neither `url` nor `url_env`).
 pub fn default_ledger_url(s: &mut SchedulerSection, dir: Option<&Path>) {
-    if s.ledger.url.is_none() {
+    if s.ledger.url.is_none() && s.ledger.url_env.is_none() {
         let path = data_dir(dir).join("ledger.db");
         s.ledger.url = Some(format!("sqlite://{}", path.display()));
     }
@@ -39,7 +39,12 @@ pub fn default_ledger_url(s: &mut SchedulerSection, dir: Option<&Path>) {
 async fn open(args: &LedgerArgs) -> anyhow::Result<Ledger> {
     let mut file = config::load(args.config.as_deref())?;
     default_ledger_url(&mut file.scheduler, args.data_dir.as_deref());
-    let url = file.scheduler.ledger.url.unwrap_or_default();
+    let url = file
+        .scheduler
+        .ledger
+        .resolved_url()
+        .map_err(anyhow::Error::msg)?
+        .unwrap_or_default();
     Ledger::connect(&url)
         .await
         .with_context(|| "opening the ledger database".to_string())

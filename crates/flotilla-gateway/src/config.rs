@@ -92,6 +92,9 @@ pub struct LedgerSection {
     /// `sqlite://PATH` or `postgres://...`; unset = `ledger.db` in the data directory
     /// (the `flotilla` binary) or an in-memory database (a library user).
     pub url: Option<String>,
+    /// An environment variable holding the URL (when it carries a password, as a
+    /// Kubernetes Secret or a systemd EnvironmentFile provides it).
+    pub url_env: Option<String>,
     /// Rows are written at least this often; a crash loses at most this much.
     pub flush_ms: u64,
     /// Or as soon as this many rows wait; also the most rows one transaction writes. Kept
@@ -105,9 +108,37 @@ impl Default for LedgerSection {
     fn default() -> Self {
         LedgerSection {
             url: None,
+            url_env: None,
             flush_ms: 200,
             batch: 32,
         }
+    }
+}
+
+impl LedgerSection {
+    /// The database URL: `url`, or the value of the variable `url_env` names; None when
+    /// neither is set. Errors never quote the URL (it may carry a password).
+    pub fn resolved_url(&self) -> Result<Option<String>, String> {
+        let url = match (&self.url, &self.url_env) {
+            (Some(_), Some(_)) => {
+                return Err("scheduler.ledger: set url or url_env, not both".to_owned());
+            }
+            (Some(u), None) => u.clone(),
+            (None, Some(var)) => std::env::var(var).map_err(|_| {
+                format!("scheduler.ledger.url_env: environment variable `{var}` is not set")
+            })?,
+            (None, None) => return Ok(None),
+        };
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            return Err(
+                "scheduler.ledger.url: must start with sqlite:, postgres:// or postgresql://"
+                    .into(),
+            );
+        }
+        Ok(Some(url))
     }
 }
 
@@ -578,16 +609,14 @@ impl SchedulerSection {
             Some(name) => Some(name.clone()),
             None => self.providers.first().map(|p| p.name.clone()),
         };
-        if let Some(url) = &self.ledger.url
-            && !(url.starts_with("sqlite:")
-                || url.starts_with("postgres://")
-                || url.starts_with("postgresql://"))
-        {
-            errors.push(
-                "scheduler.ledger.url: must start with sqlite:, postgres:// or postgresql://"
-                    .into(),
-            );
-        }
+        let ledger = LedgerSection {
+            url: self.ledger.resolved_url().unwrap_or_else(|e| {
+                errors.push(e);
+                None
+            }),
+            url_env: None,
+            ..self.ledger.clone()
+        };
         let counter = match &self.usage_tokenizer {
             None => Arc::new(TokenCounter::Estimate),
             Some(path) => match TokenCounter::from_file(path) {
@@ -680,7 +709,7 @@ impl SchedulerSection {
             auth: self.auth.unwrap_or_default(),
             key_refresh: Duration::from_millis(self.key_refresh_ms),
             key_defaults: self.key_defaults.clone(),
-            ledger: self.ledger.clone(),
+            ledger,
             shared,
             sync: Duration::from_millis(self.state.sync_ms.max(1)),
             default_provider,
@@ -820,6 +849,32 @@ mod tests {
         assert!(errs.iter().any(|e| e.contains("missed_heartbeats")));
         assert!(errs.iter().any(|e| e.contains("base_url")));
         assert!(errs.iter().any(|e| e.contains("`nope`")));
+    }
+
+    #[test]
+    fn the_ledger_url_can_come_from_the_environment_and_is_never_echoed() {
+        let with = |url: Option<&str>, url_env: Option<&str>| SchedulerSection {
+            ledger: LedgerSection {
+                url: url.map(str::to_owned),
+                url_env: url_env.map(str::to_owned),
+                ..LedgerSection::default()
+            },
+            ..SchedulerSection::default()
+        };
+        // PATH is set wherever tests run; it is no database URL, and must not be printed.
+        let e = with(None, Some("PATH")).validate().unwrap_err();
+        assert!(e[0].contains("must start with sqlite:"), "{e:?}");
+        assert!(!e[0].contains("/bin"), "{e:?}");
+        let e = with(None, Some("FLOTILLA_TEST_UNSET_LEDGER_URL"))
+            .validate()
+            .unwrap_err();
+        assert!(e[0].contains("FLOTILLA_TEST_UNSET_LEDGER_URL"), "{e:?}");
+        let e = with(Some("sqlite::memory:"), Some("PATH"))
+            .validate()
+            .unwrap_err();
+        assert!(e[0].contains("not both"), "{e:?}");
+        let c = with(Some("sqlite::memory:"), None).validate().unwrap();
+        assert_eq!(c.ledger.url.as_deref(), Some("sqlite::memory:"));
     }
 
     #[test]
