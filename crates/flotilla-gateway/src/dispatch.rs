@@ -205,9 +205,13 @@ async fn route(
                     }
                 };
                 drop(ticket);
-                s.inner
-                    .metrics
-                    .queue_wait(&group.local_model, arrived.elapsed());
+                // Counted once, when the request leaves the queue for good (a reconsidered
+                // request may wait again).
+                if !matches!(woke, Some(Wake::Reconsider)) {
+                    s.inner
+                        .metrics
+                        .queue_wait(&group.local_model, arrived.elapsed());
+                }
                 match woke {
                     Some(Wake::Slot(target, guard)) => {
                         let mut targets = vec![target];
