@@ -2,8 +2,8 @@
 # The dashboard in a real browser: starts `flotilla up` (the built-in model on a GPU the
 # config describes, a mock cloud to spill to), sends traffic that runs locally and spills,
 # loads /dashboard in headless Chromium, checks the DOM the page drew (charts with data
-# points, the targets table, spillover, the GPU, the latest decisions, the savings) and saves
-# a screenshot.
+# points, the targets tables with their breakers, spillover, the GPU, the latest decisions,
+# the savings) and saves a screenshot.
 #
 #   scripts/browser-test.sh            # CI runs it; installs Debian's chromium when missing
 #
@@ -178,6 +178,8 @@ check(int(gpu.get("data-points", "0")) >= 2, f"GPU chart has data points ({gpu.g
 check("NVIDIA H200 (described)" in text and "37.5 / 141.0 GiB" in text, "the GPU card names the GPU and its memory")
 targets = [a.get("data-target") for t, a in dom.els if t == "tr" and a.get("data-target")]
 check({"local:local/tiny-llama", "cloud:mockcloud"} <= set(targets), f"targets table rows {targets}")
+health = {a.get("data-health"): a.get("data-breaker") for t, a in dom.els if t == "tr" and a.get("data-health")}
+check(health.get("local:local/tiny-llama") == "closed" and any(k.startswith("cloud:mockcloud/") for k in health), f"targets-now table with breakers {health}")
 decisions = [a.get("data-decision") for t, a in dom.els if t == "tr" and "data-decision" in a]
 check(len(decisions) >= 5 and all(decisions), f"latest decisions table with reasons ({len(decisions)} rows)")
 check(re.search(r"\$\d", text) is not None and "cloud-only baseline" in text, "savings against the baseline shown")

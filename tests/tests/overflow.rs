@@ -127,6 +127,39 @@ async fn a_deadline_shorter_than_the_predicted_wait_spills_at_once_and_a_longer_
         "the request waits in the local queue"
     );
     assert_eq!(cloud.hits(), 1, "and does not go to the cloud");
+    // `/admin/v1/targets` (what `flotilla status` draws) shows the queue and both targets.
+    let t = get_json(&format!("{}/admin/v1/targets", sched.url)).await;
+    let queue = t["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["priority"] == "interactive")
+        .unwrap_or_else(|| panic!("{t}"));
+    assert_eq!(queue["model"], "tiny-llama", "{t}");
+    assert_eq!(queue["depth"], 1, "{t}");
+    assert!(queue["oldest_wait_ms"].as_u64().is_some(), "{t}");
+    let row = |key: &str| {
+        t["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["target"] == key)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {key} in {t}"))
+    };
+    let node_row = row("local:node-a/tiny-llama");
+    assert_eq!(node_row["kind"], "local");
+    assert_eq!(node_row["node_state"], "healthy");
+    assert_eq!(node_row["serves"], json!(["tiny-llama"]));
+    assert_eq!(
+        node_row["in_flight"], 1,
+        "the hanging request holds the slot"
+    );
+    let cloud_row = row("cloud:mockcloud/mockcloud-model");
+    assert_eq!(cloud_row["breaker"], "closed");
+    assert_eq!(cloud_row["admit"], "yes");
+    assert_eq!(cloud_row["successes"], 1);
+    assert!(cloud_row["ttft_ms"].as_f64().is_some(), "{cloud_row}");
     hanging.abort();
     let resp = waiting.await.unwrap();
     assert_eq!(target(&resp), "local:node-a/tiny-llama");
@@ -318,6 +351,17 @@ async fn the_breaker_opens_after_failures_half_opens_and_closes_on_recovery() {
     }
     assert_eq!(flaky.hits(), 3);
     assert_eq!(metric(&sched.url, state).await, Some(2.0), "open");
+    let t = get_json(&format!("{}/admin/v1/targets", sched.url)).await;
+    let flaky_row = t["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["target"] == "cloud:flaky/flaky-model")
+        .unwrap_or_else(|| panic!("{t}"));
+    assert_eq!(flaky_row["breaker"], "open", "{t}");
+    assert_eq!(flaky_row["admit"], "breaker_open", "{t}");
+    assert_eq!(flaky_row["failures"], 3, "{t}");
+    assert_eq!(flaky_row["error_rate"], 1.0, "{t}");
     // Open: not even tried.
     for _ in 0..3 {
         assert_eq!(

@@ -308,6 +308,30 @@ pub struct StatusArgs {
     /// Print the scheduler's JSON instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Colour states and bars: `auto` does at a terminal unless NO_COLOR is set.
+    #[arg(long, env = "FLOTILLA_COLOR", default_value = "auto")]
+    pub color: ColorChoice,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ColorChoice {
+    Auto,
+    Always,
+    Never,
+}
+
+impl ColorChoice {
+    /// Whether to colour what goes to stdout.
+    pub fn enabled(self) -> bool {
+        match self {
+            ColorChoice::Always => true,
+            ColorChoice::Never => false,
+            ColorChoice::Auto => {
+                std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+                    && std::io::IsTerminal::is_terminal(&std::io::stdout())
+            }
+        }
+    }
 }
 
 #[derive(Debug, Args)]

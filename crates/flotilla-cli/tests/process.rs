@@ -510,6 +510,17 @@ async fn status_shows_the_fleet() {
     let out = run_ok(&["status", "--scheduler-url", &sched_url]);
     assert!(out.contains("node-7") && out.contains("healthy"), "{out}");
     assert!(out.contains("tiny-llama") && out.contains("host"), "{out}");
+    // The agent's models are targets, with their breaker and whether they admit work.
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("local:node-7/tiny-llama "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(row.contains("closed") && row.contains(" yes "), "{row}");
+    assert!(out.contains("queues: nothing waiting"), "{out}");
+    // Piped stdout is not coloured unless asked.
+    assert!(!out.contains('\x1b'), "{out}");
+    let coloured = run_ok(&["status", "--scheduler-url", &sched_url, "--color", "always"]);
+    assert!(coloured.contains("\x1b[32mhealthy"), "{coloured}");
     let json: Value = serde_json::from_str(&run_ok(&[
         "status",
         "--scheduler-url",
@@ -518,6 +529,13 @@ async fn status_shows_the_fleet() {
     ]))
     .unwrap();
     assert_eq!(json["nodes"][0]["node_id"], "node-7");
+    let target = json["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["target"] == "local:node-7/tiny-llama")
+        .unwrap_or_else(|| panic!("{json}"));
+    assert_eq!(target["breaker"], "closed");
     // A scheduler that is not there is one clear line, not a panic.
     let out = Command::new(BIN)
         .args(["status", "--scheduler-url", "http://127.0.0.1:1"])

@@ -1,7 +1,7 @@
 //! The admin API (`/admin/v1/...`): the fleet, the request ledger, the savings report and
 //! API keys. Every route needs the admin token or an admin key.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use axum::Json;
@@ -11,11 +11,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use flotilla_api::body::{parse_json, read_limited};
 use flotilla_api::{ApiError, ErrorKind};
+use flotilla_scheduler::{ModelGroup, NodeState};
 use flotilla_state::{NewKey, RequestQuery, SavingsQuery, StateError};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::AppState;
 use crate::auth::check_admin;
+use crate::health::{HealthDetail, cloud_key, local_key};
 
 fn state_error(e: StateError) -> ApiError {
     match e.kind() {
@@ -39,6 +41,113 @@ pub(crate) async fn nodes(State(s): State<AppState>, h: HeaderMap) -> Response {
         "heartbeat_ms": s.inner.config.heartbeat.as_millis() as u64,
         "missed_heartbeats": s.inner.config.missed_heartbeats,
         "nodes": s.inner.fleet.snapshot(Instant::now()),
+    }))
+    .into_response()
+}
+
+/// One target the scheduler may route to, as `/admin/v1/targets` lists it.
+#[derive(Debug, Serialize)]
+struct TargetRow {
+    /// The health key: `local:NODE/MODEL` or `cloud:PROVIDER/MODEL`.
+    target: String,
+    kind: &'static str,
+    /// The node (local) or provider (cloud).
+    at: String,
+    /// The model's name there.
+    model: String,
+    /// The public model names whose requests may go there.
+    serves: Vec<String>,
+    /// Local targets: the node's state (`healthy`, `draining`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_state: Option<NodeState>,
+    #[serde(flatten)]
+    health: HealthDetail,
+}
+
+#[derive(Debug, Serialize)]
+struct QueueRow {
+    model: String,
+    priority: &'static str,
+    depth: u64,
+    oldest_wait_ms: u64,
+}
+
+/// `GET /admin/v1/targets`: every target requests may go to (the agents' models, the
+/// configured cloud models, and any other with health kept), each with its breaker, EWMAs
+/// and load; and the local queues.
+pub(crate) async fn targets(State(s): State<AppState>, h: HeaderMap) -> Response {
+    if let Err(e) = check_admin(&s, &h).await {
+        return e.into_response();
+    }
+    let now = Instant::now();
+    let inner = &s.inner;
+    let mut groups: Vec<&ModelGroup> = inner.config.groups.values().collect();
+    groups.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut rows: BTreeMap<String, TargetRow> = BTreeMap::new();
+    let new_row = |key: &str, kind, at: &str, model: &str, node_state| TargetRow {
+        health: inner.health.detail(key, now),
+        target: key.to_owned(),
+        kind,
+        at: at.to_owned(),
+        model: model.to_owned(),
+        serves: Vec::new(),
+        node_state,
+    };
+    for node in inner.fleet.snapshot(now) {
+        for m in &node.models {
+            let name = &m.model.name;
+            let key = local_key(&node.node_id, name);
+            let r = rows
+                .entry(key.clone())
+                .or_insert_with(|| new_row(&key, "local", &node.node_id, name, Some(node.state)));
+            let by: Vec<String> = groups
+                .iter()
+                .filter(|g| &g.local_model == name)
+                .map(|g| g.name.clone())
+                .collect();
+            // A model no group names is served under its own name.
+            r.serves = if by.is_empty() && !inner.config.groups.contains_key(name) {
+                vec![name.clone()]
+            } else {
+                by
+            };
+        }
+    }
+    for g in &groups {
+        for c in &g.cloud {
+            let key = cloud_key(&c.provider, &c.model);
+            let r = rows
+                .entry(key.clone())
+                .or_insert_with(|| new_row(&key, "cloud", &c.provider, &c.model, None));
+            r.health.max_concurrency = c.max_concurrency;
+            r.serves.push(g.name.clone());
+        }
+    }
+    // Targets with health but gone from the fleet and the config (a node that left).
+    for key in inner.health.keys() {
+        if let std::collections::btree_map::Entry::Vacant(slot) = rows.entry(key) {
+            let key = slot.key();
+            let (kind, rest) = key.split_once(':').unwrap_or(("", key));
+            let (at, model) = rest.split_once('/').unwrap_or((rest, ""));
+            let kind = if kind == "cloud" { "cloud" } else { "local" };
+            let row = new_row(key, kind, at, model, None);
+            slot.insert(row);
+        }
+    }
+    let queues: Vec<QueueRow> = inner
+        .queues
+        .depths()
+        .into_iter()
+        .map(|q| QueueRow {
+            model: q.model,
+            priority: q.priority.as_str(),
+            depth: q.depth,
+            oldest_wait_ms: q.oldest_wait.as_millis() as u64,
+        })
+        .collect();
+    Json(serde_json::json!({
+        "targets": rows.into_values().collect::<Vec<_>>(),
+        "queues": queues,
     }))
     .into_response()
 }

@@ -195,6 +195,7 @@ struct QueueRow {
     model: String,
     priority: &'static str,
     depth: u64,
+    oldest_wait_ms: u64,
 }
 
 pub(crate) async fn data(State(s): State<AppState>, h: HeaderMap) -> Response {
@@ -210,10 +211,11 @@ pub(crate) async fn data(State(s): State<AppState>, h: HeaderMap) -> Response {
         .queues
         .depths()
         .into_iter()
-        .map(|(model, p, depth)| QueueRow {
-            model,
-            priority: p.as_str(),
-            depth,
+        .map(|q| QueueRow {
+            model: q.model,
+            priority: q.priority.as_str(),
+            depth: q.depth,
+            oldest_wait_ms: q.oldest_wait.as_millis() as u64,
         })
         .collect();
     ([(header::CACHE_CONTROL, "no-store")], axum::Json(d)).into_response()

@@ -12,6 +12,7 @@ use flotilla_scheduler::{
     Admit, BreakerState, HealthConfig, HealthView, Outcome, Target, TargetHealth,
 };
 use flotilla_state::Shared;
+use serde::Serialize;
 
 use crate::shared::{instant_to_ms, spawn_shared};
 
@@ -36,6 +37,28 @@ pub(crate) struct HealthBook {
     cfg: HealthConfig,
     map: Mutex<HashMap<String, TargetHealth>>,
     shared: Option<Shared>,
+}
+
+/// One target's health as `/admin/v1/targets` and `flotilla status` show it. A target no
+/// request has reached yet reads as closed and admitting, with no figures.
+#[derive(Debug, Serialize)]
+pub(crate) struct HealthDetail {
+    pub breaker: BreakerState,
+    /// Whether the next request may go there now, and if not why (`Admit::as_str`).
+    pub admit: &'static str,
+    /// EWMAs as the policy sees them (blended with other replicas' figures).
+    pub ttft_ms: Option<f64>,
+    pub latency_ms: Option<f64>,
+    pub tokens_per_s: Option<f64>,
+    /// Failures among the requests judged in the breaker's window.
+    pub error_rate: Option<f64>,
+    pub in_flight: u32,
+    /// 0 = no limit.
+    pub max_concurrency: u32,
+    pub successes: u64,
+    pub failures: u64,
+    /// How much longer a 429 keeps it aside.
+    pub rate_limited_ms: Option<u64>,
 }
 
 /// One target's health as `/metrics` shows it.
@@ -200,6 +223,48 @@ impl HealthBook {
             let mut h = TargetHealth::default();
             h.set_remote(Some(f));
             map.insert(k, h);
+        }
+    }
+
+    /// Every target with health kept (one request or probe reached it).
+    pub fn keys(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    pub fn detail(&self, key: &str, now: Instant) -> HealthDetail {
+        let map = self.lock();
+        let Some(h) = map.get(key) else {
+            return HealthDetail {
+                breaker: BreakerState::Closed,
+                admit: Admit::Yes.as_str(),
+                ttft_ms: None,
+                latency_ms: None,
+                tokens_per_s: None,
+                error_rate: None,
+                in_flight: 0,
+                max_concurrency: 0,
+                successes: 0,
+                failures: 0,
+                rate_limited_ms: None,
+            };
+        };
+        let view = h.view(&self.cfg, now);
+        let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64() * 1e3);
+        HealthDetail {
+            breaker: h.breaker(&self.cfg, now),
+            admit: view.admit.as_str(),
+            ttft_ms: ms(view.ttft),
+            latency_ms: ms(view.latency),
+            tokens_per_s: view.tokens_per_s,
+            error_rate: h.error_rate(),
+            in_flight: h.in_flight,
+            max_concurrency: h.max_concurrency,
+            successes: h.successes,
+            failures: h.failures,
+            rate_limited_ms: h
+                .rate_limited_until()
+                .filter(|t| *t > now)
+                .map(|t| t.saturating_duration_since(now).as_millis() as u64),
         }
     }
 

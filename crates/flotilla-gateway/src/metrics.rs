@@ -342,11 +342,11 @@ pub(crate) fn render(s: &AppState) -> String {
         "gauge",
         "Requests waiting for a local slot.",
     );
-    for (model, p, n) in s.inner.queues.depths() {
+    for q in s.inner.queues.depths() {
         e.sample(
             m::SCHED_QUEUE_DEPTH,
-            &[("model", &model), ("priority", p.as_str())],
-            n as f64,
+            &[("model", &q.model), ("priority", q.priority.as_str())],
+            q.depth as f64,
         );
     }
     let rows = s.inner.health.rows(Instant::now());

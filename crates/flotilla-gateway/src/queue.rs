@@ -32,6 +32,15 @@ struct Entry {
 
 type Key = (String, ModelKind);
 
+/// One model's queue for one class, for `/metrics`, the dashboard and `flotilla status`.
+pub(crate) struct QueueDepth {
+    pub model: String,
+    pub priority: Priority,
+    pub depth: u64,
+    /// How long its oldest entry has waited (zero when empty).
+    pub oldest_wait: Duration,
+}
+
 #[derive(Default)]
 pub(crate) struct Queues {
     map: Mutex<HashMap<Key, Vec<Entry>>>,
@@ -102,17 +111,30 @@ impl Queues {
         removed
     }
 
-    /// Depth per model and class, for `/metrics`.
-    pub fn depths(&self) -> Vec<(String, Priority, u64)> {
+    /// Depth per model and class, with how long the oldest has waited.
+    pub fn depths(&self) -> Vec<QueueDepth> {
+        let now = Instant::now();
         let map = self.lock();
         let mut out = Vec::new();
         for ((model, _), q) in map.iter() {
             for p in [Priority::Interactive, Priority::Batch] {
-                let n = q.iter().filter(|e| e.waiting.priority == p).count() as u64;
-                out.push((model.clone(), p, n));
+                let since: Vec<Instant> = q
+                    .iter()
+                    .filter(|e| e.waiting.priority == p)
+                    .map(|e| e.waiting.enqueued_at)
+                    .collect();
+                out.push(QueueDepth {
+                    model: model.clone(),
+                    priority: p,
+                    depth: since.len() as u64,
+                    oldest_wait: since
+                        .iter()
+                        .min()
+                        .map_or(Duration::ZERO, |t| now.saturating_duration_since(*t)),
+                });
             }
         }
-        out.sort_by(|a, b| (&a.0, a.1.as_str()).cmp(&(&b.0, b.1.as_str())));
+        out.sort_by(|a, b| (&a.model, a.priority.as_str()).cmp(&(&b.model, b.priority.as_str())));
         out
     }
 

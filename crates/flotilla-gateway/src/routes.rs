@@ -35,6 +35,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/dashboard", get(crate::dashboard::page))
         .route("/dashboard/data", get(crate::dashboard::data))
         .route("/admin/v1/nodes", get(crate::admin::nodes))
+        .route("/admin/v1/targets", get(crate::admin::targets))
         .route("/admin/v1/requests", get(crate::admin::requests))
         .route("/admin/v1/savings", get(crate::admin::savings))
         .route(
