@@ -89,7 +89,13 @@ pub async fn resolve_source(
         }),
         other if Path::new(other).is_dir() => Ok(PathBuf::from(other)),
         other => {
-            Ok(flotilla_engine::resolve_model_source(other, Some(hf_cache_dir), offline).await?)
+            // A bar per file while a model downloads, where load bars are drawn too.
+            let hub = flotilla_engine::Hub {
+                cache_dir: Some(hf_cache_dir),
+                progress: flotilla_api::logging::bars_drawn(),
+                ..flotilla_engine::Hub::default()
+            };
+            Ok(flotilla_engine::resolve_model_source_with(other, &hub, offline).await?)
         }
     }
 }
@@ -103,6 +109,9 @@ pub async fn load_models(cfg: &AgentConfig, plan: &AgentPlan) -> Result<Models, 
             resolve_source(&spec.source, &cfg.cache_dir, &cfg.hf_cache_dir, cfg.offline).await?;
         let started = std::time::Instant::now();
         let name = spec.name.clone();
+        // A bar on stderr while the weights are read (at a terminal with text logs).
+        let bar = flotilla_api::logging::byte_bar(0, &spec.name);
+        let progress = bar.clone();
         match spec.kind {
             ModelKind::Chat => {
                 let mut cfg = spec.engine_config();
@@ -110,23 +119,25 @@ pub async fn load_models(cfg: &AgentConfig, plan: &AgentPlan) -> Result<Models, 
                 models
                     .devices
                     .insert(spec.name.clone(), cfg.device.to_string());
-                let engine =
-                    tokio::task::spawn_blocking(move || TextEngine::load(&name, &dir, cfg))
-                        .await
-                        .map_err(|e| AgentError::Load {
-                            model: spec.name.clone(),
-                            reason: e.to_string(),
-                        })??;
+                let engine = tokio::task::spawn_blocking(move || {
+                    TextEngine::load_with_progress(&name, &dir, cfg, progress)
+                })
+                .await
+                .map_err(|e| AgentError::Load {
+                    model: spec.name.clone(),
+                    reason: e.to_string(),
+                })??;
                 models.chat.insert(spec.name.clone(), engine);
             }
             ModelKind::Embedding => {
-                let engine =
-                    tokio::task::spawn_blocking(move || EmbeddingEngine::load(&name, &dir))
-                        .await
-                        .map_err(|e| AgentError::Load {
-                            model: spec.name.clone(),
-                            reason: e.to_string(),
-                        })??;
+                let engine = tokio::task::spawn_blocking(move || {
+                    EmbeddingEngine::load_with_progress(&name, &dir, progress)
+                })
+                .await
+                .map_err(|e| AgentError::Load {
+                    model: spec.name.clone(),
+                    reason: e.to_string(),
+                })??;
                 models.embedding.insert(
                     spec.name.clone(),
                     Arc::new(EmbeddingModel {
@@ -136,7 +147,14 @@ pub async fn load_models(cfg: &AgentConfig, plan: &AgentPlan) -> Result<Models, 
                 );
             }
         }
-        tracing::info!(model = %spec.name, kind = ?spec.kind, load_ms = started.elapsed().as_millis() as u64, "model loaded");
+        bar.finish_and_clear();
+        tracing::info!(
+            model = %spec.name,
+            kind = ?spec.kind,
+            weights_mib = format!("{:.1}", bar.position() as f64 / (1u64 << 20) as f64),
+            load_ms = started.elapsed().as_millis() as u64,
+            "model loaded"
+        );
     }
     Ok(models)
 }

@@ -7,12 +7,17 @@
 //! writer thread collects lines for up to [`COLLECT`] and writes them together. Warnings
 //! and errors are written at once. A line that would grow the buffer past [`MAX_BUFFER`]
 //! (stderr blocked) is dropped and counted, and the count is written when stderr drains.
+//!
+//! Progress bars ([`byte_bar`]: weights being read) share stderr with the lines: the
+//! writer hides them while it writes, so a line never lands in the middle of a bar. They
+//! are drawn only at a terminal with text logs.
 
 use std::io::Write;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tracing::{Level, Metadata};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
@@ -21,6 +26,48 @@ use tracing_subscriber::fmt::MakeWriter;
 pub const COLLECT: Duration = Duration::from_millis(10);
 /// Bytes of log lines held while stderr does not take them.
 pub const MAX_BUFFER: usize = 8 << 20;
+
+/// Every bar on stderr; hidden until `init` finds a terminal and text logs.
+fn bars() -> &'static MultiProgress {
+    static BARS: OnceLock<MultiProgress> = OnceLock::new();
+    BARS.get_or_init(|| MultiProgress::with_draw_target(ProgressDrawTarget::hidden()))
+}
+
+/// A bar counting `total` bytes, labelled `what` (a model's name): drawn on stderr when the
+/// process logs text to a terminal, a cheap no-op otherwise. Finish it with
+/// `finish_and_clear` so the log line saying what happened replaces it.
+pub fn byte_bar(total: u64, what: &str) -> ProgressBar {
+    let style = ProgressStyle::with_template(
+        "{msg:>20} [{bar:30}] {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} {eta:>4}",
+    )
+    .map(|s| s.progress_chars("=> "))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bars().add(
+        ProgressBar::new(total)
+            .with_style(style)
+            .with_message(format!("loading {what}")),
+    )
+}
+
+/// Whether bars are drawn (text logs to a terminal): other bars, such as hf-hub's
+/// download bars, follow the same rule.
+pub fn bars_drawn() -> bool {
+    !bars().is_hidden()
+}
+
+/// Stderr, with the bars lifted while lines are written.
+struct BarAwareStderr;
+
+impl Write for BarAwareStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        bars().suspend(|| std::io::stderr().write_all(buf))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -172,7 +219,10 @@ pub fn init(format: LogFormat) -> LogGuard {
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (handle, guard) = start(Box::new(std::io::stderr()));
+    if ansi && format == LogFormat::Text {
+        bars().set_draw_target(ProgressDrawTarget::stderr());
+    }
+    let (handle, guard) = start(Box::new(BarAwareStderr));
     if guard.thread.is_none() {
         let builder = tracing_subscriber::fmt()
             .with_env_filter(filter)

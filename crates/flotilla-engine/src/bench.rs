@@ -325,7 +325,7 @@ impl Baseline {
         let lc: LlamaConfig =
             serde_json::from_str(&raw).map_err(|e| EngineError::files(dir, e.to_string()))?;
         let cfg = lc.into_config(false);
-        let vb = crate::models::var_builder(dir, &Device::Cpu)?;
+        let vb = crate::models::var_builder(dir, &Device::Cpu, &indicatif::ProgressBar::hidden())?;
         let llama = Llama::load(vb, &cfg)?;
         Ok(Baseline { llama, cfg })
     }

@@ -7,6 +7,7 @@ use std::sync::mpsc as std_mpsc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use indicatif::ProgressBar;
 use tokenizers::Tokenizer;
 use tokio::sync::oneshot;
 
@@ -44,7 +45,7 @@ struct Loaded {
     max_input_tokens: usize,
 }
 
-fn load(dir: &Path) -> Result<(Loaded, usize), EngineError> {
+fn load(dir: &Path, progress: &ProgressBar) -> Result<(Loaded, usize), EngineError> {
     let path = dir.join("config.json");
     let raw = std::fs::read_to_string(&path).map_err(|e| EngineError::io(&path, e))?;
     let cfg: BertConfig = serde_json::from_str(&raw)
@@ -60,7 +61,7 @@ fn load(dir: &Path) -> Result<(Loaded, usize), EngineError> {
         .with_truncation(None)
         .map_err(EngineError::tokenizer)?;
     tokenizer.with_padding(None);
-    let vb = var_builder(dir, &Device::Cpu)?;
+    let vb = var_builder(dir, &Device::Cpu, progress)?;
     let model = BertModel::load(vb, &cfg)
         .map_err(|e| EngineError::files(dir, format!("weights do not match config: {e}")))?;
     Ok((
@@ -76,12 +77,21 @@ fn load(dir: &Path) -> Result<(Loaded, usize), EngineError> {
 impl EmbeddingEngine {
     /// Spawns the model thread, loads on it, and returns once loading finished.
     pub fn load(name: &str, dir: &Path) -> Result<EmbeddingEngine, EngineError> {
+        EmbeddingEngine::load_with_progress(name, dir, ProgressBar::hidden())
+    }
+
+    /// `load`, counting the bytes of weights read on `progress`.
+    pub fn load_with_progress(
+        name: &str,
+        dir: &Path,
+        progress: ProgressBar,
+    ) -> Result<EmbeddingEngine, EngineError> {
         let (ready_tx, ready_rx) = std_mpsc::sync_channel(1);
         let (tx, rx) = std_mpsc::channel::<Job>();
         let dir = dir.to_path_buf();
         std::thread::Builder::new()
             .name(format!("flotilla-embed-{name}"))
-            .spawn(move || match load(&dir) {
+            .spawn(move || match load(&dir, &progress) {
                 Ok((loaded, hidden)) => {
                     if ready_tx.send(Ok((hidden, loaded.max_input_tokens))).is_ok() {
                         while let Ok(job) = rx.recv() {

@@ -26,7 +26,7 @@ pub use device::DeviceSpec;
 pub use embed::{EmbeddingEngine, Embeddings, find_minilm_dir};
 pub use error::EngineError;
 pub use models::{GgufDims, GgufQuant, gguf_dims, write_gguf};
-pub use source::{Hub, pull_model, resolve_model_source};
+pub use source::{Hub, pull_model, resolve_model_source, resolve_model_source_with};
 pub use template::ChatTemplate;
 pub use testmodel::{TestModelSize, make_test_model, make_test_model_sized};
 pub use text::{EngineLatency, TextEngine};

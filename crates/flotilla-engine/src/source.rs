@@ -31,6 +31,15 @@ pub async fn resolve_model_source(
     cache_dir: Option<&Path>,
     offline: bool,
 ) -> Result<PathBuf, EngineError> {
+    resolve_model_source_with(source, &Hub::cache(cache_dir), offline).await
+}
+
+/// [`resolve_model_source`] with the hub's address and progress bars as `hub` says.
+pub async fn resolve_model_source_with(
+    source: &str,
+    hub: &Hub<'_>,
+    offline: bool,
+) -> Result<PathBuf, EngineError> {
     let path = Path::new(source);
     if path.is_file() || path.is_dir() {
         let gguf = find_gguf(path).map_err(|e| match e {
@@ -52,9 +61,9 @@ pub async fn resolve_model_source(
         ));
     }
     if offline {
-        resolve_offline(source, cache_dir)
+        resolve_offline(source, hub.cache_dir)
     } else {
-        resolve_online(source, &Hub::cache(cache_dir)).await
+        resolve_online(source, hub).await
     }
 }
 

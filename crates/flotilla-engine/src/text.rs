@@ -21,6 +21,7 @@ use crate::models::{Batch, LlamaModel};
 use crate::sequence::Sequence;
 use crate::textmodel::{TextTokenizer, load_text_model, panic_message};
 use crate::types::{EngineStatus, GenerateEvent, GenerateRequest, Prompt, TextEngineConfig};
+use indicatif::ProgressBar;
 
 /// Counters shared between the handle and the engine thread.
 pub(crate) struct Counters {
@@ -98,8 +99,21 @@ const DEFAULT_KV_BYTES_CAP: u64 = 1 << 30;
 impl TextEngine {
     /// Spawns the engine thread, loads the model on it, and returns once loading finished.
     pub fn load(name: &str, dir: &Path, cfg: TextEngineConfig) -> Result<TextEngine, EngineError> {
+        TextEngine::load_with_progress(name, dir, cfg, ProgressBar::hidden())
+    }
+
+    /// `load`, counting the bytes of weights read on `progress` (its length set to their
+    /// total).
+    pub fn load_with_progress(
+        name: &str,
+        dir: &Path,
+        cfg: TextEngineConfig,
+        progress: ProgressBar,
+    ) -> Result<TextEngine, EngineError> {
         let dir = dir.to_path_buf();
-        TextEngine::spawn(name, cfg, move |device| load_text_model(&dir, device))
+        TextEngine::spawn(name, cfg, move |device| {
+            load_text_model(&dir, device, &progress)
+        })
     }
 
     /// Like `load`, with the model and tokenizer made by `load` on the engine thread.

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use candle_core::Device;
+use indicatif::ProgressBar;
 use tokenizers::Tokenizer;
 
 use crate::models::{GgufWeights, LlamaModel, ModelConfig, SafetensorsWeights, find_gguf};
@@ -74,14 +75,15 @@ pub(crate) fn load_tokenizer(dir: &Path) -> Result<Tokenizer, EngineError> {
 pub(crate) fn load_text_model(
     path: &Path,
     device: &Device,
+    progress: &ProgressBar,
 ) -> Result<(LlamaModel, TextTokenizer), EngineError> {
     if let Some(file) = find_gguf(path)? {
-        return load_gguf_model(&file, device);
+        return load_gguf_model(&file, device, progress);
     }
     let dir = path;
     let cfg = ModelConfig::load(dir)?;
     let tokenizer = load_text_tokenizer(dir, &cfg)?;
-    let weights = SafetensorsWeights::load(dir, device)?;
+    let weights = SafetensorsWeights::load(dir, device, progress)?;
     let model = LlamaModel::load(cfg, &weights, device)?;
     Ok((model, tokenizer))
 }
@@ -91,8 +93,9 @@ pub(crate) fn load_text_model(
 fn load_gguf_model(
     file: &Path,
     device: &Device,
+    progress: &ProgressBar,
 ) -> Result<(LlamaModel, TextTokenizer), EngineError> {
-    let (weights, cfg) = GgufWeights::open(file, device)?;
+    let (weights, cfg) = GgufWeights::open(file, device, progress.clone())?;
     let dir = file.parent().unwrap_or(Path::new("."));
     if !dir.join("tokenizer.json").is_file() {
         let name = file.file_name().unwrap_or_default().to_string_lossy();

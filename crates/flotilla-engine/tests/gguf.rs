@@ -52,6 +52,44 @@ fn tensor_types(file: &Path) -> Vec<(String, GgmlDType)> {
     types
 }
 
+/// The bar `flotilla agent` draws while a model loads ends at the size of the weights, for
+/// safetensors directories and GGUF files alike.
+#[test]
+fn loading_counts_every_byte_of_the_weights() {
+    let dir = test_model_dir();
+    let bar = indicatif::ProgressBar::hidden();
+    let engine =
+        TextEngine::load_with_progress("m", &dir, TextEngineConfig::default(), bar.clone())
+            .unwrap();
+    let mut on_disk = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|x| x == "safetensors") {
+            on_disk += std::fs::metadata(&path).unwrap().len();
+        }
+    }
+    assert!(on_disk > 0);
+    assert_eq!(bar.length(), Some(on_disk));
+    assert_eq!(bar.position(), on_disk);
+    drop(engine);
+
+    let gguf = tiny_gguf(GgufQuant::Q8_0);
+    let bar = indicatif::ProgressBar::hidden();
+    let _engine =
+        TextEngine::load_with_progress("m", gguf.path(), TextEngineConfig::default(), bar.clone())
+            .unwrap();
+    let file = gguf.path().join("tiny.gguf");
+    let content = Content::read(&mut std::fs::File::open(&file).unwrap()).unwrap();
+    let file_len = std::fs::metadata(&file).unwrap().len();
+    let total = bar.length().unwrap();
+    // Every tensor's bytes, which is the file less its header (and alignment padding).
+    assert!(total > 0 && total <= file_len - content.tensor_data_offset);
+    assert!(
+        total + 64 * content.tensor_infos.len() as u64 >= file_len - content.tensor_data_offset
+    );
+    assert_eq!(bar.position(), total, "every tensor read once");
+}
+
 fn load(dir: &Path) -> TextEngine {
     TextEngine::load("m", dir, TextEngineConfig::default()).unwrap()
 }

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{QMatMul, QTensor, ggml_file};
 use candle_core::{Device, Tensor};
+use indicatif::ProgressBar;
 
 use crate::error::EngineError;
 use crate::models::config::{ModelConfig, RopeKind};
@@ -190,11 +191,18 @@ pub(crate) struct GgufWeights {
     device: Device,
     /// Heads of `attn_q` and `attn_k` whose rows the converter reordered (`llama` only).
     permuted_heads: Option<(usize, usize)>,
+    /// Counts the bytes of tensors read; its length is the tensor data's size.
+    progress: ProgressBar,
 }
 
 impl GgufWeights {
-    /// Opens `path` and reads its header, and the model config from its metadata.
-    pub(crate) fn open(path: &Path, device: &Device) -> Result<(Self, ModelConfig), EngineError> {
+    /// Opens `path` and reads its header, and the model config from its metadata. Tensors
+    /// are read when asked for, their bytes counted on `progress`.
+    pub(crate) fn open(
+        path: &Path,
+        device: &Device,
+        progress: ProgressBar,
+    ) -> Result<(Self, ModelConfig), EngineError> {
         let mut file = File::open(path).map_err(|e| EngineError::io(path, e))?;
         let file_len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
         let content = Content::read(&mut file)
@@ -209,7 +217,18 @@ impl GgufWeights {
             file_len,
             device: device.clone(),
             permuted_heads,
+            progress,
         };
+        let tensor_bytes: u64 = weights
+            .content
+            .tensor_infos
+            .values()
+            .map(|i| {
+                let blocks = i.shape.elem_count() / i.ggml_dtype.block_size();
+                (blocks * i.ggml_dtype.type_size()) as u64
+            })
+            .sum();
+        weights.progress.set_length(tensor_bytes);
         if weights.content.tensor_infos.contains_key(ROPE_FREQS) {
             let factors = weights
                 .read(ROPE_FREQS)?
@@ -288,6 +307,7 @@ impl GgufWeights {
                 .and_then(|_| file.read_exact(&mut raw))
                 .map_err(|e| EngineError::files(&self.path, format!("reading `{name}`: {e}")))?;
         }
+        self.progress.inc(size as u64);
         if let Some(heads) = self.heads_to_unpermute(name) {
             let rows = dims.first().copied().unwrap_or(0);
             raw = unpermute_rows(&raw, rows, heads)

@@ -122,7 +122,7 @@ pub fn write_gguf(model_dir: &Path, out: &Path, quant: GgufQuant) -> Result<(), 
             ));
         }
     };
-    let src = SafetensorsWeights::load(model_dir, &Device::Cpu)?;
+    let src = SafetensorsWeights::load(model_dir, &Device::Cpu, &indicatif::ProgressBar::hidden())?;
     let tensors = gguf_tensors(&cfg, &src, arch, quant)?;
     let mut metadata = model_metadata(&cfg, arch, quant, model_dir);
     metadata.extend(tokenizer_metadata(model_dir, cfg.vocab_size)?);

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor};
+use indicatif::ProgressBar;
 
 use crate::error::EngineError;
 
@@ -28,9 +29,14 @@ pub(crate) struct SafetensorsWeights {
 }
 
 impl SafetensorsWeights {
-    pub(crate) fn load(dir: &Path, device: &Device) -> Result<Self, EngineError> {
+    /// Reads every file, counting its bytes on `progress`.
+    pub(crate) fn load(
+        dir: &Path,
+        device: &Device,
+        progress: &ProgressBar,
+    ) -> Result<Self, EngineError> {
         Ok(SafetensorsWeights {
-            tensors: load_all(dir, device)?,
+            tensors: load_all(dir, device, progress)?,
             dir: dir.to_path_buf(),
         })
     }
@@ -79,20 +85,55 @@ pub(crate) fn safetensor_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> 
 pub(crate) fn var_builder(
     dir: &Path,
     device: &Device,
+    progress: &ProgressBar,
 ) -> Result<candle_nn::VarBuilder<'static>, EngineError> {
     Ok(candle_nn::VarBuilder::from_tensors(
-        load_all(dir, device)?,
+        load_all(dir, device, progress)?,
         DType::F32,
         device,
     ))
 }
 
-fn load_all(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>, EngineError> {
+/// Files are read in pieces of this size, so a bar moves while a 5 GB shard is read.
+const READ_PIECE: usize = 16 << 20;
+
+fn load_all(
+    dir: &Path,
+    device: &Device,
+    progress: &ProgressBar,
+) -> Result<HashMap<String, Tensor>, EngineError> {
+    let files = safetensor_files(dir)?;
+    let mut total = 0;
+    for file in &files {
+        total += std::fs::metadata(file)
+            .map_err(|e| EngineError::io(file, e))?
+            .len();
+    }
+    progress.set_length(total);
     let mut tensors = HashMap::new();
-    for file in safetensor_files(dir)? {
-        let part = candle_core::safetensors::load(&file, device)
+    for file in files {
+        let bytes = read_counted(&file, progress)?;
+        let part = candle_core::safetensors::load_buffer(&bytes, device)
             .map_err(|e| EngineError::files(&file, e.to_string()))?;
         tensors.extend(part);
     }
     Ok(tensors)
+}
+
+/// The whole file, its bytes counted on `progress` as they arrive.
+fn read_counted(file: &Path, progress: &ProgressBar) -> Result<Vec<u8>, EngineError> {
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(file).map_err(|e| EngineError::io(file, e))?;
+    let len = f.metadata().map_err(|e| EngineError::io(file, e))?.len();
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    loop {
+        let got = (&mut f)
+            .take(READ_PIECE as u64)
+            .read_to_end(&mut bytes)
+            .map_err(|e| EngineError::io(file, e))?;
+        if got == 0 {
+            return Ok(bytes);
+        }
+        progress.inc(got as u64);
+    }
 }
