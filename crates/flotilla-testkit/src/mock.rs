@@ -1,4 +1,4 @@
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -25,8 +25,32 @@ pub enum Behavior {
         retry_after_s: Option<u64>,
         message: String,
     },
+    /// Answer with this status and an OpenAI error of this `type` and `code`, as providers
+    /// refuse requests (`context_length_exceeded`, `content_filter`).
+    Error {
+        status: u16,
+        error_type: String,
+        code: String,
+        message: String,
+    },
     /// Stream `after_chunks` content chunks, then drop the connection without `[DONE]`.
     StreamCut { after_chunks: usize },
+    /// Stream the role chunk and `after_chunks` content chunks of `text`, go silent for
+    /// `pause`, then finish normally. `after_chunks: 0` is a first token that comes late.
+    Stall {
+        text: String,
+        after_chunks: usize,
+        pause: Duration,
+    },
+    /// Stream `after_chunks` content chunks of `text`, then an event that is not JSON, then
+    /// the rest.
+    Malformed { text: String, after_chunks: usize },
+    /// Stream `text` (with its finish reason when `finish`), then close the connection
+    /// cleanly without `data: [DONE]`.
+    NoDone { text: String, finish: bool },
+    /// Refuse a request whose last message is the assistant's (a prefill to continue), as
+    /// some providers do, with a 400; answer anything else with `text`.
+    RejectPrefill { text: String },
     /// Accept the request and never answer.
     Hang,
 }
@@ -51,6 +75,25 @@ impl Behavior {
             code,
             retry_after_s: None,
             message: format!("mock upstream says {code}"),
+        }
+    }
+    /// OpenAI's answer to a prompt longer than the model's context.
+    pub fn context_length_exceeded() -> Self {
+        Behavior::Error {
+            status: 400,
+            error_type: "invalid_request_error".into(),
+            code: "context_length_exceeded".into(),
+            message: "This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 tokens.".into(),
+        }
+    }
+    /// A provider's content filter refusing the prompt.
+    pub fn content_filter() -> Self {
+        Behavior::Error {
+            status: 400,
+            error_type: "invalid_request_error".into(),
+            code: "content_filter".into(),
+            message: "The prompt was filtered due to the provider's content management policy."
+                .into(),
         }
     }
 }
@@ -107,7 +150,12 @@ impl MockOptions {
     }
 }
 
+/// A second handle on every accepted connection by peer address, so that a cut or a kill
+/// can break it (dropping hyper's handle alone would not close a socket held here too).
+type Conns = Arc<Mutex<HashMap<SocketAddr, std::net::TcpStream>>>;
+
 struct MockState {
+    conns: Conns,
     script: Mutex<VecDeque<Behavior>>,
     default: Mutex<Behavior>,
     requests: Mutex<Vec<Recorded>>,
@@ -121,7 +169,7 @@ pub struct MockUpstream {
     state: Arc<MockState>,
     task: tokio::task::JoinHandle<()>,
     /// A second handle on every accepted connection, so [`MockUpstream::kill`] can cut them.
-    conns: Arc<Mutex<Vec<std::net::TcpStream>>>,
+    conns: Conns,
 }
 
 impl Drop for MockUpstream {
@@ -148,7 +196,9 @@ impl MockUpstream {
         options: MockOptions,
     ) -> std::io::Result<MockUpstream> {
         let addr = listener.local_addr()?;
+        let conns: Conns = Arc::default();
         let state = Arc::new(MockState {
+            conns: Arc::clone(&conns),
             script: Mutex::new(VecDeque::new()),
             default: Mutex::new(default),
             requests: Mutex::new(Vec::new()),
@@ -160,18 +210,19 @@ impl MockUpstream {
             .route("/v1/completions", post(handle))
             .route("/v1/embeddings", post(handle))
             .with_state(Arc::clone(&state));
-        let conns: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
         let record = state.options.record.then(|| Arc::clone(&conns));
         let task = tokio::spawn(async move {
             // Chunks go out as written, as a real provider's do.
             let listener = axum::serve::ListenerExt::tap_io(listener, move |tcp| {
                 let _ = tcp.set_nodelay(true);
                 if let Some(conns) = &record
+                    && let Ok(peer) = tcp.peer_addr()
                     && let Ok(fd) = std::os::fd::AsFd::as_fd(tcp).try_clone_to_owned()
                 {
-                    lock(conns).push(std::net::TcpStream::from(fd));
+                    lock(conns).insert(peer, std::net::TcpStream::from(fd));
                 }
             });
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             let _ = axum::serve(listener, app).await;
         });
         Ok(MockUpstream {
@@ -186,7 +237,7 @@ impl MockUpstream {
     /// every open connection, answered or not.
     pub fn kill(&self) {
         self.task.abort();
-        for c in lock(&self.conns).drain(..) {
+        for (_, c) in lock(&self.conns).drain() {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
     }
@@ -229,6 +280,61 @@ impl MockUpstream {
     }
 }
 
+/// A server that accepts each connection, reads the request's head, and resets the
+/// connection (TCP RST) before any response byte: a provider's load balancer dropping
+/// the request. Stops when dropped.
+pub struct ResetUpstream {
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ResetUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ResetUpstream {
+    pub async fn start() -> std::io::Result<ResetUpstream> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&hits);
+        let task = tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let hits = Arc::clone(&counted);
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt as _;
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    hits.fetch_add(1, Ordering::Relaxed);
+                    // Closing with a zero linger time sends RST instead of FIN.
+                    let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
+                    drop(conn);
+                });
+            }
+        });
+        Ok(ResetUpstream { addr, hits, task })
+    }
+
+    /// Base URL with the `/v1` segment, as a provider's `base_url` is configured.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Requests whose head arrived (each was reset).
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::Relaxed)
+    }
+}
+
 /// A URL on which nothing listens: connections are refused.
 pub fn closed_port_url() -> String {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -240,6 +346,7 @@ pub fn closed_port_url() -> String {
 
 async fn handle(
     State(state): State<Arc<MockState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     uri: axum::http::Uri,
     headers: HeaderMap,
     body: Bytes,
@@ -300,6 +407,67 @@ async fn handle(
             }
             resp
         }
+        Behavior::Error {
+            status,
+            error_type,
+            code,
+            message,
+        } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+            let body = json!({"error": {"message": message, "type": error_type, "param": null, "code": code}});
+            (status, axum::Json(body)).into_response()
+        }
+        Behavior::RejectPrefill { text } => {
+            let prefill = body
+                .get("messages")
+                .and_then(Value::as_array)
+                .and_then(|m| m.last())
+                .is_some_and(|m| m.get("role").and_then(Value::as_str) == Some("assistant"));
+            if prefill {
+                let body = json!({"error": {"message": "This model does not support assistant message prefill. The conversation must end with a user message.", "type": "invalid_request_error", "param": "messages", "code": null}});
+                return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
+            }
+            let words = words_of(&text);
+            if stream {
+                let usage = include_usage.then(|| usage(words.len())).flatten();
+                sse(answer_events(chat, &model, &words, usage), pause)
+            } else {
+                axum::Json(whole(chat, &model, &text, usage(words.len()))).into_response()
+            }
+        }
+        Behavior::Stall {
+            text,
+            after_chunks,
+            pause: silence,
+        } => {
+            let words = words_of(&text);
+            let usage = include_usage.then(|| usage(words.len())).flatten();
+            let mut events = answer_events(chat, &model, &words, usage);
+            events.insert(first_content(chat) + after_chunks, Ev::Pause(silence));
+            sse(events, pause)
+        }
+        Behavior::Malformed { text, after_chunks } => {
+            let words = words_of(&text);
+            let usage = include_usage.then(|| usage(words.len())).flatten();
+            let mut events = answer_events(chat, &model, &words, usage);
+            events.insert(
+                first_content(chat) + after_chunks,
+                Ev::Data(Bytes::from_static(
+                    b"data: {\"id\": \"chatcmpl-mock\", \"choices\": [{\"delta\n\n",
+                )),
+            );
+            sse(events, pause)
+        }
+        Behavior::NoDone { text, finish } => {
+            let words = words_of(&text);
+            let usage = include_usage.then(|| usage(words.len())).flatten();
+            let mut events = answer_events(chat, &model, &words, usage);
+            events.pop();
+            if !finish {
+                events.truncate(first_content(chat) + words.len());
+            }
+            sse(events, pause)
+        }
         Behavior::Reply { text, latency } => {
             if !(latency.is_zero() && state.options.skip_zero_sleep) {
                 tokio::time::sleep(latency).await;
@@ -307,29 +475,24 @@ async fn handle(
             if path.ends_with("/embeddings") {
                 return axum::Json(embeddings(&model, &body)).into_response();
             }
-            let words: Vec<String> = text.split_inclusive(' ').map(str::to_owned).collect();
+            let words = words_of(&text);
             let usage = if include_usage || !stream {
                 usage(words.len())
             } else {
                 None
             };
             if stream {
-                sse(stream_chunks(chat, &model, &words, usage, None), pause)
+                sse(answer_events(chat, &model, &words, usage), pause)
             } else {
                 axum::Json(whole(chat, &model, &text, usage)).into_response()
             }
         }
         Behavior::StreamCut { after_chunks } => {
             let words: Vec<String> = (0..after_chunks + 5).map(|i| format!("w{i} ")).collect();
-            let usage = if include_usage {
-                usage(words.len())
-            } else {
-                None
-            };
-            sse(
-                stream_chunks(chat, &model, &words, usage, Some(after_chunks)),
-                pause,
-            )
+            let mut events = answer_events(chat, &model, &words, None);
+            events.truncate(first_content(chat) + after_chunks);
+            events.push(Ev::Cut(lock(&state.conns).remove(&peer)));
+            sse(events, pause)
         }
     }
 }
@@ -359,15 +522,28 @@ fn embeddings(model: &str, body: &Value) -> Value {
     json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": n, "total_tokens": n}})
 }
 
-/// The SSE events of a streamed answer; with `cut_after`, only that many content chunks
-/// and then a broken connection.
-fn stream_chunks(
-    chat: bool,
-    model: &str,
-    words: &[String],
-    usage: Option<Value>,
-    cut_after: Option<usize>,
-) -> Vec<Result<Bytes, std::io::Error>> {
+fn words_of(text: &str) -> Vec<String> {
+    text.split_inclusive(' ').map(str::to_owned).collect()
+}
+
+/// One step of a scripted stream.
+enum Ev {
+    /// Bytes to send (after the event pause).
+    Data(Bytes),
+    /// Silence this long.
+    Pause(Duration),
+    /// The connection breaks (shut down for real when the mock holds a handle on it).
+    Cut(Option<std::net::TcpStream>),
+}
+
+/// Where the first content chunk sits in [`answer_events`]: after the role chunk of a chat.
+fn first_content(chat: bool) -> usize {
+    usize::from(chat)
+}
+
+/// The SSE events of a whole streamed answer: the role chunk (chat), one chunk per word,
+/// the finish chunk, the usage chunk when given, and `[DONE]`.
+fn answer_events(chat: bool, model: &str, words: &[String], usage: Option<Value>) -> Vec<Ev> {
     let chunk = |content: Option<&str>, finish: Option<&str>| -> Value {
         if chat {
             let delta = match content {
@@ -381,49 +557,66 @@ fn stream_chunks(
                    "choices": [{"index": 0, "text": content.unwrap_or(""), "finish_reason": finish}]})
         }
     };
+    let data = |v: &Value| Ev::Data(Bytes::from(data_event(&v.to_string())));
     let mut out = Vec::new();
     if chat {
-        out.push(Ok(Bytes::from(data_event(
+        out.push(data(
             &json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
-                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]})
-            .to_string(),
-        ))));
+                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}),
+        ));
     }
-    for (i, w) in words.iter().enumerate() {
-        if cut_after == Some(i) {
-            out.push(Err(std::io::Error::new(
-                std::io::ErrorKind::ConnectionReset,
-                "mock cut the stream",
-            )));
-            return out;
-        }
-        out.push(Ok(Bytes::from(data_event(
-            &chunk(Some(w), None).to_string(),
-        ))));
+    for w in words {
+        out.push(data(&chunk(Some(w), None)));
     }
-    out.push(Ok(Bytes::from(data_event(
-        &chunk(None, Some("stop")).to_string(),
-    ))));
+    out.push(data(&chunk(None, Some("stop"))));
     if let Some(usage) = usage {
-        let chunk = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [],
-                           "usage": usage});
-        out.push(Ok(Bytes::from(data_event(&chunk.to_string()))));
+        out.push(data(
+            &json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [],
+                    "usage": usage}),
+        ));
     }
-    out.push(Ok(Bytes::from(data_event("[DONE]"))));
+    out.push(Ev::Data(Bytes::from(data_event("[DONE]"))));
     out
 }
 
-fn sse(events: Vec<Result<Bytes, std::io::Error>>, pause: Duration) -> Response {
-    let body = if pause.is_zero() {
-        Body::from_stream(futures::stream::iter(events))
+fn sse(events: Vec<Ev>, pause: Duration) -> Response {
+    let body = if pause.is_zero() && events.iter().all(|e| matches!(e, Ev::Data(_))) {
+        Body::from_stream(futures::stream::iter(events.into_iter().filter_map(
+            |e| match e {
+                Ev::Data(b) => Some(Ok::<_, std::io::Error>(b)),
+                Ev::Pause(_) | Ev::Cut(_) => None,
+            },
+        )))
     } else {
         // A short pause between events makes the stream arrive in several reads, as a real one does.
         Body::from_stream(futures::stream::unfold(
             events.into_iter(),
             move |mut it| async move {
-                let next = it.next()?;
-                tokio::time::sleep(pause).await;
-                Some((next, it))
+                loop {
+                    match it.next()? {
+                        Ev::Pause(d) => tokio::time::sleep(d).await,
+                        Ev::Cut(conn) => {
+                            // After the pause, so what was sent before is flushed first.
+                            if !pause.is_zero() {
+                                tokio::time::sleep(pause).await;
+                            }
+                            if let Some(c) = conn {
+                                let _ = c.shutdown(std::net::Shutdown::Both);
+                            }
+                            let cut = std::io::Error::new(
+                                std::io::ErrorKind::ConnectionReset,
+                                "mock cut the stream",
+                            );
+                            return Some((Err(cut), it));
+                        }
+                        Ev::Data(b) => {
+                            if !pause.is_zero() {
+                                tokio::time::sleep(pause).await;
+                            }
+                            return Some((Ok(b), it));
+                        }
+                    }
+                }
             },
         ))
     };
