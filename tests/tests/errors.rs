@@ -244,3 +244,99 @@ async fn a_client_that_never_finishes_its_body_gets_408() {
     assert!(text.contains("\"error\""), "{text}");
     sched.stop().await;
 }
+
+/// A client trickling its request head (slowloris) is disconnected after
+/// `header_timeout_ms`, and so is one that connects and says nothing.
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sched = start_scheduler(SchedulerSection {
+        header_timeout_ms: 300,
+        ..scheduler_section()
+    })
+    .await;
+    let addr = sched.url.trim_start_matches("http://").to_owned();
+    for first in [
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-slow: ",
+        "",
+    ] {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        conn.write_all(first.as_bytes()).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = vec![0u8; 4096];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                // One more byte now and then, as a slowloris client does.
+                if !first.is_empty() {
+                    let _ = conn.write_all(b"a").await;
+                }
+                match tokio::time::timeout(
+                    std::time::Duration::from_millis(100),
+                    conn.read(&mut buf),
+                )
+                .await
+                {
+                    Ok(r) => return r,
+                    Err(_) => continue,
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!("the server closes the connection instead of waiting forever ({first:?})")
+        });
+        // Closed (0 bytes or reset), or a 408 before the close.
+        if let Ok(n) = read
+            && n > 0
+        {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        }
+        let took = started.elapsed();
+        assert!(took >= std::time::Duration::from_millis(250), "{took:?}");
+    }
+    // The server still serves everyone else.
+    let resp = client()
+        .get(format!("{}/health", sched.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    sched.stop().await;
+}
+
+/// A request head larger than `max_header_bytes` gets 431; a JSON body nested deeper than
+/// the parser allows gets a 400; neither harms the server.
+#[tokio::test]
+async fn oversized_headers_get_431_and_deep_json_a_400() {
+    let sched = start_scheduler(SchedulerSection {
+        max_header_bytes: 16 * 1024,
+        ..scheduler_section()
+    })
+    .await;
+    let resp = client()
+        .post(format!("{}/v1/chat/completions", sched.url))
+        .header("x-padding", "p".repeat(20 * 1024))
+        .json(&chat_body("tiny-llama", "hi", json!({})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 431);
+    for depth in [200, 100_000] {
+        let body = format!(
+            r#"{{"model":"tiny-llama","messages":[{{"role":"user","content":"hi"}}],"x":{}{}}}"#,
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        let (status, v) = post_raw(&sched.url, "/v1/chat/completions", body.into_bytes()).await;
+        assert_eq!(status, 400, "depth {depth}: {v}");
+        assert_openai_error(&v);
+    }
+    let resp = client()
+        .get(format!("{}/health", sched.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    sched.stop().await;
+}

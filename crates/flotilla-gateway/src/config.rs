@@ -209,6 +209,11 @@ pub struct SchedulerSection {
     pub max_body_bytes: usize,
     /// How long a client may take to send its request body; slower ones get 408.
     pub body_timeout_ms: u64,
+    /// How long a client may take to send a request's headers (also how long an idle
+    /// keep-alive connection stays open); slower ones are disconnected.
+    pub header_timeout_ms: u64,
+    /// Largest request head (request line and headers) accepted; larger ones get 431.
+    pub max_header_bytes: usize,
     /// Queue depth limit for models whose entry does not set one.
     pub default_max_queue_depth: u64,
     /// How often agents are asked to heartbeat.
@@ -221,10 +226,16 @@ pub struct SchedulerSection {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_ttl_ms: Option<u64>,
     pub connect_timeout_ms: u64,
-    /// Until an upstream's response headers arrive, and between two stream chunks.
+    /// Until an upstream's response headers arrive.
     pub first_byte_timeout_ms: u64,
     /// For a whole non-streaming upstream response.
     pub request_timeout_ms: u64,
+    /// From sending a streamed request until its first token; a stream silent (or broken,
+    /// or garbled) before that fails over to the next target without the client noticing.
+    pub first_token_timeout_ms: u64,
+    /// The longest silence between two chunks of a running stream; past it the stream is
+    /// broken (`mid_stream` says what the client gets).
+    pub stream_idle_timeout_ms: u64,
     /// Environment variable holding the token agents must present; unset = no check.
     pub cluster_token_env: Option<String>,
     /// Environment variable holding the token `/admin/...` requires; unset = open (warned
@@ -292,6 +303,8 @@ impl Default for SchedulerSection {
             listen: "127.0.0.1:8080".into(),
             max_body_bytes: 4 * 1024 * 1024,
             body_timeout_ms: 30_000,
+            header_timeout_ms: 30_000,
+            max_header_bytes: 64 * 1024,
             default_max_queue_depth: 16,
             heartbeat_ms: 1_000,
             missed_heartbeats: 3,
@@ -299,6 +312,8 @@ impl Default for SchedulerSection {
             connect_timeout_ms: 5_000,
             first_byte_timeout_ms: 60_000,
             request_timeout_ms: 600_000,
+            first_token_timeout_ms: 60_000,
+            stream_idle_timeout_ms: 20_000,
             cluster_token_env: None,
             admin_token_env: None,
             default_strategy: Strategy::Cost,
@@ -390,6 +405,8 @@ impl ModelSection {
 pub struct SchedulerConfig {
     pub max_body_bytes: usize,
     pub body_timeout: Duration,
+    pub header_timeout: Duration,
+    pub max_header_bytes: usize,
     pub default_max_queue_depth: u64,
     pub heartbeat: Duration,
     pub missed_heartbeats: u32,
@@ -484,6 +501,7 @@ impl SchedulerSection {
         };
         for (key, v) in [
             ("scheduler.body_timeout_ms", self.body_timeout_ms),
+            ("scheduler.header_timeout_ms", self.header_timeout_ms),
             ("scheduler.heartbeat_ms", self.heartbeat_ms),
             ("scheduler.connect_timeout_ms", self.connect_timeout_ms),
             (
@@ -491,6 +509,14 @@ impl SchedulerSection {
                 self.first_byte_timeout_ms,
             ),
             ("scheduler.request_timeout_ms", self.request_timeout_ms),
+            (
+                "scheduler.first_token_timeout_ms",
+                self.first_token_timeout_ms,
+            ),
+            (
+                "scheduler.stream_idle_timeout_ms",
+                self.stream_idle_timeout_ms,
+            ),
             ("scheduler.max_queue_wait_ms", self.max_queue_wait_ms),
             ("scheduler.retry_budget_ms", self.retry_budget_ms),
             ("scheduler.health.window_ms", self.health.window_ms),
@@ -510,6 +536,9 @@ impl SchedulerSection {
         }
         if self.max_body_bytes < 1024 {
             errors.push("scheduler.max_body_bytes: must be at least 1024".into());
+        }
+        if self.max_header_bytes < 8192 {
+            errors.push("scheduler.max_header_bytes: must be at least 8192".into());
         }
         if self.max_attempts == 0 {
             errors.push("scheduler.max_attempts: must be at least 1".into());
@@ -585,6 +614,8 @@ impl SchedulerSection {
                 ("connect_timeout_ms", p.connect_timeout_ms),
                 ("first_byte_timeout_ms", p.first_byte_timeout_ms),
                 ("request_timeout_ms", p.request_timeout_ms),
+                ("first_token_timeout_ms", p.first_token_timeout_ms),
+                ("stream_idle_timeout_ms", p.stream_idle_timeout_ms),
                 ("default_max_tokens", p.default_max_tokens),
             ] {
                 if v == Some(0) {
@@ -664,6 +695,8 @@ impl SchedulerSection {
         Ok(SchedulerConfig {
             max_body_bytes: self.max_body_bytes,
             body_timeout: Duration::from_millis(self.body_timeout_ms),
+            header_timeout: Duration::from_millis(self.header_timeout_ms),
+            max_header_bytes: self.max_header_bytes,
             default_max_queue_depth: self.default_max_queue_depth,
             heartbeat: Duration::from_millis(self.heartbeat_ms),
             missed_heartbeats,
@@ -671,6 +704,8 @@ impl SchedulerSection {
                 connect: Duration::from_millis(self.connect_timeout_ms),
                 first_byte: Duration::from_millis(self.first_byte_timeout_ms),
                 total: Duration::from_millis(self.request_timeout_ms),
+                first_token: Duration::from_millis(self.first_token_timeout_ms),
+                stream_idle: Duration::from_millis(self.stream_idle_timeout_ms),
             },
             cluster_token,
             admin_token,

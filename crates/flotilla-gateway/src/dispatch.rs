@@ -25,7 +25,7 @@ use crate::accounting::{AnswerText, Pricing, Tally};
 use crate::auth::{admit_key, max_cost, provider_admits};
 use crate::health::{cloud_key, health_key, local_key};
 use crate::queue::Wake;
-use crate::stream::{Continuation, RelayCtx, relay_sse};
+use crate::stream::{Continuation, RelayCtx, first_token, relay_sse};
 
 fn kind_of(ep: Endpoint) -> ModelKind {
     match ep {
@@ -567,6 +567,30 @@ async fn carry(
                 HeaderValue::from_static(decision.code.as_str()),
             );
         if r.stream {
+            // Until its first token the stream is still invisible to the client: one that
+            // stalls, breaks or garbles before then fails over like a refused connection.
+            let primed = match first_token(resp, &attempt, r.ep).await {
+                Ok(p) => p,
+                Err(e) => {
+                    s.inner.metrics.attempt(1);
+                    s.inner
+                        .health
+                        .finish(&attempt.health_key, Outcome::Failure, Instant::now());
+                    if let Some(t) = tally.as_mut() {
+                        let (outcome, _) = ledger_outcome(&e);
+                        t.attempt(
+                            &label,
+                            attempt.started,
+                            outcome,
+                            Some(200),
+                            Some(e.to_string()),
+                        );
+                    }
+                    tracing::warn!(request_id = r.request_id, model = r.model, upstream = %label, error = %e, "no first token; trying the next target");
+                    failures.push(e);
+                    continue;
+                }
+            };
             s.inner.metrics.attempt(0);
             tracing::info!(request_id = r.request_id, model = r.model, upstream = %label, priority = info.priority.as_str(), strategy = decision.strategy.as_str(), reason = decision.code.as_str(), predicted_ttft_ms = predicted.as_millis() as u64, failed_attempts = failures.len(), stream = true, "routed");
             let cont =
@@ -579,12 +603,11 @@ async fn carry(
                     }
                 });
             let body = relay_sse(
-                resp,
+                primed,
                 RelayCtx {
                     state: s.clone(),
                     ep: r.ep,
                     attempt,
-                    idle: cfg.timeouts.first_byte,
                     guard,
                     predicted_ttft: predicted,
                     cont,

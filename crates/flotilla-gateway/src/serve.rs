@@ -11,6 +11,8 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -20,7 +22,7 @@ use flotilla_api::openai::{ChatCompletionRequest, CompletionRequest, EmbeddingRe
 use flotilla_providers::Endpoint;
 use hyper::Method;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
@@ -40,8 +42,21 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) {
     let graceful = GracefulShutdown::new();
-    // HTTP/1.1 and HTTP/2 (prior knowledge), as `axum::serve` offered.
-    let builder = Builder::new(TokioExecutor::new());
+    // HTTP/1.1 and HTTP/2 (prior knowledge), as `axum::serve` offered, with the head of a
+    // request bounded in time and size: a client trickling its headers (slowloris) is
+    // disconnected, one sending too many gets 431. The body has its own limits
+    // (`read_limited`).
+    let cfg = &state.inner.config;
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_timeout)
+        .max_buf_size(cfg.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX));
     loop {
         let tcp = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -56,15 +71,32 @@ pub(crate) async fn serve(
         // Stream chunks are small writes that must leave at once: no Nagle delay.
         let _ = tcp.set_nodelay(true);
         let (state, router) = (state.clone(), router.clone());
+        // hyper times out a slow HTTP/1 head, but not the wait for the first bytes that
+        // tell HTTP/1 from HTTP/2: a connection with no request by then is closed.
+        let asked = Arc::new(AtomicBool::new(false));
+        let seen = Arc::clone(&asked);
         let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            seen.store(true, Ordering::Relaxed);
             route(state.clone(), router.clone(), req)
         });
         let conn = builder
             .serve_connection(TokioIo::new(tcp), service)
             .into_owned();
         let conn = graceful.watch(conn);
+        let first_request_within = cfg.header_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                ended = &mut conn => ended,
+                () = tokio::time::sleep(first_request_within) => {
+                    if !asked.load(Ordering::Relaxed) {
+                        tracing::debug!("no request within the header timeout: closing the connection");
+                        return;
+                    }
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::trace!(error = %e, "connection ended with an error");
             }
         });

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use bytes::Bytes;
 use flotilla_api::sse::{SseDecoder, data_event};
-use flotilla_providers::{Endpoint, EventKind, StreamDecoder, UpstreamResponse};
+use flotilla_providers::{Endpoint, EventKind, ProviderError, StreamDecoder, UpstreamResponse};
 use flotilla_scheduler::{InFlightGuard, ModelGroup, Outcome, Target};
 use futures::stream::{BoxStream, StreamExt};
 use http_body_util::BodyExt;
@@ -37,7 +37,6 @@ pub(crate) struct RelayCtx {
     pub ep: Endpoint,
     /// The attempt whose body this is.
     pub attempt: Attempt,
-    pub idle: Duration,
     pub guard: Option<InFlightGuard>,
     pub predicted_ttft: Duration,
     /// Some when broken streams continue elsewhere.
@@ -51,7 +50,7 @@ pub(crate) struct RelayCtx {
 
 struct Relay {
     ctx: RelayCtx,
-    upstream: BoxStream<'static, Result<Bytes, hyper::Error>>,
+    upstream: UpstreamBody,
     sse: SseDecoder,
     /// Reads the current upstream's events (and translates them when it is not OpenAI).
     dec: Box<dyn StreamDecoder>,
@@ -198,7 +197,9 @@ impl Relay {
             let kind = match self.dec.event(&e, &mut out) {
                 Ok(k) => k,
                 Err(msg) => {
+                    // Only the events before this one go out: never the bad one.
                     broken = Some(msg);
+                    rebuild = true;
                     break;
                 }
             };
@@ -406,14 +407,121 @@ fn error_event(label: &str, message: &str) -> Bytes {
     Bytes::from(data_event(&body.to_string()))
 }
 
-pub(crate) fn relay_sse(resp: UpstreamResponse, ctx: RelayCtx) -> Body {
+/// An upstream stream read up to its first token: what came so far, then the rest.
+pub(crate) struct Primed {
+    head: Vec<Bytes>,
+    rest: UpstreamBody,
+}
+
+type UpstreamBody = BoxStream<'static, Result<Bytes, hyper::Error>>;
+
+/// Reads a stream until its first token (content, a tool call, a finish reason or the end).
+/// Nothing has reached the client before that, so a stream that stays silent past
+/// `first_token`, breaks, or sends something that is not an event of its API fails here,
+/// and the caller tries the next target as it would after a refused connection.
+pub(crate) async fn first_token(
+    resp: UpstreamResponse,
+    attempt: &Attempt,
+    ep: Endpoint,
+) -> Result<Primed, ProviderError> {
+    let limits = attempt.upstream.timeouts();
+    let deadline = tokio::time::Instant::from_std(attempt.started) + limits.first_token;
+    let target = attempt.label.clone();
+    let mut rest = resp.into_body().into_data_stream().boxed();
+    let mut dec = attempt.upstream.wire().stream_decoder(ep, true);
+    let mut sse = SseDecoder::new();
+    let mut head = Vec::new();
+    let broken = |reason: String| ProviderError::Body {
+        target: target.clone(),
+        reason,
+    };
+    loop {
+        let bytes = match tokio::time::timeout_at(deadline, rest.next()).await {
+            Err(_) => {
+                return Err(ProviderError::Timeout {
+                    target: target.clone(),
+                    after: limits.first_token,
+                });
+            }
+            Ok(None) => return Err(broken("the stream ended before its first token".into())),
+            Ok(Some(Err(e))) => return Err(broken(format!("the stream broke: {e}"))),
+            Ok(Some(Ok(b))) => b,
+        };
+        let mut started = false;
+        for e in sse.feed(&bytes) {
+            let mut out = Vec::new();
+            let kind = dec.event(&e, &mut out).map_err(&broken)?;
+            if kind == EventKind::Done {
+                started = true;
+                continue;
+            }
+            let payloads = if dec.passthrough() { vec![e.data] } else { out };
+            for p in payloads {
+                started |= is_first_token(&p).map_err(&broken)?;
+            }
+        }
+        head.push(bytes);
+        if started {
+            return Ok(Primed { head, rest });
+        }
+    }
+}
+
+/// Whether an OpenAI-shaped chunk carries the answer's start: text, a tool call, a
+/// refusal, a finish reason, or usage. A role-only or empty chunk does not; an error
+/// object or a chunk that is not JSON is an error.
+fn is_first_token(data: &str) -> Result<bool, String> {
+    let data = data.trim();
+    if data == "[DONE]" {
+        return Ok(true);
+    }
+    let v: Value = serde_json::from_str(data)
+        .map_err(|e| format!("the upstream sent an event that is not JSON ({e})"))?;
+    if let Some(err) = v.get("error") {
+        let msg = err.get("message").and_then(Value::as_str).unwrap_or("");
+        return Err(format!(
+            "the upstream sent an error before any token: {msg}"
+        ));
+    }
+    if v.get("usage").is_some_and(|u| !u.is_null()) {
+        return Ok(true);
+    }
+    let Some(choices) = v.get("choices").and_then(Value::as_array) else {
+        return Ok(false);
+    };
+    Ok(choices.iter().any(|c| {
+        let filled = |x: Option<&Value>| match x {
+            None | Some(Value::Null) => false,
+            Some(Value::String(s)) => !s.is_empty(),
+            Some(Value::Array(a)) => !a.is_empty(),
+            Some(_) => true,
+        };
+        let delta = c.get("delta");
+        filled(c.get("finish_reason"))
+            || filled(c.get("text"))
+            || delta.is_some_and(|d| {
+                [
+                    "content",
+                    "tool_calls",
+                    "function_call",
+                    "refusal",
+                    "reasoning_content",
+                ]
+                .iter()
+                .any(|k| filled(d.get(*k)))
+            })
+    }))
+}
+
+pub(crate) fn relay_sse(primed: Primed, ctx: RelayCtx) -> Body {
     let dec = ctx
         .attempt
         .upstream
         .wire()
         .stream_decoder(ctx.ep, ctx.client_usage);
+    let head = futures::stream::iter(primed.head.into_iter().map(Ok));
     let state = Relay {
-        upstream: resp.into_body().into_data_stream().boxed(),
+        upstream: head.chain(primed.rest).boxed(),
         sse: SseDecoder::new(),
         dec,
         saw_done: false,
@@ -437,7 +545,8 @@ pub(crate) fn relay_sse(resp: UpstreamResponse, ctx: RelayCtx) -> Body {
         if st.ended || st.saw_done {
             return None;
         }
-        let out = match tokio::time::timeout(st.ctx.idle, st.upstream.next()).await {
+        let idle = st.ctx.attempt.upstream.timeouts().stream_idle;
+        let out = match tokio::time::timeout(idle, st.upstream.next()).await {
             Ok(Some(Ok(bytes))) => match st.inspect(bytes) {
                 Ok(out) => {
                     if st.saw_done {
@@ -454,7 +563,7 @@ pub(crate) fn relay_sse(resp: UpstreamResponse, ctx: RelayCtx) -> Body {
                     .await
             }
             Err(_) => {
-                let idle = st.ctx.idle.as_millis();
+                let idle = idle.as_millis();
                 st.broken(format!("no data from the upstream for {idle} ms"))
                     .await
             }
@@ -462,4 +571,36 @@ pub(crate) fn relay_sse(resp: UpstreamResponse, ctx: RelayCtx) -> Body {
         out.map(|b| (Ok::<Bytes, Infallible>(b), st))
     });
     Body::from_stream(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_first_token;
+
+    #[test]
+    fn the_first_token_is_text_a_tool_call_a_finish_or_the_end() {
+        for starts in [
+            r#"{"choices":[{"delta":{"content":"Hi"}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"c1"}]}}]}"#,
+            r#"{"choices":[{"delta":{"reasoning_content":"thinking"}}]}"#,
+            r#"{"choices":[{"delta":{},"finish_reason":"length"}]}"#,
+            r#"{"choices":[{"text":"Hi","finish_reason":null}]}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":0}}"#,
+            " [DONE] ",
+        ] {
+            assert_eq!(is_first_token(starts), Ok(true), "{starts}");
+        }
+        for not_yet in [
+            r#"{"choices":[{"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[]}}]}"#,
+            r#"{"choices":[]}"#,
+            r#"{"id":"x","object":"chat.completion.chunk"}"#,
+        ] {
+            assert_eq!(is_first_token(not_yet), Ok(false), "{not_yet}");
+        }
+        let err = is_first_token(r#"{"choices":[{"delta"#).unwrap_err();
+        assert!(err.contains("not JSON"), "{err}");
+        let err = is_first_token(r#"{"error":{"message":"model overloaded"}}"#).unwrap_err();
+        assert!(err.contains("model overloaded"), "{err}");
+    }
 }

@@ -76,6 +76,10 @@ pub struct ProviderConfig {
     pub first_byte_timeout_ms: Option<u64>,
     #[serde(default)]
     pub request_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub first_token_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub stream_idle_timeout_ms: Option<u64>,
     /// Ask for usage in streams (`stream_options.include_usage`); off for servers that
     /// reject the field.
     #[serde(default = "yes")]
@@ -100,6 +104,8 @@ impl ProviderConfig {
             connect_timeout_ms: None,
             first_byte_timeout_ms: None,
             request_timeout_ms: None,
+            first_token_timeout_ms: None,
+            stream_idle_timeout_ms: None,
             stream_usage: true,
             default_max_tokens: None,
         }
@@ -112,6 +118,8 @@ impl ProviderConfig {
             connect: ms(self.connect_timeout_ms, base.connect),
             first_byte: ms(self.first_byte_timeout_ms, base.first_byte),
             total: ms(self.request_timeout_ms, base.total),
+            first_token: ms(self.first_token_timeout_ms, base.first_token),
+            stream_idle: ms(self.stream_idle_timeout_ms, base.stream_idle),
         }
     }
 }
@@ -124,6 +132,11 @@ pub struct Timeouts {
     pub first_byte: Duration,
     /// For reading a whole non-streaming body.
     pub total: Duration,
+    /// From sending a streamed request until its first token. Nothing has reached the
+    /// client before that, so a stream that stays silent longer fails over unseen.
+    pub first_token: Duration,
+    /// The longest silence between two chunks of a stream once it runs.
+    pub stream_idle: Duration,
 }
 
 impl Default for Timeouts {
@@ -132,6 +145,8 @@ impl Default for Timeouts {
             connect: Duration::from_secs(5),
             first_byte: Duration::from_secs(60),
             total: Duration::from_secs(600),
+            first_token: Duration::from_secs(60),
+            stream_idle: Duration::from_secs(20),
         }
     }
 }
@@ -248,6 +263,7 @@ impl UpstreamPool {
             self.client.clone(),
             self.timeouts,
             wire,
+            key,
         )
     }
 
@@ -310,6 +326,7 @@ impl UpstreamPool {
             client,
             timeouts,
             wire,
+            key,
         ))
     }
 }
@@ -332,6 +349,21 @@ struct UpstreamInner {
     /// The endpoint URIs, parsed once; an endpoint the API lacks, or whose URL does not
     /// parse, is absent.
     uris: Vec<(Endpoint, Uri)>,
+    /// Our key, kept to strike it from error bodies that echo it.
+    key: Option<Secret>,
+}
+
+impl UpstreamInner {
+    /// `text` without our API key: some providers quote the key they were sent in their
+    /// errors, and those reach logs, the ledger and clients.
+    fn redact(&self, text: String) -> String {
+        match &self.key {
+            Some(k) if !k.expose().is_empty() && text.contains(k.expose()) => {
+                text.replace(k.expose(), "[redacted]")
+            }
+            _ => text,
+        }
+    }
 }
 
 impl fmt::Debug for Upstream {
@@ -352,6 +384,7 @@ impl Upstream {
         client: Transport,
         timeouts: Timeouts,
         wire: Arc<dyn Wire>,
+        key: Option<Secret>,
     ) -> Self {
         let base_url = base_url.trim_end_matches('/').to_owned();
         headers.insert(
@@ -376,6 +409,7 @@ impl Upstream {
             timeouts,
             wire,
             uris,
+            key,
         }))
     }
 
@@ -457,7 +491,7 @@ impl Upstream {
             .await
             .ok()
             .and_then(Result::ok)
-            .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned());
+            .map(|b| up.redact(String::from_utf8_lossy(&b.to_bytes()).into_owned()));
         let body: Option<Box<ErrorBody>> = text
             .as_deref()
             .and_then(|t| up.wire.error_body(t))

@@ -305,6 +305,10 @@ struct ChoiceView {
     finish_reason: Option<serde::de::IgnoredAny>,
 }
 
+fn not_json(e: &serde_json::Error) -> String {
+    format!("the upstream sent a stream event that is not JSON ({e})")
+}
+
 impl StreamDecoder for OpenAiStream {
     fn passthrough(&self) -> bool {
         true
@@ -320,17 +324,19 @@ impl StreamDecoder for OpenAiStream {
         let has_finish =
             data.contains("\"finish_reason\"") && !data.contains("\"finish_reason\":null");
         if !has_usage && !has_finish {
-            return Ok(if data.trim().is_empty() {
-                EventKind::Ignored
-            } else {
-                EventKind::Answer
-            });
+            if data.trim().is_empty() {
+                return Ok(EventKind::Ignored);
+            }
+            // Checked without building anything: a chunk a client's SDK could not parse
+            // breaks the stream here, instead of in the client.
+            return match serde_json::from_str::<serde::de::IgnoredAny>(data) {
+                Ok(_) => Ok(EventKind::Answer),
+                Err(e) => Err(not_json(&e)),
+            };
         }
-        let Ok(chunk) = serde_json::from_str::<ChunkView>(data) else {
-            // An upstream's error object mid-stream, or a broken line: the relay passes it
-            // on; whether the stream completes decides the rest.
-            return Ok(EventKind::Answer);
-        };
+        // An upstream's error object mid-stream is JSON: the relay passes it on, and
+        // whether the stream completes decides the rest.
+        let chunk = serde_json::from_str::<ChunkView>(data).map_err(|e| not_json(&e))?;
         if chunk.choices.iter().any(|c| c.finish_reason.is_some()) {
             self.finished = true;
         }
@@ -421,6 +427,26 @@ mod tests {
         );
         assert_eq!(d.event(&ev("[DONE]"), &mut out), Ok(EventKind::Done));
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_chunk_that_is_not_json_breaks_the_stream_and_an_error_object_does_not() {
+        let mut d = OpenAiWire.stream_decoder(Endpoint::Chat, false);
+        let mut out = Vec::new();
+        for bad in [
+            r#"{"choices":[{"delta"#,
+            "not json at all",
+            r#"{"choices":[{"finish_reason":"stop""#,
+        ] {
+            let err = d.event(&ev(bad), &mut out).unwrap_err();
+            assert!(err.contains("not JSON"), "{err}");
+        }
+        let upstream_error = r#"{"error":{"message":"overloaded","type":"server_error"}}"#;
+        assert_eq!(
+            d.event(&ev(upstream_error), &mut out),
+            Ok(EventKind::Answer)
+        );
+        assert_eq!(d.event(&ev("  "), &mut out), Ok(EventKind::Ignored));
     }
 
     #[test]
