@@ -42,13 +42,23 @@ fn spawn(args: &[&str]) -> (Proc, String) {
 }
 
 fn spawn_with(args: &[&str], env: &[(&str, &str)], data: tempfile::TempDir) -> (Proc, String) {
+    spawn_logging(args, env, data, Stdio::inherit())
+}
+
+/// [`spawn_with`], its log going to `stderr`.
+fn spawn_logging(
+    args: &[&str],
+    env: &[(&str, &str)],
+    data: tempfile::TempDir,
+    stderr: Stdio,
+) -> (Proc, String) {
     let mut child = Command::new(BIN)
         .args(args)
         .env("FLOTILLA_LOG", "warn")
         .env("FLOTILLA_DATA_DIR", data.path())
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .expect("spawn flotilla");
     let stdout = child.stdout.take().expect("stdout");
@@ -742,5 +752,404 @@ fn models_pull_uses_a_complete_hub_cache_without_the_network() {
     assert!(
         err.starts_with("error: pulling org/name") && err.contains("tokenizer.json"),
         "{err}"
+    );
+}
+
+/// Every ledger row of the scheduler at `url` (all pages), by request id.
+async fn ledger_ids(url: &str) -> std::collections::HashSet<String> {
+    let c = http();
+    let mut ids = std::collections::HashSet::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut req = c.get(format!("{url}/admin/v1/requests?limit=1000"));
+        if let Some(cur) = &cursor {
+            req = req.query(&[("cursor", cur)]);
+        }
+        let page: Value = req.send().await.unwrap().json().await.unwrap();
+        for row in page["data"].as_array().expect("rows") {
+            ids.insert(row["request_id"].as_str().expect("request_id").to_owned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => return ids,
+        }
+    }
+}
+
+/// SIGKILL in the middle of load: the ledger (SQLite, WAL) opens cleanly on restart and
+/// holds a row for every request answered before the last flush interval (200 ms) began.
+#[tokio::test]
+async fn sigkill_under_load_loses_no_ledger_row_older_than_one_flush() {
+    const FLUSH: Duration = Duration::from_millis(200);
+    let cache = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_str().unwrap().to_owned();
+    let up = || {
+        spawn_with(
+            &[
+                "up",
+                "--listen",
+                "127.0.0.1:0",
+                "--cache-dir",
+                cache.path().to_str().unwrap(),
+            ],
+            &[("FLOTILLA_AUTH", "none"), ("FLOTILLA_DATA_DIR", &data_dir)],
+            tempfile::tempdir().unwrap(),
+        )
+    };
+    let (mut proc, url) = up();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (url, stop) = (url.clone(), Arc::clone(&stop));
+        clients.push(tokio::spawn(async move {
+            let c = http();
+            let mut answered = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let sent = c
+                    .post(format!("{url}/v1/chat/completions"))
+                    .json(&json!({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))
+                    .send()
+                    .await;
+                let Ok(resp) = sent else { break };
+                let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+                if resp.status() == 200 && resp.bytes().await.is_ok() {
+                    answered.push((id, std::time::Instant::now()));
+                }
+            }
+            answered
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let killed_at = std::time::Instant::now();
+    proc.0.kill().unwrap();
+    proc.0.wait().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut answered = Vec::new();
+    for c in clients {
+        answered.extend(c.await.unwrap());
+    }
+    assert!(answered.len() >= 20, "only {} answered", answered.len());
+
+    // The same data directory: the ledger opens (the restart would fail otherwise).
+    let (_proc, url) = up();
+    let ids = ledger_ids(&url).await;
+    let due: Vec<&String> = answered
+        .iter()
+        .filter(|(_, at)| killed_at.duration_since(*at) > FLUSH)
+        .map(|(id, _)| id)
+        .collect();
+    let missing: Vec<&&String> = due.iter().filter(|id| !ids.contains(**id)).collect();
+    let recent_kept = answered.len()
+        - due.len()
+        - answered
+            .iter()
+            .filter(|(id, at)| killed_at.duration_since(*at) <= FLUSH && !ids.contains(id))
+            .count();
+    println!(
+        "answered {}, of them {} more than {FLUSH:?} before SIGKILL: {} without a row; rows kept of the last interval's {}: {recent_kept}",
+        answered.len(),
+        due.len(),
+        missing.len(),
+        answered.len() - due.len(),
+    );
+    assert!(missing.is_empty(), "rows lost: {missing:?}");
+}
+
+/// Sends `req`; its status, with its headers and body added to `seen`.
+async fn call(seen: &mut String, req: reqwest::RequestBuilder) -> u16 {
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    seen.push_str(&format!("{:?}\n", resp.headers()));
+    seen.push_str(&resp.text().await.unwrap());
+    status
+}
+
+/// Provider keys, client keys and admin keys never show in the log (at debug level), the
+/// ledger database, `/metrics`, the admin API or any response, even when the provider
+/// quotes its key back in an error.
+#[tokio::test]
+async fn secrets_never_reach_logs_ledger_metrics_or_error_bodies() {
+    const PROVIDER_KEY: &str = "sk-provider-Zq81xVbT0pLmN4sK";
+    let mock = flotilla_testkit::MockUpstream::start(flotilla_testkit::Behavior::reply("fine"))
+        .await
+        .unwrap();
+    mock.push(flotilla_testkit::Behavior::Status {
+        code: 401,
+        retry_after_s: None,
+        message: format!("Incorrect API key provided: {PROVIDER_KEY}."),
+    });
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap().to_owned();
+    let key = run_ok(&["keys", "create", "--name", "app", "--data-dir", &dir]);
+    let admin = run_ok(&[
+        "keys",
+        "create",
+        "--name",
+        "ops",
+        "--admin",
+        "--data-dir",
+        &dir,
+    ]);
+    let (key, admin) = (key.trim().to_owned(), admin.trim().to_owned());
+    let config = write_config(
+        data.path(),
+        &format!(
+            r#"
+[scheduler]
+listen = "127.0.0.1:0"
+
+[[scheduler.providers]]
+name = "mock"
+base_url = "{}"
+api_key_env = "FLOTILLA_TEST_PROVIDER_KEY"
+
+[[scheduler.models]]
+name = "m"
+strategy = "cloud-only"
+cloud = [{{ provider = "mock", model = "mock-model" }}]
+"#,
+            mock.base_url()
+        ),
+    );
+    let log_path = data.path().join("scheduler.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let (mut proc, url) = spawn_logging(
+        &["scheduler", "--config", &config],
+        &[
+            ("FLOTILLA_LOG", "debug"),
+            ("FLOTILLA_DATA_DIR", &dir),
+            ("FLOTILLA_TEST_PROVIDER_KEY", PROVIDER_KEY),
+        ],
+        tempfile::tempdir().unwrap(),
+        Stdio::from(log),
+    );
+    let c = http();
+    let mut seen = String::new();
+    let chat =
+        json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
+    let completions = format!("{url}/v1/chat/completions");
+    // The provider refuses our key and quotes it back; the client is told the target failed.
+    let status = call(
+        &mut seen,
+        c.post(&completions).bearer_auth(&key).json(&chat),
+    )
+    .await;
+    assert_eq!(status, 503, "{seen}");
+    assert!(
+        seen.contains("[redacted]"),
+        "the quoted key is struck out: {seen}"
+    );
+    assert_eq!(
+        call(
+            &mut seen,
+            c.post(&completions).bearer_auth(&key).json(&chat)
+        )
+        .await,
+        200
+    );
+    let stream =
+        json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true});
+    assert_eq!(
+        call(
+            &mut seen,
+            c.post(&completions).bearer_auth(&key).json(&stream)
+        )
+        .await,
+        200
+    );
+    let wrong = format!("{key}x");
+    assert_eq!(
+        call(
+            &mut seen,
+            c.post(&completions).bearer_auth(&wrong).json(&chat)
+        )
+        .await,
+        401
+    );
+    assert_eq!(
+        call(
+            &mut seen,
+            c.post(&completions).bearer_auth(&key).body("{not json")
+        )
+        .await,
+        400
+    );
+    assert_eq!(
+        call(
+            &mut seen,
+            c.get(format!("{url}/admin/v1/requests")).bearer_auth(&key)
+        )
+        .await,
+        401,
+        "a client key does not open the admin API"
+    );
+    for path in [
+        "/admin/v1/requests",
+        "/admin/v1/keys",
+        "/admin/v1/targets",
+        "/metrics",
+    ] {
+        assert_eq!(
+            call(&mut seen, c.get(format!("{url}{path}")).bearer_auth(&admin)).await,
+            200,
+            "{path}"
+        );
+    }
+    // The provider did get its key: the check below would be empty otherwise.
+    let sent = mock.requests();
+    assert_eq!(
+        sent[0].authorization.as_deref(),
+        Some(&*format!("Bearer {PROVIDER_KEY}"))
+    );
+    // Every row written before the ledger is read on disk.
+    sigterm(&proc);
+    assert!(wait_exit(&mut proc, Duration::from_secs(20)).success());
+
+    let mut places = vec![("responses", seen.into_bytes())];
+    places.push(("log", std::fs::read(&log_path).unwrap()));
+    for entry in std::fs::read_dir(data.path()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("ledger.db") {
+            places.push(("ledger", std::fs::read(&path).unwrap()));
+        }
+    }
+    assert!(places.iter().any(|(w, b)| *w == "ledger" && !b.is_empty()));
+    let log = String::from_utf8_lossy(&places[1].1).into_owned();
+    assert!(
+        log.contains("DEBUG") || log.contains("INFO"),
+        "the log was captured: {log}"
+    );
+    for (what, bytes) in &places {
+        let text = String::from_utf8_lossy(bytes);
+        for (name, secret) in [
+            ("provider key", PROVIDER_KEY),
+            ("client key", &*key),
+            ("admin key", &*admin),
+        ] {
+            assert!(!text.contains(secret), "the {name} is in the {what}");
+        }
+    }
+}
+
+/// How one stream of [`an_agent_killed_mid_stream_loses_no_request`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Ended {
+    /// `[DONE]`, no error event.
+    Completed,
+    /// An explicit error event, no `[DONE]`.
+    ErrorEvent,
+    /// An HTTP error status before any stream.
+    HttpError,
+    /// The body ended with neither: a silent truncation.
+    Truncated,
+    /// Still open after 60 s.
+    Hung,
+}
+
+/// kill -9 of an agent while 12 streams run on it (and more wait for its slots): each
+/// stream continues on the cloud fallback (`mid_stream = "continue"`) or ends with an
+/// explicit error event; none hangs and none ends silently cut.
+#[tokio::test]
+async fn an_agent_killed_mid_stream_loses_no_request() {
+    let cloud = flotilla_testkit::MockUpstream::start(flotilla_testkit::Behavior::reply(
+        "and the cloud finished it",
+    ))
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sched_config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+[scheduler]
+listen = "127.0.0.1:0"
+heartbeat_ms = 200
+
+[[scheduler.providers]]
+name = "cloud"
+base_url = "{}"
+
+[[scheduler.models]]
+name = "tiny-llama"
+mid_stream = "continue"
+max_queue_depth = 64
+cloud = [{{ provider = "cloud", model = "cloud-model" }}]
+"#,
+            cloud.base_url()
+        ),
+    );
+    let (_sched, sched_url) = spawn(&["scheduler", "--config", &sched_config]);
+    let cache = tempfile::tempdir().unwrap();
+    let agent_config = write_config(
+        cache.path(),
+        "[agent]\n[[agent.models]]\nname = \"tiny-llama\"\nsource = \"builtin:tiny-llama\"\nmax_num_seqs = 8\n",
+    );
+    let (mut agent, _) = spawn_agent(
+        &sched_url,
+        "doomed",
+        cache.path(),
+        &["--config", &agent_config],
+    );
+    let body = json!({"model": "tiny-llama", "messages": [{"role": "user", "content": "stream"}],
+                      "max_tokens": 400, "ignore_eos": true, "stream": true});
+    let c = http();
+    let mut streams = Vec::new();
+    let (tx, mut first_tokens) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..12 {
+        let (c, url, body, tx) = (c.clone(), sched_url.clone(), body.clone(), tx.clone());
+        streams.push(tokio::spawn(async move {
+            let ended = tokio::time::timeout(Duration::from_secs(60), async {
+                let Ok(mut resp) = c
+                    .post(format!("{url}/v1/chat/completions"))
+                    .json(&body)
+                    .send()
+                    .await
+                else {
+                    return Ended::HttpError;
+                };
+                if resp.status() != 200 {
+                    return Ended::HttpError;
+                }
+                let mut text = String::new();
+                while let Ok(Some(chunk)) = resp.chunk().await {
+                    if text.is_empty() {
+                        let _ = tx.send(());
+                    }
+                    text.push_str(&String::from_utf8_lossy(&chunk));
+                }
+                match (text.contains("data: [DONE]"), text.contains("\"error\"")) {
+                    (true, false) => Ended::Completed,
+                    (false, true) => Ended::ErrorEvent,
+                    _ => Ended::Truncated,
+                }
+            })
+            .await;
+            ended.unwrap_or(Ended::Hung)
+        }));
+    }
+    // Kill once the agent's 8 slots stream (the other 4 wait in the scheduler's queue).
+    for _ in 0..8 {
+        tokio::time::timeout(Duration::from_secs(30), first_tokens.recv())
+            .await
+            .expect("streams started");
+    }
+    agent.0.kill().unwrap();
+    agent.0.wait().unwrap();
+    let mut counts = std::collections::HashMap::new();
+    for s in streams {
+        *counts.entry(s.await.unwrap()).or_insert(0) += 1;
+    }
+    println!(
+        "12 streams after kill -9 of their agent: {counts:?}; cloud asked {} times",
+        cloud.hits()
+    );
+    for bad in [Ended::Hung, Ended::Truncated] {
+        assert_eq!(counts.get(&bad), None, "{counts:?}");
+    }
+    assert!(
+        counts.get(&Ended::Completed).copied().unwrap_or(0) >= 8,
+        "the streams running on the agent went on in the cloud: {counts:?}"
     );
 }
