@@ -71,7 +71,17 @@ pub fn scheduler_section() -> SchedulerSection {
 }
 
 pub async fn start_scheduler(section: SchedulerSection) -> Running {
-    let cfg = section.validate().expect("valid scheduler config");
+    start_scheduler_with(section, |_| {}).await
+}
+
+/// [`start_scheduler`], with `edit` applied to the validated config (to set secrets the
+/// section would read from the environment).
+pub async fn start_scheduler_with(
+    section: SchedulerSection,
+    edit: impl FnOnce(&mut flotilla_gateway::SchedulerConfig),
+) -> Running {
+    let mut cfg = section.validate().expect("valid scheduler config");
+    edit(&mut cfg);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let scheduler = Scheduler::new(listener, cfg).await.expect("scheduler");
     let url = format!("http://{}", scheduler.local_addr().expect("addr"));
