@@ -13,6 +13,8 @@ use flotilla_scheduler::{
     Strategy,
 };
 use flotilla_state::SharedConfig;
+
+pub use crate::tls::TlsSection;
 use serde::{Deserialize, Serialize};
 
 /// How requests spread over agents with free slots.
@@ -287,6 +289,8 @@ pub struct SchedulerSection {
     pub key_defaults: HashMap<String, KeyDefaults>,
     pub ledger: LedgerSection,
     pub state: StateSection,
+    /// HTTPS on the listener (`cert_file`, `key_file`); unset = plain HTTP.
+    pub tls: TlsSection,
     /// The cloud provider the savings report prices all traffic on ("what it would have
     /// cost without Flotilla"); unset = the first configured provider.
     pub default_provider: Option<String>,
@@ -343,6 +347,7 @@ impl Default for SchedulerSection {
             key_defaults: HashMap::new(),
             ledger: LedgerSection::default(),
             state: StateSection::default(),
+            tls: TlsSection::default(),
             default_provider: None,
             usage_tokenizer: None,
             providers: Vec::new(),
@@ -434,6 +439,8 @@ pub struct SchedulerConfig {
     pub key_refresh: Duration,
     pub key_defaults: HashMap<String, KeyDefaults>,
     pub ledger: LedgerSection,
+    /// The listener's TLS settings; None = plain HTTP.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     /// Redis shared with other replicas; None = state in memory only.
     pub shared: Option<SharedConfig>,
     /// How often in-flight counts and health figures are exchanged with other replicas.
@@ -567,6 +574,7 @@ impl SchedulerSection {
             .map_err(|e| errors.push(e))
             .ok()
             .flatten();
+        let tls = self.tls.load().map_err(|e| errors.push(e)).ok().flatten();
         let missed_heartbeats = match self.node_ttl_ms {
             Some(ttl) if ttl <= self.heartbeat_ms => {
                 errors.push(format!(
@@ -745,6 +753,7 @@ impl SchedulerSection {
             key_refresh: Duration::from_millis(self.key_refresh_ms),
             key_defaults: self.key_defaults.clone(),
             ledger,
+            tls,
             shared,
             sync: Duration::from_millis(self.state.sync_ms.max(1)),
             default_provider,

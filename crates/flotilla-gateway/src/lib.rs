@@ -21,12 +21,13 @@ mod serve;
 mod shared;
 mod state;
 mod stream;
+mod tls;
 
 use std::net::SocketAddr;
 
 pub use config::{
     AuthMode, ClassSection, HealthSection, KeyDefaults, LedgerSection, LocalBalance, ModelSection,
-    SchedulerConfig, SchedulerSection, StateSection,
+    SchedulerConfig, SchedulerSection, StateSection, TlsSection,
 };
 pub use state::AppState;
 use tokio::net::TcpListener;

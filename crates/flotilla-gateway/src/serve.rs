@@ -24,8 +24,9 @@ use hyper::Method;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 
@@ -57,6 +58,9 @@ pub(crate) async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX));
+    let builder = Arc::new(builder);
+    let tls = cfg.tls.clone().map(TlsAcceptor::from);
+    let header_timeout = cfg.header_timeout;
     loop {
         let tcp = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -70,7 +74,55 @@ pub(crate) async fn serve(
         };
         // Stream chunks are small writes that must leave at once: no Nagle delay.
         let _ = tcp.set_nodelay(true);
-        let (state, router) = (state.clone(), router.clone());
+        let conn = Conn {
+            builder: Arc::clone(&builder),
+            watcher: graceful.watcher(),
+            state: state.clone(),
+            router: router.clone(),
+            header_timeout,
+        };
+        match &tls {
+            None => {
+                tokio::spawn(conn.serve(tcp));
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    // The handshake is bounded like the request head it precedes.
+                    match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => conn.serve(stream).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// One accepted connection, before it is served.
+struct Conn {
+    builder: Arc<Builder<TokioExecutor>>,
+    watcher: Watcher,
+    state: AppState,
+    router: Router,
+    header_timeout: Duration,
+}
+
+impl Conn {
+    async fn serve<I>(self, io: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Conn {
+            builder,
+            watcher,
+            state,
+            router,
+            header_timeout,
+        } = self;
         // hyper times out a slow HTTP/1 head, but not the wait for the first bytes that
         // tell HTTP/1 from HTTP/2: a connection with no request by then is closed.
         let asked = Arc::new(AtomicBool::new(false));
@@ -80,29 +132,24 @@ pub(crate) async fn serve(
             route(state.clone(), router.clone(), req)
         });
         let conn = builder
-            .serve_connection(TokioIo::new(tcp), service)
+            .serve_connection(TokioIo::new(io), service)
             .into_owned();
-        let conn = graceful.watch(conn);
-        let first_request_within = cfg.header_timeout;
-        tokio::spawn(async move {
-            tokio::pin!(conn);
-            let ended = tokio::select! {
-                ended = &mut conn => ended,
-                () = tokio::time::sleep(first_request_within) => {
-                    if !asked.load(Ordering::Relaxed) {
-                        tracing::debug!("no request within the header timeout: closing the connection");
-                        return;
-                    }
-                    conn.await
+        let conn = watcher.watch(conn);
+        tokio::pin!(conn);
+        let ended = tokio::select! {
+            ended = &mut conn => ended,
+            () = tokio::time::sleep(header_timeout) => {
+                if !asked.load(Ordering::Relaxed) {
+                    tracing::debug!("no request within the header timeout: closing the connection");
+                    return;
                 }
-            };
-            if let Err(e) = ended {
-                tracing::trace!(error = %e, "connection ended with an error");
+                conn.await
             }
-        });
+        };
+        if let Err(e) = ended {
+            tracing::trace!(error = %e, "connection ended with an error");
+        }
     }
-    drop(listener);
-    graceful.shutdown().await;
 }
 
 async fn route(
