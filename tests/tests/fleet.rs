@@ -342,3 +342,66 @@ async fn the_nodes_endpoint_needs_the_admin_token_when_one_is_set() {
     stop.cancel();
     let _ = task.await;
 }
+
+/// With a cluster token, an agent takes inference only from whoever holds it: the
+/// scheduler (which sends it) gets answers, a client calling the agent directly without it
+/// gets 401; read-only endpoints stay open for health checks and scrapes.
+#[tokio::test]
+async fn an_agent_with_a_cluster_token_takes_work_only_with_it() {
+    const TOKEN: &str = "cluster-s3cret";
+    let sched = start_scheduler_with(scheduler_section(), |cfg| {
+        cfg.cluster_token = Some(Secret::new(TOKEN.into()));
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut cfg = flotilla_agent::AgentSection {
+        node_id: Some("guarded".into()),
+        scheduler_url: Some(sched.url.clone()),
+        heartbeat_ms: 200,
+        ..flotilla_agent::AgentSection::default()
+    }
+    .validate()
+    .unwrap();
+    cfg.cluster_token = Some(Secret::new(TOKEN.into()));
+    let agent =
+        flotilla_agent::Agent::with_models(listener, cfg, chat_models(load_tiny(2))).unwrap();
+    let agent_url = agent.base_url().to_owned();
+    agent.register().await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(agent.run(stop.clone()));
+
+    let body = chat_body("tiny-llama", "hi", json!({"max_tokens": 2}));
+    let resp = post(&format!("{}/v1/chat/completions", sched.url), &body).await;
+    assert_eq!(resp.status(), 200, "the scheduler presents the token");
+    assert_eq!(target(&resp), "local:guarded/tiny-llama");
+    for token in [None, Some("wrong")] {
+        let mut req = client()
+            .post(format!("{agent_url}/v1/chat/completions"))
+            .json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 401, "token {token:?}");
+        assert!(!resp.text().await.unwrap().contains(TOKEN));
+    }
+    let resp = client()
+        .post(format!("{agent_url}/v1/chat/completions"))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    for path in ["/health", "/v1/models", "/metrics"] {
+        let resp = client()
+            .get(format!("{agent_url}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+    }
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    sched.stop().await;
+}

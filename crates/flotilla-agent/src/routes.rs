@@ -30,6 +30,10 @@ pub(crate) fn router(state: AgentState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             track_work,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
         ));
     Router::new()
         .merge(work)
@@ -100,7 +104,16 @@ async fn health(State(s): State<AgentState>) -> Response {
     }
 }
 
-/// The cluster token, when the agent has one, guards its admin endpoints.
+/// With a cluster token, inference needs it too: only a scheduler holding it (or an
+/// operator) can send this agent work.
+async fn require_token(State(s): State<AgentState>, req: Request, next: Next) -> Response {
+    if let Err(e) = check_token(&s, req.headers()) {
+        return e.into_response();
+    }
+    next.run(req).await
+}
+
+/// The cluster token, when the agent has one, guards its inference and admin endpoints.
 fn check_token(s: &AgentState, h: &HeaderMap) -> Result<(), ApiError> {
     let auth = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     flotilla_api::check_bearer(s.config.cluster_token.as_ref(), auth, "cluster token")

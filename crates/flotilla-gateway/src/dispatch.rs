@@ -322,10 +322,11 @@ pub(crate) fn upstream_for(
     label: &str,
 ) -> Result<Upstream, ProviderError> {
     match target {
+        // Agents with a cluster token want it on every request.
         Target::Local { base_url, .. } => Ok(s.inner.pool.upstream(
             label,
             &format!("{}/v1", base_url.trim_end_matches('/')),
-            None,
+            s.inner.cluster_token.clone(),
         )),
         Target::Cloud { provider, .. } => match s.inner.providers.get(provider) {
             Some(Ok(up)) => Ok(up.clone()),
