@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::AppState;
 use crate::auth::check_admin;
 use crate::health::{HealthDetail, cloud_key, local_key};
+use crate::queue::QueueRow;
 
 fn state_error(e: StateError) -> ApiError {
     match e.kind() {
@@ -62,14 +63,6 @@ struct TargetRow {
     node_state: Option<NodeState>,
     #[serde(flatten)]
     health: HealthDetail,
-}
-
-#[derive(Debug, Serialize)]
-struct QueueRow {
-    model: String,
-    priority: &'static str,
-    depth: u64,
-    oldest_wait_ms: u64,
 }
 
 /// `GET /admin/v1/targets`: every target requests may go to (the agents' models, the
@@ -138,12 +131,7 @@ pub(crate) async fn targets(State(s): State<AppState>, h: HeaderMap) -> Response
         .queues
         .depths()
         .into_iter()
-        .map(|q| QueueRow {
-            model: q.model,
-            priority: q.priority.as_str(),
-            depth: q.depth,
-            oldest_wait_ms: q.oldest_wait.as_millis() as u64,
-        })
+        .map(QueueRow::from)
         .collect();
     Json(serde_json::json!({
         "targets": rows.into_values().collect::<Vec<_>>(),

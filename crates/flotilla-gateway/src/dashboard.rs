@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::AppState;
 use crate::auth::check_admin;
 use crate::metrics::Counters;
+use crate::queue::QueueRow;
 
 /// How often the figures are sampled.
 pub(crate) const SAMPLE_EVERY: Duration = Duration::from_secs(10);
@@ -190,14 +191,6 @@ struct HostRow {
     memory_total_gib: f64,
 }
 
-#[derive(Debug, Serialize)]
-struct QueueRow {
-    model: String,
-    priority: &'static str,
-    depth: u64,
-    oldest_wait_ms: u64,
-}
-
 pub(crate) async fn data(State(s): State<AppState>, h: HeaderMap) -> Response {
     if let Err(e) = check_admin(&s, &h).await {
         return e.into_response();
@@ -211,12 +204,7 @@ pub(crate) async fn data(State(s): State<AppState>, h: HeaderMap) -> Response {
         .queues
         .depths()
         .into_iter()
-        .map(|q| QueueRow {
-            model: q.model,
-            priority: q.priority.as_str(),
-            depth: q.depth,
-            oldest_wait_ms: q.oldest_wait.as_millis() as u64,
-        })
+        .map(QueueRow::from)
         .collect();
     ([(header::CACHE_CONTROL, "no-store")], axum::Json(d)).into_response()
 }

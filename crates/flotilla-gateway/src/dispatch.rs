@@ -573,20 +573,7 @@ async fn carry(
             let primed = match first_token(resp, &attempt, r.ep).await {
                 Ok(p) => p,
                 Err(e) => {
-                    s.inner.metrics.attempt(1);
-                    s.inner
-                        .health
-                        .finish(&attempt.health_key, Outcome::Failure, Instant::now());
-                    if let Some(t) = tally.as_mut() {
-                        let (outcome, _) = ledger_outcome(&e);
-                        t.attempt(
-                            &label,
-                            attempt.started,
-                            outcome,
-                            Some(200),
-                            Some(e.to_string()),
-                        );
-                    }
+                    failed_after_headers(s, &attempt, tally, &e);
                     tracing::warn!(request_id = r.request_id, model = r.model, upstream = %label, error = %e, "no first token; trying the next target");
                     failures.push(e);
                     continue;
@@ -658,19 +645,7 @@ async fn carry(
                     }));
             }
             Err(e) => {
-                s.inner.metrics.attempt(1);
-                s.inner
-                    .health
-                    .finish(&attempt.health_key, Outcome::Failure, Instant::now());
-                if let Some(t) = tally.as_mut() {
-                    t.attempt(
-                        &label,
-                        attempt.started,
-                        "failed",
-                        Some(200),
-                        Some(e.to_string()),
-                    );
-                }
+                failed_after_headers(s, &attempt, tally, &e);
                 tracing::warn!(request_id = r.request_id, upstream = %label, error = %e, "reading the answer failed; trying the next target");
                 failures.push(e);
             }
@@ -683,6 +658,29 @@ async fn carry(
         "every target failed"
     );
     Err(all_failed(r.model, &failures))
+}
+
+/// An attempt that got its 200 headers but no usable answer (the body broke, or a stream
+/// gave no first token): a failure for the target's health, a failed attempt in the ledger.
+fn failed_after_headers(
+    s: &AppState,
+    attempt: &Attempt,
+    tally: &mut Option<Tally>,
+    e: &ProviderError,
+) {
+    s.inner.metrics.attempt(1);
+    s.inner
+        .health
+        .finish(&attempt.health_key, Outcome::Failure, Instant::now());
+    if let Some(t) = tally.as_mut() {
+        t.attempt(
+            &attempt.label,
+            attempt.started,
+            "failed",
+            Some(200),
+            Some(e.to_string()),
+        );
+    }
 }
 
 // Parsed once, not per response.

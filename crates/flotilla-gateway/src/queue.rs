@@ -41,6 +41,26 @@ pub(crate) struct QueueDepth {
     pub oldest_wait: Duration,
 }
 
+/// A queue as the admin API and the dashboard send it.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct QueueRow {
+    model: String,
+    priority: &'static str,
+    depth: u64,
+    oldest_wait_ms: u64,
+}
+
+impl From<QueueDepth> for QueueRow {
+    fn from(q: QueueDepth) -> Self {
+        QueueRow {
+            model: q.model,
+            priority: q.priority.as_str(),
+            depth: q.depth,
+            oldest_wait_ms: q.oldest_wait.as_millis() as u64,
+        }
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct Queues {
     map: Mutex<HashMap<Key, Vec<Entry>>>,
