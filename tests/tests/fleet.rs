@@ -405,3 +405,42 @@ async fn an_agent_with_a_cluster_token_takes_work_only_with_it() {
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
     sched.stop().await;
 }
+
+/// The agent's own listener bounds request heads as the scheduler's does: a connection
+/// that sends no request, or trickles its headers, is closed after `header_timeout_ms`.
+#[tokio::test]
+async fn an_agent_disconnects_clients_that_never_send_their_headers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sched = start_scheduler(scheduler_section()).await;
+    let (agent, _drain) = start_agent_with(
+        &sched.url,
+        "bounded",
+        chat_models(load_tiny(1)),
+        |s| s.header_timeout_ms = 300,
+        None,
+    )
+    .await;
+    let addr = agent.url.trim_start_matches("http://").to_owned();
+    for first in ["", "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"] {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        conn.write_all(first.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 1024];
+        let read = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("still open after 10 s ({first:?})"));
+        if let Ok(n) = read
+            && n > 0
+        {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        }
+    }
+    let resp = client()
+        .get(format!("{}/health", agent.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    agent.stop().await;
+    sched.stop().await;
+}

@@ -22,6 +22,11 @@ pub struct AgentSection {
     pub scheduler_url: Option<String>,
     pub heartbeat_ms: u64,
     pub max_body_bytes: usize,
+    /// How long a client may take to send a request's headers (and a new connection its
+    /// first request); slower ones are disconnected.
+    pub header_timeout_ms: u64,
+    /// Largest request head accepted; larger ones get 431.
+    pub max_header_bytes: usize,
     /// Environment variable holding the cluster token sent with heartbeats.
     pub cluster_token_env: Option<String>,
     /// Where `builtin:` models are made and Hugging Face downloads are cached.
@@ -58,6 +63,8 @@ impl Default for AgentSection {
             scheduler_url: None,
             heartbeat_ms: 1_000,
             max_body_bytes: 4 * 1024 * 1024,
+            header_timeout_ms: 30_000,
+            max_header_bytes: 64 * 1024,
             cluster_token_env: None,
             cache_dir: None,
             hf_cache_dir: None,
@@ -154,6 +161,7 @@ pub struct AgentConfig {
     pub scheduler_url: Option<String>,
     pub heartbeat: Duration,
     pub max_body_bytes: usize,
+    pub head_limits: flotilla_api::serve::HeadLimits,
     /// Sent with heartbeats when the scheduler requires one.
     pub cluster_token: Option<Secret>,
     pub cache_dir: PathBuf,
@@ -224,6 +232,12 @@ impl AgentSection {
         }
         if self.max_body_bytes < 1024 {
             errors.push("agent.max_body_bytes: must be at least 1024".into());
+        }
+        if self.header_timeout_ms == 0 {
+            errors.push("agent.header_timeout_ms: must be greater than 0".into());
+        }
+        if self.max_header_bytes < 8192 {
+            errors.push("agent.max_header_bytes: must be at least 8192".into());
         }
         for (key, url) in [
             ("agent.scheduler_url", &self.scheduler_url),
@@ -300,6 +314,10 @@ impl AgentSection {
             scheduler_url: self.scheduler_url.clone(),
             heartbeat: Duration::from_millis(self.heartbeat_ms),
             max_body_bytes: self.max_body_bytes,
+            head_limits: flotilla_api::serve::HeadLimits {
+                header_timeout: Duration::from_millis(self.header_timeout_ms),
+                max_header_bytes: self.max_header_bytes,
+            },
             cluster_token,
             cache_dir: self.cache_dir.clone().unwrap_or_else(default_cache_dir),
             hf_cache_dir: self

@@ -14,7 +14,6 @@ pub mod models;
 pub mod placement;
 mod routes;
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -207,16 +206,14 @@ impl Agent {
         let hb_stop = CancellationToken::new();
         let hb = tokio::spawn(heartbeat::run(state.clone(), hb_stop.clone()));
         let app = routes::router(self.state);
-        // Tokens are small writes that must leave at once: no Nagle delay.
-        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
         let server_stop = CancellationToken::new();
-        let mut server = tokio::spawn(
-            axum::serve(listener, app)
-                .with_graceful_shutdown(server_stop.clone().cancelled_owned())
-                .into_future(),
-        );
+        // Request heads bounded in time and size, as on the scheduler.
+        let mut server = tokio::spawn(flotilla_api::serve::serve_router(
+            self.listener,
+            app,
+            state.config.head_limits,
+            server_stop.clone().cancelled_owned(),
+        ));
         tokio::select! {
             _ = shutdown.cancelled() => {}
             _ = state.drain.requested() => {}
@@ -225,7 +222,7 @@ impl Agent {
                 hb_stop.cancel();
                 let _ = hb.await;
                 return match ended {
-                    Ok(r) => r.map_err(AgentError::Io),
+                    Ok(()) => Ok(()),
                     Err(e) => Err(AgentError::Io(std::io::Error::other(e.to_string()))),
                 };
             }
@@ -263,7 +260,7 @@ impl Agent {
             SERVER_CLOSE_GRACE
         };
         match tokio::time::timeout(grace, &mut server).await {
-            Ok(Ok(r)) => r?,
+            Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(AgentError::Io(std::io::Error::other(e.to_string()))),
             Err(_) => server.abort(),
         }

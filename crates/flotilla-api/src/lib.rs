@@ -2,8 +2,9 @@
 //! embeddings, models, errors, SSE chunks), the agent <-> scheduler protocol, the
 //! `ErrorKind` taxonomy and header names.
 //!
-//! This crate holds data and (de)serialisation only. It never depends on candle, tokio or
-//! an HTTP client; the `axum` feature adds one `IntoResponse` for `ApiError`.
+//! This crate holds data and (de)serialisation only. It never depends on candle or an HTTP
+//! client; the `axum` feature adds one `IntoResponse` for `ApiError` and body reading,
+//! `serve` the accept loop both servers share, `logging` the binaries' log writer.
 
 #[cfg(feature = "axum")]
 pub mod body;
@@ -16,6 +17,8 @@ pub mod metrics;
 pub mod openai;
 pub mod protocol;
 pub mod secret;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod sse;
 pub mod usage;
 

@@ -7,22 +7,23 @@
 //! request's CPU under load, as much as the policy, health and ledger row together
 //! (BENCHMARKS.md, "Gateway load: the front without axum's router"). The routes are
 //! matched here by method and exact path; anything else, including a GET on these paths
-//! (405) and every admin route, is the router's, so behaviour is axum's.
+//! (405) and every admin route, is the router's, so behaviour is axum's. The head limits
+//! and the per-connection loop are `flotilla_api::serve`'s, shared with the agent; TLS,
+//! when configured, is added here.
 
 use std::convert::Infallible;
-use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::response::Response;
 use flotilla_api::openai::{ChatCompletionRequest, CompletionRequest, EmbeddingRequest};
+use flotilla_api::serve::{HeadLimits, accept_error, serve_connection};
 use flotilla_providers::Endpoint;
 use hyper::Method;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
@@ -43,21 +44,12 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) {
     let graceful = GracefulShutdown::new();
-    // HTTP/1.1 and HTTP/2 (prior knowledge), as `axum::serve` offered, with the head of a
-    // request bounded in time and size: a client trickling its headers (slowloris) is
-    // disconnected, one sending too many gets 431. The body has its own limits
-    // (`read_limited`).
     let cfg = &state.inner.config;
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_timeout)
-        .max_buf_size(cfg.max_header_bytes);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX));
+    let limits = HeadLimits {
+        header_timeout: cfg.header_timeout,
+        max_header_bytes: cfg.max_header_bytes,
+    };
+    let builder = flotilla_api::serve::builder(limits);
     let builder = Arc::new(builder);
     let tls = cfg.tls.clone().map(TlsAcceptor::from);
     let header_timeout = cfg.header_timeout;
@@ -123,32 +115,10 @@ impl Conn {
             router,
             header_timeout,
         } = self;
-        // hyper times out a slow HTTP/1 head, but not the wait for the first bytes that
-        // tell HTTP/1 from HTTP/2: a connection with no request by then is closed.
-        let asked = Arc::new(AtomicBool::new(false));
-        let seen = Arc::clone(&asked);
-        let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-            seen.store(true, Ordering::Relaxed);
+        serve_connection(&builder, watcher, io, header_timeout, move |req| {
             route(state.clone(), router.clone(), req)
-        });
-        let conn = builder
-            .serve_connection(TokioIo::new(io), service)
-            .into_owned();
-        let conn = watcher.watch(conn);
-        tokio::pin!(conn);
-        let ended = tokio::select! {
-            ended = &mut conn => ended,
-            () = tokio::time::sleep(header_timeout) => {
-                if !asked.load(Ordering::Relaxed) {
-                    tracing::debug!("no request within the header timeout: closing the connection");
-                    return;
-                }
-                conn.await
-            }
-        };
-        if let Err(e) = ended {
-            tracing::trace!(error = %e, "connection ended with an error");
-        }
+        })
+        .await;
     }
 }
 
@@ -176,20 +146,4 @@ async fn route(
     }
     // A `Router` is always ready (its `poll_ready` is `Ready(Ok)`), so it is called directly.
     router.call(req.map(Body::new)).await
-}
-
-/// As `axum::serve`: a connection the peer gave up on before it was accepted is nobody's
-/// concern; anything else (out of file descriptors) is logged and accepting pauses for a
-/// second, so the loop does not spin while the process is out of descriptors.
-async fn accept_error(e: io::Error) {
-    if matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-    ) {
-        return;
-    }
-    tracing::error!(error = %e, "accept failed; pausing for a second");
-    tokio::time::sleep(Duration::from_secs(1)).await;
 }
