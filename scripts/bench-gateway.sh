@@ -49,6 +49,8 @@ die() {
     echo "bench-gateway: $*" >&2
     exit 1
 }
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh # (the working directory is the repository root)
 
 [[ "$ROUNDS" =~ ^[0-9]+$ && "$ROUNDS" -ge 2 ]] || die "BENCH_ROUNDS must be at least 2 (got $ROUNDS)"
 for conc in $CONCURRENCY; do
@@ -116,20 +118,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-# Waits for a server's `listening on URL` line and prints the URL.
-wait_listening() {
-    local name=$1 pid=$2 out=$3
-    for _ in $(seq 100); do
-        if grep -q '^listening on ' "$out"; then
-            sed -n 's/^listening on //p' "$out" | head -n 1
-            return 0
-        fi
-        kill -0 "$pid" 2>/dev/null || die "$name exited before listening (see $WORK)"
-        sleep 0.1
-    done
-    die "$name did not print 'listening on' within 10 s"
-}
 
 "$MOCK_BIN" --listen 127.0.0.1:0 --chunks "$CHUNKS" --event-pause-ms "$EVENT_PAUSE_MS" >"$WORK/mock.out" 2>"$WORK/mock.err" &
 MOCK_PID=$!

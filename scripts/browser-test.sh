@@ -17,6 +17,8 @@ die() {
     echo "browser-test: FAILED: $*" >&2
     exit 1
 }
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh # (the working directory is the repository root)
 
 OUT=${BROWSER_TEST_OUT:-target/browser-test}
 FLOTILLA_BIN=${FLOTILLA_BIN:-target/debug/flotilla}
@@ -51,23 +53,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Waits for a server's `listening on URL` line and prints the URL.
-listening() {
-    local out=$1 pid=$2
-    for _ in $(seq 1200); do
-        if grep -q '^listening on ' "$out"; then
-            sed -n 's/^listening on //p' "$out" | head -n 1
-            return 0
-        fi
-        kill -0 "$pid" 2>/dev/null || die "$out: the server exited ($(tail -n 5 "${out%.out}.err"))"
-        sleep 0.1
-    done
-    die "no 'listening on' line in $out within 120 s"
-}
 
 "$MOCK_BIN" --listen 127.0.0.1:0 --chunks 8 --latency-ms 20 >"$WORK/mock.out" 2>"$WORK/mock.err" &
 PIDS+=("$!")
-MOCK_URL=$(listening "$WORK/mock.out" "$!")
+MOCK_URL=$(wait_listening "mock cloud" "$!" "$WORK/mock.out" 120)
 
 cat >"$WORK/flotilla.toml" <<EOF
 [scheduler]
@@ -102,7 +91,7 @@ FLOTILLA_LOG=warn FLOTILLA_AUTH=none FLOTILLA_DATA_DIR="$WORK/data" \
     "$FLOTILLA_BIN" up --listen 127.0.0.1:0 --config "$WORK/flotilla.toml" \
     --cache-dir "$WORK/models" >"$WORK/up.out" 2>"$WORK/up.err" &
 PIDS+=("$!")
-URL=$(listening "$WORK/up.out" "$!")
+URL=$(wait_listening "flotilla up" "$!" "$WORK/up.out" 120)
 echo "browser-test: flotilla up at $URL, mock cloud at $MOCK_URL"
 
 # Traffic: waves of 8 concurrent requests; two local slots and one queue place, so some

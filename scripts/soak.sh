@@ -35,6 +35,8 @@ die() {
     echo "soak: FAILED: $*" >&2
     exit 1
 }
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh # (the working directory is the repository root)
 
 if [[ "${SOAK_SKIP_BUILD:-}" != 1 ]]; then
     echo "soak: building release binaries into $CARGO_TARGET_DIR ..." >&2
@@ -64,18 +66,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-wait_listening() {
-    local name=$1 pid=$2 out=$3
-    for _ in $(seq 100); do
-        if grep -q '^listening on ' "$out"; then
-            sed -n 's/^listening on //p' "$out" | head -n 1
-            return 0
-        fi
-        kill -0 "$pid" 2>/dev/null || die "$name exited before listening (see $WORK)"
-        sleep 0.1
-    done
-    die "$name did not print 'listening on' within 10 s"
-}
 
 "$MOCK_BIN" --listen 127.0.0.1:0 --chunks 8 >"$WORK/mock.out" 2>"$WORK/mock.err" &
 PIDS+=("$!")
