@@ -66,7 +66,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-
 "$MOCK_BIN" --listen 127.0.0.1:0 --chunks 8 >"$WORK/mock.out" 2>"$WORK/mock.err" &
 PIDS+=("$!")
 MOCK_URL=$(wait_listening "mock upstream" "$!" "$WORK/mock.out")
