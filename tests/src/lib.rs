@@ -97,6 +97,31 @@ pub async fn start_scheduler_with(
     }
 }
 
+/// A scheduler whose config reloads (`POST /admin/v1/reload`) from whatever section
+/// `source` holds at the time: the file a real deployment would re-read.
+pub async fn start_reloadable_scheduler(
+    source: Arc<std::sync::Mutex<SchedulerSection>>,
+) -> Running {
+    let section = source.lock().expect("section").clone();
+    let cfg = section.validate().expect("valid scheduler config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let scheduler = Scheduler::new(listener, cfg).await.expect("scheduler");
+    scheduler.state().set_loader(Arc::new(move || {
+        source.lock().map_err(|e| vec![e.to_string()])?.validate()
+    }));
+    let url = format!("http://{}", scheduler.local_addr().expect("addr"));
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        scheduler.run(token).await.expect("scheduler run");
+    });
+    Running {
+        url,
+        shutdown,
+        task,
+    }
+}
+
 /// An agent serving `models`, registered with `scheduler_url` before this returns.
 pub async fn start_agent(scheduler_url: &str, node_id: &str, models: Models) -> Running {
     start_agent_with(scheduler_url, node_id, models, |_| {}, None)

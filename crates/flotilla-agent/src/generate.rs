@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 use std::collections::HashMap;
+use std::time::Instant;
 
 use flotilla_api::openai::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs,
@@ -176,17 +177,21 @@ struct Collected {
     finish_reason: &'static str,
     prompt_tokens: u64,
     completion_tokens: u64,
+    /// When its first token came (None: it generated none).
+    first_token: Option<Instant>,
 }
 
 async fn collect_one(mut seq: Sequence) -> Result<Collected, ApiError> {
     let mut text = String::new();
     let mut logprobs = Vec::new();
+    let mut first_token = None;
     while let Some(ev) = seq.rx.recv().await {
         match ev {
             GenerateEvent::Delta {
                 text: t,
                 logprobs: l,
             } => {
+                first_token.get_or_insert_with(Instant::now);
                 text.push_str(&t);
                 logprobs.extend(l);
             }
@@ -206,6 +211,7 @@ async fn collect_one(mut seq: Sequence) -> Result<Collected, ApiError> {
                         0
                     },
                     completion_tokens: completion_tokens as u64,
+                    first_token,
                 });
             }
             GenerateEvent::Failed(e) => return Err(engine_error(e)),
@@ -227,23 +233,26 @@ pub(crate) enum Whole {
 }
 
 /// Waits for every sequence and builds the whole response body.
+/// The whole answer, and when its first token came (the earliest of its sequences'), so
+/// the scheduler learns the true TTFT of answers it did not stream.
 pub(crate) async fn respond_whole(
     format: Format,
     model: &str,
     seqs: Vec<Sequence>,
-) -> Result<Whole, ApiError> {
+) -> Result<(Whole, Option<Instant>), ApiError> {
     let results = futures::future::join_all(seqs.into_iter().map(collect_one)).await;
     let mut done = Vec::with_capacity(results.len());
     for r in results {
         done.push(r?);
     }
     done.sort_by_key(|c| c.index);
+    let first_token = done.iter().filter_map(|c| c.first_token).min();
     let usage = Usage::new(
         done.iter().map(|c| c.prompt_tokens).sum(),
         done.iter().map(|c| c.completion_tokens).sum(),
     );
     let id = uuid::Uuid::new_v4().simple().to_string();
-    Ok(match format.shape {
+    let whole = match format.shape {
         Shape::Chat => Whole::Chat(ChatCompletion {
             id: format!("chatcmpl-{id}"),
             object: "chat.completion".into(),
@@ -281,7 +290,8 @@ pub(crate) async fn respond_whole(
                 .collect(),
             usage: Some(usage),
         }),
-    })
+    };
+    Ok((whole, first_token))
 }
 
 struct ChunkWriter {
@@ -593,9 +603,11 @@ mod tests {
     }
 
     async fn whole(shape: Shape, logprobs: bool) -> Value {
-        let body = respond_whole(Format { shape, logprobs }, "m", vec![scripted(0, events())])
-            .await
-            .unwrap();
+        let (body, first) =
+            respond_whole(Format { shape, logprobs }, "m", vec![scripted(0, events())])
+                .await
+                .unwrap();
+        assert!(first.is_some(), "the answer had tokens");
         serde_json::to_value(&body).unwrap()
     }
 

@@ -1,10 +1,11 @@
 //! The agent's HTTP API: OpenAI endpoints over the local engines, plus health and status.
 
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -14,7 +15,7 @@ use flotilla_api::openai::{
     ChatCompletionRequest, CompletionRequest, EmbeddingData, EmbeddingInput, EmbeddingRequest,
     EmbeddingResponse, EmbeddingUsage, EmbeddingVector, ModelCard, ModelList, SamplingOptions,
 };
-use flotilla_api::{ApiError, ErrorKind};
+use flotilla_api::{ApiError, ErrorKind, headers};
 use flotilla_engine::{ChatMessage, Prompt, SamplingParams, TextEngine};
 
 use crate::AgentState;
@@ -192,6 +193,7 @@ fn sampling(opts: SamplingOptions) -> SamplingParams {
 }
 
 async fn chat(State(s): State<AgentState>, body: Body) -> Response {
+    let arrived = Instant::now();
     let res = async {
         let req: ChatCompletionRequest = read_body(&s, body).await?;
         req.validate()?;
@@ -216,7 +218,8 @@ async fn chat(State(s): State<AgentState>, body: Body) -> Response {
         };
         let n = req.n.unwrap_or(1) as u32;
         let seqs = start(engine, vec![Prompt::Chat(messages)], n, &params).await?;
-        finish(format, engine, seqs, req.is_stream(), req.include_usage()).await
+        let (stream, usage) = (req.is_stream(), req.include_usage());
+        finish(format, engine, seqs, stream, usage, arrived).await
     }
     .await;
     res.unwrap_or_else(IntoResponse::into_response)
@@ -248,6 +251,7 @@ fn reject_unsupported(extra: &serde_json::Map<String, serde_json::Value>) -> Res
 }
 
 async fn completions(State(s): State<AgentState>, body: Body) -> Response {
+    let arrived = Instant::now();
     let res = async {
         let req: CompletionRequest = read_body(&s, body).await?;
         req.validate()?;
@@ -259,7 +263,8 @@ async fn completions(State(s): State<AgentState>, body: Body) -> Response {
         };
         let prompts = req.prompts().into_iter().map(Prompt::Text).collect();
         let seqs = start(engine, prompts, req.n.unwrap_or(1) as u32, &params).await?;
-        finish(format, engine, seqs, req.is_stream(), req.include_usage()).await
+        let (stream, usage) = (req.is_stream(), req.include_usage());
+        finish(format, engine, seqs, stream, usage, arrived).await
     }
     .await;
     res.unwrap_or_else(IntoResponse::into_response)
@@ -271,6 +276,7 @@ async fn finish(
     seqs: Vec<crate::generate::Sequence>,
     stream: bool,
     include_usage: bool,
+    arrived: Instant,
 ) -> Result<Response, ApiError> {
     if stream {
         let body = Body::from_stream(respond_stream(format, engine.name(), seqs, include_usage));
@@ -284,7 +290,19 @@ async fn finish(
         )
             .into_response());
     }
-    Ok(Json(respond_whole(format, engine.name(), seqs).await?).into_response())
+    let (whole, first_token) = respond_whole(format, engine.name(), seqs).await?;
+    let mut resp = Json(whole).into_response();
+    // The time to the first token, which the scheduler cannot see in an answer it gets
+    // whole (milliseconds from the request's arrival, fractional).
+    if let Some(t) = first_token
+        && let Ok(v) = HeaderValue::from_str(&format!(
+            "{:.3}",
+            t.saturating_duration_since(arrived).as_secs_f64() * 1e3
+        ))
+    {
+        resp.headers_mut().insert(headers::FIRST_TOKEN_MS, v);
+    }
+    Ok(resp)
 }
 
 async fn embeddings(State(s): State<AgentState>, body: Body) -> Response {

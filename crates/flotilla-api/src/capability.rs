@@ -9,6 +9,8 @@ pub enum Capability {
     Tools,
     Vision,
     JsonSchema,
+    /// `response_format: {"type": "json_object"}`.
+    JsonObject,
 }
 
 impl Capability {
@@ -17,7 +19,7 @@ impl Capability {
         match self {
             Capability::Tools => "tools",
             Capability::Vision => "messages",
-            Capability::JsonSchema => "response_format",
+            Capability::JsonSchema | Capability::JsonObject => "response_format",
         }
     }
 
@@ -26,6 +28,7 @@ impl Capability {
             Capability::Tools => "tools",
             Capability::Vision => "vision",
             Capability::JsonSchema => "json_schema",
+            Capability::JsonObject => "json_object",
         }
     }
 }

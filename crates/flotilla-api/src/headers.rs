@@ -17,3 +17,6 @@ pub const DEADLINE_MS: &str = "x-flotilla-deadline-ms";
 pub const ROUTE: &str = "x-flotilla-route";
 /// Request: a free-form tag routing rules can match.
 pub const TAG: &str = "x-flotilla-tag";
+/// Response, from agents: for an answer sent whole, the milliseconds from the request's
+/// arrival to its first token (the scheduler's TTFT figure for non-streamed answers).
+pub const FIRST_TOKEN_MS: &str = "x-flotilla-first-token-ms";

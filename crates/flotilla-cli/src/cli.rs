@@ -40,6 +40,9 @@ pub enum Command {
     Agent(AgentArgs),
     /// The fleet as a scheduler sees it: nodes, their GPUs and models.
     Status(StatusArgs),
+    /// Ask a running scheduler to re-read its config (as SIGHUP does): routing settings
+    /// apply from the next request; an invalid file is rejected and the running one stays.
+    Reload(ReloadArgs),
     /// Chat with a model through a scheduler: answers stream in, and a line on stderr says
     /// where each ran. `/model NAME`, `/reset`, `/exit`.
     Chat(ChatArgs),
@@ -224,7 +227,7 @@ fn parse_policy(s: &str) -> Result<flotilla_scheduler::sim::SimPolicy, String> {
     flotilla_scheduler::sim::SimPolicy::parse(s).map_err(|e| e.to_string())
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
     /// Address to listen on (port 0 picks a free port); overrides the config file.
     #[arg(long, env = "FLOTILLA_LISTEN")]
@@ -291,6 +294,20 @@ pub struct AgentArgs {
     /// (non-zero when a model fits nowhere).
     #[arg(long)]
     pub plan: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    /// The scheduler to reload.
+    #[arg(
+        long,
+        env = "FLOTILLA_SCHEDULER_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub scheduler_url: String,
+    /// The scheduler's admin token, when it requires one (`scheduler.admin_token_env`).
+    #[arg(long, env = "FLOTILLA_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -154,6 +154,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     cancel_on_signal(shutdown.clone());
     let sched_stop = CancellationToken::new();
     let scheduler = Scheduler::new(listener, sched_cfg).await?;
+    reload_on_hangup(
+        scheduler.state(),
+        config_loader(args.server.clone(), is_loopback(&listen)),
+    );
     let sched_task = tokio::spawn(scheduler.run(sched_stop.clone()));
 
     let agent = Agent::load(bind("127.0.0.1:0").await?, agent_cfg).await?;
@@ -165,6 +169,98 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     drained(agent_task, &shutdown, agent_drain + DRAIN_TIMEOUT).await?;
     sched_stop.cancel();
     drained(sched_task, &sched_stop, DRAIN_TIMEOUT).await?;
+    Ok(())
+}
+
+/// Re-reads the scheduler's config the way it was read at start: the same file, the
+/// environment, the same flags (and `up`'s open auth on loopback).
+fn config_loader(args: ServerArgs, open_loopback: bool) -> flotilla_gateway::Loader {
+    std::sync::Arc::new(move || {
+        let mut file = config::load(args.config.as_deref()).map_err(|e| e.0)?;
+        apply_server_args(&mut file, &args);
+        if open_loopback && file.scheduler.auth.is_none() {
+            file.scheduler.auth = Some(flotilla_gateway::AuthMode::None);
+        }
+        config::resolve(&file, false)
+            .map(|(s, _)| s)
+            .map_err(|e| e.0)
+    })
+}
+
+/// SIGHUP reloads the config (see `flotilla_gateway::reload`).
+fn reload_on_hangup(state: &flotilla_gateway::AppState, loader: flotilla_gateway::Loader) {
+    state.set_loader(loader);
+    #[cfg(unix)]
+    {
+        let state = state.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                tracing::warn!("cannot listen for SIGHUP: reload with `flotilla reload`");
+                return;
+            };
+            while hup.recv().await.is_some() {
+                let state = state.clone();
+                match tokio::task::spawn_blocking(move || state.reload()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "SIGHUP: config not reloaded"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed"),
+                }
+            }
+        });
+    }
+}
+
+/// `flotilla reload`: asks a running scheduler to re-read its config.
+pub async fn reload(args: &cli::ReloadArgs) -> anyhow::Result<()> {
+    let url = format!(
+        "{}/admin/v1/reload",
+        args.scheduler_url.trim_end_matches('/')
+    );
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()?;
+    let mut req = client.post(&url);
+    if let Some(t) = &args.admin_token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("asking the scheduler at {url}: {e}"))?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    if !status.is_success() {
+        let msg = body
+            .pointer("/error/message")
+            .and_then(|m| m.as_str())
+            .unwrap_or("no message");
+        anyhow::bail!("{url} answered {status}: {msg}");
+    }
+    let list = |k: &str| {
+        body.get(k)
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    let applied = list("applied");
+    println!(
+        "reloaded: {}",
+        if applied.is_empty() {
+            "nothing changed".to_owned()
+        } else {
+            applied
+        }
+    );
+    let restart = list("restart_needed");
+    if !restart.is_empty() {
+        println!("changed, but kept until a restart: {restart}");
+    }
     Ok(())
 }
 
@@ -216,6 +312,11 @@ pub async fn scheduler(args: ServerArgs) -> anyhow::Result<()> {
     }
     let listen = args.listen.clone().unwrap_or(file.scheduler.listen);
     let scheduler = Scheduler::new(bind(&listen).await?, cfg).await?;
+    let open_loopback = false;
+    reload_on_hangup(
+        scheduler.state(),
+        config_loader(args.clone(), open_loopback),
+    );
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
     announce(scheduler.local_addr()?)?;

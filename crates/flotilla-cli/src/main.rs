@@ -15,6 +15,7 @@ async fn main() -> std::process::ExitCode {
         Command::Scheduler(args) => flotilla_cli::scheduler(args).await,
         Command::Agent(args) => flotilla_cli::agent(args).await,
         Command::Status(args) => flotilla_cli::status::run(&args).await,
+        Command::Reload(args) => flotilla_cli::reload(&args).await,
         Command::Chat(args) => flotilla_cli::chat::run(&args).await,
         Command::Models {
             command:

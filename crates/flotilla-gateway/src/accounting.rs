@@ -88,7 +88,8 @@ impl Tally {
         self.rec.priority = info.priority.as_str().to_owned();
         self.rec.ttft_deadline_ms = info.ttft_deadline.map(ms);
         self.rec.deadline_ms = info.deadline.map(ms);
-        let counter = &self.state.inner.config.counter;
+        let cfg = self.state.inner.config();
+        let counter = &cfg.counter;
         self.our_prompt = if counter.is_tokenizer() {
             counter.count(&prompt_text(body))
         } else {
@@ -224,7 +225,7 @@ impl Tally {
         r.baseline_cost_usd = self
             .state
             .inner
-            .config
+            .config()
             .baseline_price(&r.model)
             .and_then(|p| {
                 p.cost(&TokenUsage {
@@ -391,7 +392,7 @@ impl AnswerText {
         if ep == Endpoint::Embeddings {
             return 0;
         }
-        state.inner.config.counter.count(&self.text)
+        state.inner.config().counter.count(&self.text)
     }
 }
 

@@ -39,8 +39,8 @@ pub(crate) async fn nodes(State(s): State<AppState>, h: HeaderMap) -> Response {
         return e.into_response();
     }
     Json(serde_json::json!({
-        "heartbeat_ms": s.inner.config.heartbeat.as_millis() as u64,
-        "missed_heartbeats": s.inner.config.missed_heartbeats,
+        "heartbeat_ms": s.inner.config().heartbeat.as_millis() as u64,
+        "missed_heartbeats": s.inner.config().missed_heartbeats,
         "nodes": s.inner.fleet.snapshot(Instant::now()),
     }))
     .into_response()
@@ -74,7 +74,8 @@ pub(crate) async fn targets(State(s): State<AppState>, h: HeaderMap) -> Response
     }
     let now = Instant::now();
     let inner = &s.inner;
-    let mut groups: Vec<&ModelGroup> = inner.config.groups.values().collect();
+    let cfg = inner.config();
+    let mut groups: Vec<&ModelGroup> = cfg.groups.values().collect();
     groups.sort_by(|a, b| a.name.cmp(&b.name));
     let mut rows: BTreeMap<String, TargetRow> = BTreeMap::new();
     let new_row = |key: &str, kind, at: &str, model: &str, node_state| TargetRow {
@@ -99,7 +100,7 @@ pub(crate) async fn targets(State(s): State<AppState>, h: HeaderMap) -> Response
                 .map(|g| g.name.clone())
                 .collect();
             // A model no group names is served under its own name.
-            r.serves = if by.is_empty() && !inner.config.groups.contains_key(name) {
+            r.serves = if by.is_empty() && !cfg.groups.contains_key(name) {
                 vec![name.clone()]
             } else {
                 by
@@ -226,7 +227,7 @@ pub(crate) async fn savings(
         };
         let report = s.inner.ledger.savings(&query).await.map_err(state_error)?;
         Ok(Json(serde_json::json!({
-            "baseline_provider": s.inner.config.default_provider,
+            "baseline_provider": s.inner.config().default_provider,
             "rows": report.rows,
             "by_model": report.by_model,
             "total": report.total,
@@ -266,7 +267,7 @@ struct CreateKey {
 pub(crate) async fn create_key(State(s): State<AppState>, h: HeaderMap, body: Body) -> Response {
     let res = async {
         check_admin(&s, &h).await?;
-        let bytes = read_limited(body, 64 * 1024, s.inner.config.body_timeout).await?;
+        let bytes = read_limited(body, 64 * 1024, s.inner.config().body_timeout).await?;
         let req: CreateKey = parse_json(&bytes)?;
         let (key, secret) = s
             .inner
@@ -307,6 +308,30 @@ pub(crate) async fn revoke_key(
         crate::auth::forget_key(&s, &id);
         tracing::info!(key = %id, "API key revoked");
         Ok(StatusCode::NO_CONTENT.into_response())
+    }
+    .await;
+    res.unwrap_or_else(|e: ApiError| e.into_response())
+}
+
+/// `POST /admin/v1/reload`: re-reads the config and applies it from the next request; an
+/// invalid file gets a 400 listing every problem, and the running config stays.
+pub(crate) async fn reload(State(s): State<AppState>, h: HeaderMap) -> Response {
+    let res = async {
+        check_admin(&s, &h).await?;
+        // Reading and validating the file is blocking work (files, secrets from the
+        // environment): off the runtime's workers.
+        let state = s.clone();
+        let done = tokio::task::spawn_blocking(move || state.reload())
+            .await
+            .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+        match done {
+            Ok(report) => Ok(Json(report).into_response()),
+            Err(e @ crate::ReloadError::Invalid(_)) => {
+                tracing::warn!(error = %e, "config reload rejected");
+                Err(ApiError::invalid(e.to_string()).with_code("invalid_config"))
+            }
+            Err(e) => Err(ApiError::new(ErrorKind::Unavailable, e.to_string())),
+        }
     }
     .await;
     res.unwrap_or_else(|e: ApiError| e.into_response())

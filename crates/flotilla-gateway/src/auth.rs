@@ -98,7 +98,7 @@ pub(crate) async fn authenticate(
     s: &AppState,
     h: &HeaderMap,
 ) -> Result<Option<Arc<ApiKey>>, ApiError> {
-    if s.inner.config.auth == AuthMode::None {
+    if s.inner.config().auth == AuthMode::None {
         return Ok(None);
     }
     let Some(secret) = bearer(h).filter(|t| !t.is_empty()) else {
@@ -147,11 +147,11 @@ async fn lookup(s: &AppState, secret: &str) -> Result<Option<Arc<ApiKey>>, ApiEr
 /// `--admin`. With `auth = "none"` and no admin token the admin API is open, as the rest is.
 pub(crate) async fn check_admin(s: &AppState, h: &HeaderMap) -> Result<(), ApiError> {
     let given = bearer(h).unwrap_or("");
-    if let Some(token) = &s.inner.config.admin_token {
+    if let Some(token) = &s.inner.config().admin_token {
         if token.matches(given) {
             return Ok(());
         }
-    } else if s.inner.config.auth == AuthMode::None {
+    } else if s.inner.config().auth == AuthMode::None {
         return Ok(());
     }
     let refuse = |m: &str, code: &str| ApiError::new(ErrorKind::Unauthorized, m).with_code(code);
@@ -184,7 +184,7 @@ pub(crate) async fn refresh_keys(state: AppState, shutdown: CancellationToken) {
         load_keys(&state.inner.ledger, &state).await;
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(state.inner.config.key_refresh) => {}
+            _ = tokio::time::sleep(state.inner.config().key_refresh) => {}
         }
     }
 }
@@ -224,7 +224,7 @@ pub(crate) fn max_cost(
         })
         .fold(0.0f64, f64::max);
     // One sequence alone on a GPU at the prior decode rate: an upper bound for a local run.
-    let tps = s.inner.config.policy.prior_tokens_per_s.max(1e-3);
+    let tps = s.inner.config().policy.prior_tokens_per_s.max(1e-3);
     let local = group.gpu_hour_usd / 3600.0 * completion(None) as f64 / tps;
     cloud.max(local)
 }
@@ -287,7 +287,8 @@ pub(crate) async fn provider_admits(
     provider: &str,
     tokens: u64,
 ) -> Result<(), Duration> {
-    let Some(p) = s.inner.config.provider(provider) else {
+    let cfg = s.inner.config();
+    let Some(p) = cfg.provider(provider) else {
         return Ok(());
     };
     if p.rpm.is_none() && p.tpm.is_none() {

@@ -246,8 +246,19 @@ pub struct SchedulerSection {
     /// Routing strategy of models whose entry sets none: cost | latency | failover |
     /// weighted | local-only | cloud-only.
     pub default_strategy: Strategy,
-    /// Amortised price of one local GPU-hour in US dollars, for the `cost` strategy.
+    /// Amortised price of one owned GPU-hour in US dollars, busy or idle: what reports
+    /// charge local work (busy time) and the fleet (every hour of the window).
     pub gpu_hour_usd: f64,
+    /// What one more busy GPU-hour costs on top of owning it (power, say), in US dollars;
+    /// 0 by default. The `cost` strategy prices local work with this plus an opportunity
+    /// cost that grows as free local capacity shrinks, so idle GPUs take work first.
+    pub gpu_marginal_usd_per_hour: f64,
+    /// The share of requests a target must be predicted to serve within their deadlines
+    /// (0..1): targets are judged by their TTFT at this quantile, not by its mean.
+    pub sla_attainment: f64,
+    /// What keeps a client on one side of a `weighted` split: `request` (each request is
+    /// drawn anew), `key` (the API key) or `user` (the body's `user`, else the key).
+    pub split_by: SplitBy,
     /// Class of requests without `x-flotilla-priority`.
     pub default_priority: Priority,
     /// Deadlines per class when the request's headers set none.
@@ -322,6 +333,9 @@ impl Default for SchedulerSection {
             admin_token_env: None,
             default_strategy: Strategy::Cost,
             gpu_hour_usd: 2.0,
+            gpu_marginal_usd_per_hour: 0.0,
+            sla_attainment: 0.99,
+            split_by: SplitBy::Request,
             default_priority: Priority::Interactive,
             interactive: ClassSection {
                 ttft_ms: 10_000,
@@ -356,6 +370,19 @@ impl Default for SchedulerSection {
     }
 }
 
+/// What keeps a client on one side of a weighted split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SplitBy {
+    /// Each request is drawn anew.
+    #[default]
+    Request,
+    /// The API key: one key always sees the same side.
+    Key,
+    /// The request body's `user` (the OpenAI field), else the API key.
+    User,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelSection {
     /// The public model name clients ask for.
@@ -380,6 +407,9 @@ pub struct ModelSection {
     /// Overrides `scheduler.gpu_hour_usd`.
     #[serde(default)]
     pub gpu_hour_usd: Option<f64>,
+    /// Overrides `scheduler.gpu_marginal_usd_per_hour`.
+    #[serde(default)]
+    pub gpu_marginal_usd_per_hour: Option<f64>,
     /// First matching rule chooses the target set.
     #[serde(default)]
     pub rules: Vec<Rule>,
@@ -399,6 +429,7 @@ impl ModelSection {
             local_weight: None,
             local_capabilities: Vec::new(),
             gpu_hour_usd: None,
+            gpu_marginal_usd_per_hour: None,
             rules: Vec::new(),
             mid_stream: None,
         }
@@ -424,6 +455,8 @@ pub struct SchedulerConfig {
     pub groups: HashMap<String, ModelGroup>,
     pub default_strategy: Strategy,
     pub gpu_hour_usd: f64,
+    pub gpu_marginal_usd_per_hour: f64,
+    pub split_by: SplitBy,
     pub default_priority: Priority,
     pub interactive: ClassDefaults,
     pub batch: ClassDefaults,
@@ -477,6 +510,7 @@ impl SchedulerConfig {
         ModelGroup {
             strategy: self.default_strategy,
             gpu_hour_usd: self.gpu_hour_usd,
+            gpu_marginal_usd_per_hour: self.gpu_marginal_usd_per_hour,
             mid_stream: self.mid_stream,
             ..ModelGroup::implicit(name, self.default_max_queue_depth)
         }
@@ -561,6 +595,13 @@ impl SchedulerSection {
         }
         if !(self.gpu_hour_usd >= 0.0 && self.gpu_hour_usd.is_finite()) {
             errors.push("scheduler.gpu_hour_usd: must be a non-negative number".into());
+        }
+        if !(self.gpu_marginal_usd_per_hour >= 0.0 && self.gpu_marginal_usd_per_hour.is_finite()) {
+            errors
+                .push("scheduler.gpu_marginal_usd_per_hour: must be a non-negative number".into());
+        }
+        if !(self.sla_attainment > 0.0 && self.sla_attainment < 1.0) {
+            errors.push("scheduler.sla_attainment: must be between 0 and 1 (exclusive)".into());
         }
         if self.missed_heartbeats == 0 {
             errors.push("scheduler.missed_heartbeats: must be at least 1".into());
@@ -687,6 +728,9 @@ impl SchedulerSection {
                 local_weight: m.local_weight.unwrap_or(1),
                 local_capabilities: m.local_capabilities.clone(),
                 gpu_hour_usd: m.gpu_hour_usd.unwrap_or(self.gpu_hour_usd),
+                gpu_marginal_usd_per_hour: m
+                    .gpu_marginal_usd_per_hour
+                    .unwrap_or(self.gpu_marginal_usd_per_hour),
                 rules: m.rules.clone(),
                 mid_stream: m.mid_stream.unwrap_or(self.mid_stream),
             };
@@ -721,6 +765,8 @@ impl SchedulerSection {
             groups,
             default_strategy: self.default_strategy,
             gpu_hour_usd: self.gpu_hour_usd,
+            gpu_marginal_usd_per_hour: self.gpu_marginal_usd_per_hour,
+            split_by: self.split_by,
             default_priority: self.default_priority,
             interactive: self.interactive.resolve(),
             batch: self.batch.resolve(),
@@ -732,6 +778,7 @@ impl SchedulerSection {
                 prior_ttft: Duration::from_millis(self.prior_ttft_ms),
                 prior_latency: Duration::from_millis(self.prior_latency_ms),
                 prior_tokens_per_s: self.prior_tokens_per_s,
+                sla_attainment: self.sla_attainment,
             },
             health: HealthConfig {
                 ewma_alpha: self.health.ewma_alpha,
@@ -837,6 +884,13 @@ fn check_model(i: usize, m: &ModelSection, providers: &HashSet<&str>, errors: &m
     }
     if m.gpu_hour_usd.is_some_and(|p| !(p >= 0.0 && p.is_finite())) {
         errors.push(format!("{key}.gpu_hour_usd: must be a non-negative number"));
+    }
+    if m.gpu_marginal_usd_per_hour
+        .is_some_and(|p| !(p >= 0.0 && p.is_finite()))
+    {
+        errors.push(format!(
+            "{key}.gpu_marginal_usd_per_hour: must be a non-negative number"
+        ));
     }
     if m.strategy == Some(Strategy::Weighted)
         && m.local_weight.unwrap_or(1) == 0

@@ -15,17 +15,17 @@ use flotilla_api::protocol::ModelKind;
 use flotilla_api::{ApiError, ErrorKind, headers};
 use flotilla_providers::{EncodeOptions, Endpoint, ProviderError, Upstream, UpstreamResponse};
 use flotilla_scheduler::{
-    Action, Admit, Decision, InFlightGuard, MidStream, ModelGroup, Outcome, RequestInfo, Snapshot,
-    Target, decide,
+    Action, Admit, Decision, InFlightGuard, MidStream, ModelGroup, Outcome, PolicySettings,
+    RequestInfo, Snapshot, Target, decide,
 };
 use serde_json::Value;
 
-use crate::AppState;
 use crate::accounting::{AnswerText, Pricing, Tally};
 use crate::auth::{admit_key, max_cost, provider_admits};
 use crate::health::{cloud_key, health_key, local_key};
 use crate::queue::Wake;
 use crate::stream::{Continuation, RelayCtx, first_token, relay_sse};
+use crate::{AppState, SchedulerConfig};
 
 fn kind_of(ep: Endpoint) -> ModelKind {
     match ep {
@@ -49,15 +49,16 @@ pub(crate) struct Routed<'a> {
 }
 
 fn resolve_group<'a>(
-    s: &'a AppState,
+    s: &AppState,
+    cfg: &'a SchedulerConfig,
     model: &str,
     kind: ModelKind,
 ) -> Result<Cow<'a, ModelGroup>, ApiError> {
-    if let Some(g) = s.inner.config.groups.get(model) {
+    if let Some(g) = cfg.groups.get(model) {
         return Ok(Cow::Borrowed(g));
     }
     if s.inner.fleet.knows_model(model, Some(kind)) {
-        return Ok(Cow::Owned(s.inner.config.implicit_group(model)));
+        return Ok(Cow::Owned(cfg.implicit_group(model)));
     }
     if s.inner.fleet.knows_model(model, None) {
         let what = match kind {
@@ -75,6 +76,7 @@ fn resolve_group<'a>(
 /// Asks the policy, with the current fleet, health and queue.
 fn decide_now(
     s: &AppState,
+    settings: &PolicySettings,
     group: &ModelGroup,
     kind: ModelKind,
     info: &RequestInfo,
@@ -103,7 +105,7 @@ fn decide_now(
         cloud: &cloud,
         waiting: &waiting,
         affinity: affinity.as_deref(),
-        settings: &inner.config.policy,
+        settings,
         now,
     };
     Ok(decide(&snap, info)?)
@@ -141,14 +143,14 @@ async fn route(
     tally: &mut Option<Tally>,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
-    let cfg = &s.inner.config;
-    let group = resolve_group(s, r.model, kind_of(r.ep))?;
+    let cfg = s.inner.config();
+    let group = resolve_group(s, &cfg, r.model, kind_of(r.ep))?;
     if let Some(t) = tally.as_mut() {
         t.model_known();
     }
     let key = tally.as_ref().and_then(|t| t.key().cloned());
     let mut info =
-        crate::features::request_info(cfg, &r.body, r.headers, r.request_id, key.as_deref())?;
+        crate::features::request_info(&cfg, &r.body, r.headers, r.request_id, key.as_deref())?;
     if let Some(t) = tally.as_mut() {
         t.request(&info, &r.body);
         if let Some(k) = &key {
@@ -160,7 +162,7 @@ async fn route(
     }
     loop {
         info.waited = arrived.elapsed();
-        let decision = decide_now(s, &group, kind_of(r.ep), &info)?;
+        let decision = decide_now(s, &cfg.policy, &group, kind_of(r.ep), &info)?;
         if let Some(t) = tally.as_mut() {
             t.decision(&decision);
         }
@@ -188,9 +190,12 @@ async fn route(
                 "route decision"
             );
         }
-        let (targets, guard, why) = match decision.action {
-            Action::Dispatch => (decision.targets.clone(), None, decision.code),
-            Action::Enqueue { spill_after } => {
+        let (targets, guard, why) = match &decision.action {
+            Action::Dispatch { targets } => (targets.clone(), None, decision.code),
+            Action::Enqueue {
+                spill_after,
+                fallbacks,
+            } => {
                 let mut ticket =
                     s.inner
                         .queues
@@ -215,24 +220,24 @@ async fn route(
                 match woke {
                     Some(Wake::Slot(target, guard)) => {
                         let mut targets = vec![target];
-                        targets.extend(decision.targets.iter().cloned());
+                        targets.extend(fallbacks.iter().cloned());
                         (targets, Some(guard), decision.code)
                     }
                     Some(Wake::Reconsider) => continue,
                     // Time to leave the queue: for the deadline, or after the longest wait.
-                    None if !decision.targets.is_empty() => {
+                    None if !fallbacks.is_empty() => {
                         tracing::info!(
                             request_id = r.request_id,
                             model = r.model,
                             waited_ms = arrived.elapsed().as_millis() as u64,
-                            upstream = %decision.targets[0].label(),
+                            upstream = %fallbacks[0].label(),
                             "spilled: no local slot in time for the deadline"
                         );
                         s.inner
                             .metrics
                             .decision(flotilla_scheduler::ReasonCode::DeadlineMiss);
                         (
-                            decision.targets.clone(),
+                            fallbacks.clone(),
                             None,
                             flotilla_scheduler::ReasonCode::DeadlineMiss,
                         )
@@ -367,11 +372,11 @@ pub(crate) async fn open_attempt(
             Target::Local { .. } => true,
             Target::Cloud { provider, .. } => s
                 .inner
-                .config
+                .config()
                 .provider(provider)
                 .is_none_or(|p| p.stream_usage),
         },
-        default_max_tokens: s.inner.config.default_max_tokens,
+        default_max_tokens: s.inner.config().default_max_tokens,
     };
     match upstream.post_json(ep, &body, &opts).await {
         Ok(resp) => Ok((
@@ -455,7 +460,7 @@ fn start_attempt(
 pub(crate) async fn claim_probe(s: &AppState, key: &str) -> bool {
     match &s.inner.shared {
         Some(sh) => sh
-            .claim_probe(key, s.inner.config.health.open_for)
+            .claim_probe(key, s.inner.config().health.open_for)
             .await
             .unwrap_or(true),
         None => true,
@@ -475,7 +480,7 @@ async fn carry(
     arrived: Instant,
     tally: &mut Option<Tally>,
 ) -> Result<Response, ApiError> {
-    let cfg = &s.inner.config;
+    let cfg = s.inner.config();
     let mut targets: VecDeque<Target> = targets.into();
     let mut failures: Vec<ProviderError> = Vec::new();
     let mut attempts = 0u32;
@@ -545,9 +550,13 @@ async fn carry(
                     let (outcome, status) = ledger_outcome(&e);
                     t.attempt(&label, now, outcome, status, Some(e.to_string()));
                 }
-                if !e.is_retryable() {
+                if !e.is_retryable() && !(target.is_local() && e.refuses_fit()) {
                     tracing::info!(request_id = r.request_id, model = r.model, upstream = %label, error = %e, "upstream rejected the request");
                     return Err(e.to_api_error());
+                }
+                if target.is_local() && e.refuses_fit() {
+                    // Every agent serves the model alike: the request goes where it fits.
+                    targets.retain(|t| !t.is_local());
                 }
                 tracing::warn!(request_id = r.request_id, model = r.model, upstream = %label, error = %e, "attempt failed; trying the next target");
                 failures.push(e);
@@ -612,29 +621,37 @@ async fn carry(
                     ApiError::new(ErrorKind::Internal, e.to_string()).into_response()
                 }));
         }
+        let agent_ttft = first_token_header(&resp);
         match attempt.upstream.read_answer(r.ep, resp).await {
             Ok(answer) => {
                 let (bytes, usage) = (answer.body, answer.usage);
                 let took = attempt.started.elapsed();
+                // An agent says when its first token came; a cloud answer sent whole does
+                // not, and its latency is no TTFT.
+                let ttft = agent_ttft
+                    .filter(|_| target.is_local())
+                    .map(|t| t.min(took));
                 s.inner.health.finish(
                     &attempt.health_key,
                     Outcome::Success {
-                        ttft: took,
+                        ttft,
                         latency: took,
                         tokens: usage.map(|u| u.completion),
                     },
                     Instant::now(),
                 );
                 s.inner.metrics.attempt(0);
-                s.inner
-                    .metrics
-                    .observe_ttft(target.is_local(), predicted, took);
+                if let Some(t) = ttft {
+                    s.inner
+                        .metrics
+                        .observe_ttft(target.is_local(), predicted, t);
+                }
                 drop(guard);
                 tracing::info!(request_id = r.request_id, model = r.model, upstream = %label, priority = info.priority.as_str(), strategy = decision.strategy.as_str(), reason = decision.code.as_str(), predicted_ttft_ms = predicted.as_millis() as u64, failed_attempts = failures.len(), stream = false, latency_ms = took.as_millis() as u64, "routed");
                 if let Some(mut t) = tally.take() {
                     t.attempt(&label, attempt.started, "ok", Some(200), None);
                     let ours = AnswerText::whole(answer.text).count(s, r.ep);
-                    t.answered(&target, Some(took), usage, ours, attempt.pricing(group))
+                    t.answered(&target, ttft, usage, ours, attempt.pricing(group))
                         .await;
                 }
                 return Ok(builder
@@ -683,6 +700,18 @@ fn failed_after_headers(
     }
 }
 
+/// An agent's `x-flotilla-first-token-ms` (fractional milliseconds), when it is sane.
+fn first_token_header(resp: &UpstreamResponse) -> Option<Duration> {
+    let ms: f64 = resp
+        .headers()
+        .get(headers::FIRST_TOKEN_MS)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    (ms.is_finite() && (0.0..1e9).contains(&ms)).then(|| Duration::from_secs_f64(ms / 1e3))
+}
+
 // Parsed once, not per response.
 const TARGET: HeaderName = HeaderName::from_static(headers::TARGET);
 pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static(headers::REQUEST_ID);
@@ -699,7 +728,7 @@ fn all_failed(model: &str, failures: &[ProviderError]) -> ApiError {
     if let Some(first) = failures.first()
         && failures
             .iter()
-            .all(|f| matches!(f, ProviderError::Unsupported { .. }))
+            .all(|f| matches!(f, ProviderError::Unsupported { .. }) || f.refuses_fit())
     {
         return first.to_api_error();
     }

@@ -11,6 +11,7 @@ use flotilla_scheduler::{Capability, Priority, RequestInfo, Strategy};
 use serde_json::Value;
 
 use crate::SchedulerConfig;
+use crate::config::SplitBy;
 
 /// About four characters a token for English text: an estimate for routing only.
 const CHARS_PER_TOKEN: u64 = 4;
@@ -144,20 +145,21 @@ pub(crate) fn request_info(
     if non_empty("tools") || non_empty("functions") {
         needs.push(Capability::Tools);
     }
-    if body
+    match body
         .get("response_format")
         .and_then(|f| f.get("type"))
         .and_then(Value::as_str)
-        == Some("json_schema")
     {
-        needs.push(Capability::JsonSchema);
+        Some("json_schema") => needs.push(Capability::JsonSchema),
+        Some("json_object") => needs.push(Capability::JsonObject),
+        _ => {}
     }
     needs.sort();
 
-    let max_tokens = ["max_completion_tokens", "max_tokens"]
+    let requested_max_tokens = ["max_completion_tokens", "max_tokens"]
         .iter()
-        .find_map(|k| body.get(*k).and_then(Value::as_u64))
-        .unwrap_or(cfg.default_max_tokens);
+        .find_map(|k| body.get(*k).and_then(Value::as_u64));
+    let max_tokens = requested_max_tokens.unwrap_or(cfg.default_max_tokens);
     let hash = |x: &str| {
         let mut hs = DefaultHasher::new();
         x.hash(&mut hs);
@@ -171,12 +173,31 @@ pub(crate) fn request_info(
         tag,
         prompt_tokens: text.div_ceil(CHARS_PER_TOKEN),
         max_tokens,
+        requested_max_tokens,
         needs,
         // A prompt shorter than the prefix window is all prefix: still worth sticking to.
         prefix: (!lead.is_empty()).then(|| hash(&lead)),
-        split_key: hash(request_id),
+        split_key: hash(split_identity(cfg.split_by, body, key).unwrap_or(request_id)),
         waited: Duration::ZERO,
     })
+}
+
+/// Who a weighted split keeps on one side: None = draw each request anew.
+fn split_identity<'a>(
+    by: SplitBy,
+    body: &'a Value,
+    key: Option<&'a flotilla_state::ApiKey>,
+) -> Option<&'a str> {
+    let key_name = key.map(|k| k.name.as_str());
+    match by {
+        SplitBy::Request => None,
+        SplitBy::Key => key_name,
+        SplitBy::User => body
+            .get("user")
+            .and_then(Value::as_str)
+            .filter(|u| !u.is_empty())
+            .or(key_name),
+    }
 }
 
 #[cfg(test)]

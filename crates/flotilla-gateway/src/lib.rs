@@ -16,6 +16,7 @@ mod health;
 mod metrics;
 mod probe;
 mod queue;
+pub mod reload;
 mod routes;
 mod serve;
 mod shared;
@@ -26,9 +27,10 @@ mod tls;
 use std::net::SocketAddr;
 
 pub use config::{
-    AuthMode, ClassSection, HealthSection, KeyDefaults, LedgerSection, LocalBalance, ModelSection,
+    SplitBy, AuthMode, ClassSection, HealthSection, KeyDefaults, LedgerSection, LocalBalance, ModelSection,
     SchedulerConfig, SchedulerSection, StateSection, TlsSection,
 };
+pub use reload::{Loader, ReloadError, ReloadReport};
 pub use state::AppState;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -52,7 +54,7 @@ pub struct Scheduler {
 impl Scheduler {
     pub async fn new(listener: TcpListener, config: SchedulerConfig) -> Result<Self, GatewayError> {
         let state = AppState::new(config).await?;
-        if state.inner.config.auth == AuthMode::None
+        if state.inner.config().auth == AuthMode::None
             && listener.local_addr().is_ok_and(|a| !a.ip().is_loopback())
         {
             tracing::warn!(
@@ -68,7 +70,7 @@ impl Scheduler {
                  can register an agent; set scheduler.cluster_token_env"
             );
         }
-        if state.inner.config.admin_token.is_none()
+        if state.inner.config().admin_token.is_none()
             && listener.local_addr().is_ok_and(|a| !a.ip().is_loopback())
         {
             tracing::warn!(
@@ -94,7 +96,7 @@ impl Scheduler {
         tokio::spawn(shared::run(self.state.clone(), shutdown.clone()));
         tokio::spawn(probe::run(self.state.clone(), shutdown.clone()));
         tokio::spawn(dashboard::run(self.state.clone(), shutdown.clone()));
-        if self.state.inner.config.auth == AuthMode::Keys {
+        if self.state.inner.config().auth == AuthMode::Keys {
             tokio::spawn(auth::refresh_keys(self.state.clone(), shutdown.clone()));
         }
         let state = self.state.clone();
@@ -105,7 +107,7 @@ impl Scheduler {
             shutdown.clone(),
             self.state
                 .inner
-                .config
+                .config()
                 .heartbeat
                 .min(std::time::Duration::from_millis(250)),
         ));
@@ -124,8 +126,8 @@ impl Scheduler {
 /// longer routed to from that moment, as `Fleet` decides per request) and forgets nodes
 /// silent for long.
 async fn sweep_fleet(state: AppState, shutdown: CancellationToken) {
-    let every = state.inner.config.heartbeat;
-    let missed = state.inner.config.missed_heartbeats;
+    let every = state.inner.config().heartbeat;
+    let missed = state.inner.config().missed_heartbeats;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -39,7 +39,8 @@ fn targets(s: &AppState, now: Instant) -> Vec<(Target, Endpoint)> {
             ));
         }
     }
-    for g in inner.config.groups.values() {
+    let cfg = inner.config();
+    for g in cfg.groups.values() {
         // A group named after an embedding model the agents serve is an embeddings group.
         let ep = if inner
             .fleet
@@ -107,7 +108,8 @@ pub(crate) async fn probe(s: &AppState, target: &Target, ep: Endpoint) -> Outcom
             let took = started.elapsed();
             (
                 Outcome::Success {
-                    ttft: took,
+                    // A probe asks for one token: its whole latency is its first token's.
+                    ttft: Some(took),
                     latency: took,
                     tokens: answer.usage.map(|u| u.completion),
                 },
@@ -131,7 +133,7 @@ pub(crate) async fn probe(s: &AppState, target: &Target, ep: Endpoint) -> Outcom
 
 /// Probes what is due, every quarter of `probe_idle` (within 100 ms..5 s), until shutdown.
 pub(crate) async fn run(s: AppState, shutdown: CancellationToken) {
-    let Some(idle) = s.inner.config.health.probe_idle else {
+    let Some(idle) = s.inner.config().health.probe_idle else {
         return;
     };
     let every = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));

@@ -195,7 +195,8 @@ pub(crate) async fn pump(state: AppState, shutdown: CancellationToken, tick: Dur
 
 fn pump_once(s: &AppState) {
     let inner = &s.inner;
-    let age_boost = inner.config.policy.age_boost;
+    let cfg = inner.config();
+    let age_boost = cfg.policy.age_boost;
     for key in inner.queues.keys() {
         loop {
             let now = Instant::now();
@@ -218,7 +219,7 @@ fn pump_once(s: &AppState) {
             }
             // Agents with room in the policy's order (pack or spread).
             let refs: Vec<_> = nodes.iter().collect();
-            let ordered = local_order(&refs, None, &inner.config.policy);
+            let ordered = local_order(&refs, None, &cfg.policy);
             let Some(node) = ordered.first() else { break };
             let Some(entry) = inner.queues.pop_next(&key, now, age_boost) else {
                 break;

@@ -38,6 +38,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/admin/v1/targets", get(crate::admin::targets))
         .route("/admin/v1/requests", get(crate::admin::requests))
         .route("/admin/v1/savings", get(crate::admin::savings))
+        .route("/admin/v1/reload", post(crate::admin::reload))
         .route(
             "/admin/v1/keys",
             get(crate::admin::keys).post(crate::admin::create_key),
@@ -104,7 +105,7 @@ pub(crate) async fn handle<R: OpenAiRequest>(
     body: Body,
 ) -> Response {
     let id = new_request_id();
-    let cfg = &s.inner.config;
+    let cfg = s.inner.config();
     // Set once the request has an account: from then on its end is counted with its row.
     let mut tallied = false;
     let res = async {
@@ -155,7 +156,7 @@ pub(crate) async fn handle<R: OpenAiRequest>(
 }
 
 async fn models(State(s): State<AppState>) -> Json<ModelList> {
-    let mut names: Vec<String> = s.inner.config.groups.keys().cloned().collect();
+    let mut names: Vec<String> = s.inner.config().groups.keys().cloned().collect();
     names.extend(
         s.inner
             .fleet
@@ -175,7 +176,7 @@ async fn models(State(s): State<AppState>) -> Json<ModelList> {
 }
 
 async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
-    let mut groups: Vec<_> = s.inner.config.groups.values().cloned().collect();
+    let mut groups: Vec<_> = s.inner.config().groups.values().cloned().collect();
     groups.sort_by(|a, b| a.name.cmp(&b.name));
     Json(serde_json::json!({
         "nodes": s.inner.fleet.snapshot(Instant::now()),
@@ -195,8 +196,8 @@ async fn heartbeat(State(s): State<AppState>, h: HeaderMap, body: Body) -> Respo
         check_cluster_token(&s, &h)?;
         let bytes = read_limited(
             body,
-            s.inner.config.max_body_bytes,
-            s.inner.config.body_timeout,
+            s.inner.config().max_body_bytes,
+            s.inner.config().body_timeout,
         )
         .await?;
         let report: NodeReport = parse_json(&bytes)?;
@@ -234,7 +235,7 @@ async fn heartbeat(State(s): State<AppState>, h: HeaderMap, body: Body) -> Respo
             Upsert::Unchanged => {}
         }
         Ok(Json(HeartbeatAck {
-            heartbeat_ms: s.inner.config.heartbeat.as_millis() as u64,
+            heartbeat_ms: s.inner.config().heartbeat.as_millis() as u64,
         })
         .into_response())
     }

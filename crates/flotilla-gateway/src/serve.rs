@@ -44,7 +44,7 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) {
     let graceful = GracefulShutdown::new();
-    let cfg = &state.inner.config;
+    let cfg = state.inner.config();
     let limits = HeadLimits {
         header_timeout: cfg.header_timeout,
         max_header_bytes: cfg.max_header_bytes,

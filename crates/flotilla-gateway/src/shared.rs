@@ -64,7 +64,7 @@ pub(crate) async fn run(state: AppState, shutdown: CancellationToken) {
         return;
     };
     let mut events = shared.subscribe();
-    let mut tick = tokio::time::interval(state.inner.config.sync);
+    let mut tick = tokio::time::interval(state.inner.config().sync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks: u64 = 0;
     loop {
@@ -184,7 +184,7 @@ async fn exchange(state: &AppState, shared: &Shared) {
         figures: inner.health.figures(),
     };
     // A replica that stops writing (it died) drops out after three intervals.
-    let ttl = inner.config.sync * 3 + Duration::from_millis(100);
+    let ttl = inner.config().sync * 3 + Duration::from_millis(100);
     let Some(others) = shared.exchange(&mine, ttl).await else {
         return;
     };
@@ -199,7 +199,7 @@ async fn exchange(state: &AppState, shared: &Shared) {
         }
     }
     inner.fleet.set_remote_in_flight(&in_flight);
-    let cap = (1.0 / inner.config.health.ewma_alpha)
+    let cap = (1.0 / inner.config().health.ewma_alpha)
         .ceil()
         .clamp(1.0, 1e6) as u64;
     inner.health.set_remote(

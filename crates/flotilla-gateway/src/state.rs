@@ -2,6 +2,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use flotilla_providers::{ProviderError, Upstream, UpstreamPool};
 use flotilla_scheduler::Fleet;
 use flotilla_state::{Budgets, Ledger, LedgerWriter, RateLimiter, RequestRecord, Shared};
@@ -22,7 +23,10 @@ pub struct AppState {
 }
 
 pub(crate) struct Inner {
-    pub config: SchedulerConfig,
+    /// The running config: read once per request (`config()`), swapped whole on reload.
+    pub config: ArcSwap<SchedulerConfig>,
+    /// Where a reload reads the config from (set by the binary).
+    pub loader: Mutex<Option<crate::reload::Loader>>,
     pub fleet: Arc<Fleet>,
     pub pool: UpstreamPool,
     /// Configured providers; the error of one whose key is missing, reported on use.
@@ -100,7 +104,8 @@ impl AppState {
         Ok(AppState {
             inner: Arc::new(Inner {
                 health: HealthBook::new(config.health, shared.clone()),
-                config,
+                config: ArcSwap::from_pointee(config),
+                loader: Mutex::new(None),
                 fleet,
                 pool,
                 providers,
@@ -126,6 +131,11 @@ impl AppState {
 }
 
 impl Inner {
+    /// The config now; a request keeps the one it got for its whole life.
+    pub fn config(&self) -> Arc<SchedulerConfig> {
+        self.config.load_full()
+    }
+
     /// Hands a finished request's row to the ledger writer without waiting, unless its
     /// queue is full: then the row waits for room on its own task (nothing is dropped).
     /// Only ends that cannot wait come here (a stream's last chunk, a client gone), at most

@@ -150,7 +150,7 @@ impl Relay {
                 ttft,
             );
             Outcome::Success {
-                ttft,
+                ttft: Some(ttft),
                 latency: a.started.elapsed(),
                 tokens: Some(
                     self.dec

@@ -65,6 +65,24 @@ impl ProviderError {
         }
     }
 
+    /// A 400 that says the target cannot take this request as asked (a parameter it does
+    /// not support, a context too short), not that the request is wrong: another target
+    /// may well take it.
+    pub fn refuses_fit(&self) -> bool {
+        let ProviderError::Status {
+            status: 400,
+            body: Some(body),
+            ..
+        } = self
+        else {
+            return matches!(self, ProviderError::Unsupported { .. });
+        };
+        matches!(
+            body.error.code.as_deref(),
+            Some("unsupported_parameter" | "context_length_exceeded")
+        )
+    }
+
     pub fn target(&self) -> &str {
         match self {
             ProviderError::Connect { target, .. }

@@ -17,6 +17,8 @@ pub enum SchedulerError {
         detail: String,
         /// The request field that asked for what no target has.
         param: Option<&'static str>,
+        /// Every target that has what it needs is too short for it.
+        too_long: bool,
     },
     #[error("every target for model `{model}` is rate-limited; retry later")]
     RateLimited { model: String },
@@ -47,6 +49,8 @@ impl SchedulerError {
     }
     fn code(&self) -> &'static str {
         match self {
+            // No context holds the prompt and the answer: OpenAI's code for it.
+            SchedulerError::Unfit { too_long: true, .. } => "context_length_exceeded",
             SchedulerError::Unfit { .. } => "no_fitting_target",
             SchedulerError::RateLimited { .. } => "rate_limited",
             SchedulerError::QueueFull { .. } => "queue_full",

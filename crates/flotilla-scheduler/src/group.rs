@@ -144,8 +144,12 @@ pub struct ModelGroup {
     /// What the local deployment supports (Flotilla's agent: none of tools, vision,
     /// json_schema yet).
     pub local_capabilities: Vec<Capability>,
-    /// Local GPU time, amortised, in US dollars per GPU-hour.
+    /// Local GPU time, amortised, in US dollars per GPU-hour: what owning the GPUs costs,
+    /// busy or idle. Reports price local work with it; routing does not.
     pub gpu_hour_usd: f64,
+    /// What one more GPU-hour of work costs on top (power, say); 0 by default. Routing
+    /// prices local work with this plus an opportunity cost (see `policy`).
+    pub gpu_marginal_usd_per_hour: f64,
     pub rules: Vec<Rule>,
     pub mid_stream: MidStream,
 }
@@ -162,6 +166,7 @@ impl ModelGroup {
             local_weight: 1,
             local_capabilities: Vec::new(),
             gpu_hour_usd: 0.0,
+            gpu_marginal_usd_per_hour: 0.0,
             rules: Vec::new(),
             mid_stream: MidStream::Error,
         }

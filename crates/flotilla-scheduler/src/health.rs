@@ -57,7 +57,9 @@ pub enum BreakerState {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Outcome {
     Success {
-        ttft: Duration,
+        /// Time to the first token; None when nobody could see it (a cloud answer sent
+        /// whole): then only the latency is recorded, never the latency as TTFT.
+        ttft: Option<Duration>,
         latency: Duration,
         /// Completion tokens, when the answer said.
         tokens: Option<u64>,
@@ -339,10 +341,14 @@ impl TargetHealth {
                 tokens,
             } => {
                 self.successes += 1;
-                self.ttft_s.add(ttft.as_secs_f64(), cfg.ewma_alpha);
+                if let Some(t) = ttft {
+                    self.ttft_s.add(t.as_secs_f64(), cfg.ewma_alpha);
+                }
                 self.latency_s.add(latency.as_secs_f64(), cfg.ewma_alpha);
-                // Tokens/s over the decode part only: TTFT is already its own figure.
-                let decode = latency.saturating_sub(ttft).as_secs_f64();
+                // Tokens/s over the decode part only: TTFT is already its own figure (the
+                // measured one, or for an answer sent whole the target's usual TTFT).
+                let first = ttft.map(|t| t.as_secs_f64()).or(self.ttft_s.get());
+                let decode = latency.as_secs_f64() - first.unwrap_or(0.0);
                 if let Some(n) = tokens
                     && n > 1
                     && decode > 0.0
@@ -477,7 +483,7 @@ mod tests {
 
     fn ok() -> Outcome {
         Outcome::Success {
-            ttft: ms(100),
+            ttft: Some(ms(100)),
             latency: ms(600),
             tokens: Some(51),
         }
@@ -630,7 +636,7 @@ mod tests {
         h.finish(
             &cfg,
             Outcome::Success {
-                ttft: ms(300),
+                ttft: Some(ms(300)),
                 latency: ms(300),
                 tokens: None,
             },
@@ -666,7 +672,7 @@ mod tests {
         h.start(&cfg, t0);
         assert!(!h.wants_probe(&cfg, t0 + ms(10)), "busy");
         let ok = Outcome::Success {
-            ttft: ms(1),
+            ttft: Some(ms(1)),
             latency: ms(1),
             tokens: None,
         };

@@ -93,6 +93,9 @@ pub struct RequestInfo {
     pub prompt_tokens: u64,
     /// `max_tokens` or the group's default completion estimate.
     pub max_tokens: u64,
+    /// `max_completion_tokens` / `max_tokens` as the client set it: the context must hold
+    /// the prompt and this many (unset: the prompt and at least one more).
+    pub requested_max_tokens: Option<u64>,
     pub needs: Vec<Capability>,
     /// Hash of the prompt's leading part (system prompt), for affinity.
     pub prefix: Option<u64>,

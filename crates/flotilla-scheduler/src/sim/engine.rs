@@ -324,6 +324,7 @@ impl<'a> Sim<'a> {
             tag: r.tag.clone(),
             prompt_tokens: r.prompt_tokens,
             max_tokens: r.completion_tokens,
+            requested_max_tokens: Some(r.completion_tokens),
             split_key: i as u64,
             ..RequestInfo::default()
         };
@@ -337,11 +338,11 @@ impl<'a> Sim<'a> {
             }
         };
         *self.decisions.entry(d.code.as_str()).or_default() += 1;
-        let plan: VecDeque<Hop> = d.targets.iter().filter_map(|t| self.hop_of(t)).collect();
+        let plan: VecDeque<Hop> = d.targets().iter().filter_map(|t| self.hop_of(t)).collect();
         self.reqs[i].plan = plan;
         match d.action {
-            Action::Dispatch => self.advance(i),
-            Action::Enqueue { spill_after } => self.enqueue(i, spill_after),
+            Action::Dispatch { .. } => self.advance(i),
+            Action::Enqueue { spill_after, .. } => self.enqueue(i, spill_after),
         }
     }
 
@@ -537,7 +538,7 @@ impl<'a> Sim<'a> {
         }
         if let Some(s) = served {
             let outcome = Outcome::Success {
-                ttft: s.svc_ttft,
+                ttft: Some(s.svc_ttft),
                 latency: s.svc_latency,
                 tokens: Some(self.trace[i].completion_tokens),
             };
@@ -589,7 +590,7 @@ impl<'a> Sim<'a> {
         let served = self.reqs[i].pending.take();
         let outcome = match served {
             Some(s) if ok => Outcome::Success {
-                ttft: s.svc_ttft,
+                ttft: Some(s.svc_ttft),
                 latency: s.svc_latency,
                 tokens: Some(self.trace[i].completion_tokens),
             },
