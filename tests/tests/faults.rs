@@ -235,6 +235,14 @@ async fn a_first_token_20_s_late_fails_over_before_the_client_sees_anything() {
     sched.stop().await;
 }
 
+/// The mock providers stand for vLLM-style servers that go on writing a final assistant
+/// message; an OpenAI-style API that cannot is never asked to continue.
+fn continuing_servers(s: &mut SchedulerSection) {
+    for p in &mut s.providers {
+        p.continues_messages = true;
+    }
+}
+
 #[tokio::test]
 async fn a_30_s_stall_mid_stream_ends_with_an_error_event_or_continues_elsewhere() {
     let stalling = || Behavior::Stall {
@@ -263,6 +271,7 @@ async fn a_30_s_stall_mid_stream_ends_with_an_error_event_or_continues_elsewhere
     let sched = start_scheduler(failover(&urls, |s| {
         s.stream_idle_timeout_ms = 300;
         s.models[0].mid_stream = Some(MidStream::Continue);
+        continuing_servers(s);
     }))
     .await;
     let resp = ask(&sched.url, true).await;
@@ -383,7 +392,10 @@ async fn a_fallback_that_refuses_the_prefill_is_passed_over() {
     .await
     .unwrap();
     let good = good_mock().await;
-    let continuing = |s: &mut SchedulerSection| s.models[0].mid_stream = Some(MidStream::Continue);
+    let continuing = |s: &mut SchedulerSection| {
+        s.models[0].mid_stream = Some(MidStream::Continue);
+        continuing_servers(s);
+    };
     let sched = start_scheduler(failover(
         &[
             ("cut", cut.base_url()),

@@ -159,7 +159,9 @@ async fn a_deadline_shorter_than_the_predicted_wait_spills_at_once_and_a_longer_
     assert_eq!(cloud_row["breaker"], "closed");
     assert_eq!(cloud_row["admit"], "yes");
     assert_eq!(cloud_row["successes"], 1);
-    assert!(cloud_row["ttft_ms"].as_f64().is_some(), "{cloud_row}");
+    // Sent whole: its latency is measured, its TTFT is not guessed from it.
+    assert!(cloud_row["latency_ms"].as_f64().is_some(), "{cloud_row}");
+    assert!(cloud_row["ttft_ms"].is_null(), "{cloud_row}");
     hanging.abort();
     let resp = waiting.await.unwrap();
     assert_eq!(target(&resp), "local:node-a/tiny-llama");
@@ -232,22 +234,23 @@ async fn cost_and_latency_strategies_pick_different_targets() {
         }
     }))
     .await;
+    // Streams, so each target's TTFT is measured (an answer sent whole has none).
     // Cost: the cheap one. Its measured TTFT (~300 ms) now replaces the 100 ms expected.
-    let resp = chat_with(&sched.url, &[], false).await;
+    let resp = chat_with(&sched.url, &[], true).await;
     assert_eq!(target(&resp), "cloud:cheap");
-    assert_eq!(content(resp).await, "cheap");
+    assert_eq!(read_sse(resp).await.text(), "cheap");
     // Latency: the fast one (100 ms expected < ~300 ms measured).
-    let resp = chat_with(&sched.url, &[("x-flotilla-route", "latency")], false).await;
+    let resp = chat_with(&sched.url, &[("x-flotilla-route", "latency")], true).await;
     assert_eq!(target(&resp), "cloud:fast");
     assert_eq!(reason(&resp), "fastest");
     // Cost again: still the cheap one...
-    let resp = chat_with(&sched.url, &[], false).await;
+    let resp = chat_with(&sched.url, &[], true).await;
     assert_eq!(target(&resp), "cloud:cheap");
     // ...unless its measured TTFT misses the request's deadline.
-    let resp = chat_with(&sched.url, &[("x-flotilla-ttft-ms", "200")], false).await;
+    let resp = chat_with(&sched.url, &[("x-flotilla-ttft-ms", "200")], true).await;
     assert_eq!(target(&resp), "cloud:fast");
     // cloud-only and failover keep the configured order.
-    let resp = chat_with(&sched.url, &[("x-flotilla-route", "failover")], false).await;
+    let resp = chat_with(&sched.url, &[("x-flotilla-route", "failover")], true).await;
     assert_eq!(target(&resp), "cloud:cheap");
     let ewma = r#"flotilla_scheduler_target_ttft_ewma_seconds{target="cloud:cheap/cheap-model"}"#;
     assert!(metric(&sched.url, ewma).await.unwrap() >= 0.3);
@@ -450,11 +453,13 @@ async fn a_stream_cut_mid_way_continues_on_the_next_target_as_one_stream() {
     let rest = MockUpstream::start(Behavior::reply("and the rest."))
         .await
         .unwrap();
-    let sched = start_scheduler(section(&[("cut", &cut), ("rest", &rest)], |m| {
+    let mut s = section(&[("cut", &cut), ("rest", &rest)], |m| {
         m.strategy = Some(Strategy::Failover);
         m.mid_stream = Some(MidStream::Continue);
-    }))
-    .await;
+    });
+    // A vLLM-style server: it goes on writing a final assistant message.
+    s.providers[1].continues_messages = true;
+    let sched = start_scheduler(s).await;
     let resp = chat_with(&sched.url, &[], true).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(target(&resp), "cloud:cut");
@@ -486,6 +491,8 @@ async fn a_stream_cut_mid_way_continues_on_the_next_target_as_one_stream() {
         &json!({"role": "assistant", "content": "w0 w1 w2 "})
     );
     assert_eq!(sent["max_tokens"], 1);
+    assert_eq!(sent["continue_final_message"], true);
+    assert_eq!(sent["add_generation_prompt"], false);
     assert_eq!(sent["model"], "rest-model");
     sched.stop().await;
 }
@@ -579,8 +586,9 @@ async fn metrics_count_requests_by_model_target_status_and_priority_and_spillove
     let spilled =
         r#"flotilla_scheduler_overflow_total{model="tiny-llama",reason="queue_depth_exceeded"}"#;
     assert_eq!(metric(url, spilled).await, Some(1.0));
+    // An answer the cloud sent whole says nothing about its first token.
     let ttft = r#"flotilla_scheduler_target_ttft_seconds_count{target="cloud:mockcloud"}"#;
-    assert_eq!(metric(url, ttft).await, Some(1.0));
+    assert_eq!(metric(url, ttft).await, Some(0.0));
     let latency = r#"flotilla_scheduler_request_duration_seconds_count{target="cloud:mockcloud"}"#;
     assert_eq!(metric(url, latency).await, Some(1.0));
     let cost = r#"flotilla_scheduler_cost_usd_total{target="cloud:mockcloud"}"#;
@@ -647,7 +655,8 @@ async fn metrics_count_requests_by_model_target_status_and_priority_and_spillove
     let cloud_row = row("cloud:mockcloud");
     assert_eq!(cloud_row["requests"], 1);
     assert_eq!(cloud_row["success_rate"], 1.0);
-    assert!(cloud_row["ttft_p50_ms"].as_f64().unwrap() > 0.0);
+    // Sent whole: no TTFT to show, only its latency.
+    assert!(cloud_row["ttft_p50_ms"].is_null(), "{cloud_row}");
     assert!(cloud_row["cost_usd"].as_f64().unwrap() > 0.0);
     assert_eq!(row("local:node-a/tiny-llama")["share"], 0.5);
     assert_eq!(d["spill"]["queue_depth_exceeded"], 1);

@@ -217,7 +217,15 @@ async fn chat(State(s): State<AgentState>, body: Body) -> Response {
             logprobs: params.logprobs,
         };
         let n = req.n.unwrap_or(1) as u32;
-        let seqs = start(engine, vec![Prompt::Chat(messages)], n, &params).await?;
+        // vLLM's flag: go on writing the last (assistant) message instead of a new turn, as
+        // the scheduler asks when it continues a stream another target broke off.
+        let prompt =
+            if req.extra.get("continue_final_message") == Some(&serde_json::Value::Bool(true)) {
+                Prompt::ContinueChat(messages)
+            } else {
+                Prompt::Chat(messages)
+            };
+        let seqs = start(engine, vec![prompt], n, &params).await?;
         let (stream, usage) = (req.is_stream(), req.include_usage());
         finish(format, engine, seqs, stream, usage, arrived).await
     }

@@ -1070,6 +1070,7 @@ heartbeat_ms = 200
 [[scheduler.providers]]
 name = "cloud"
 base_url = "{}"
+continues_messages = true
 
 [[scheduler.models]]
 name = "tiny-llama"

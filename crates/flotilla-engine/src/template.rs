@@ -97,13 +97,50 @@ impl ChatTemplate {
     /// Renders the conversation followed by the assistant generation prompt. Errors raised by
     /// the template itself (bad roles, ordering) are the caller's fault: invalid request.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        self.render_with(messages, true)
+    }
+
+    /// Renders the conversation so the model goes on writing its last message, an
+    /// assistant's partial answer: no generation prompt, and nothing after that message's
+    /// text (what vLLM calls `continue_final_message`).
+    pub fn render_continuing(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        let invalid = |m: &str| EngineError::InvalidRequest {
+            message: m.to_owned(),
+            code: None,
+        };
+        let last = messages
+            .last()
+            .filter(|m| m.role == "assistant" && !m.content.trim().is_empty())
+            .ok_or_else(|| {
+                invalid("continue_final_message needs a last message from the assistant with text")
+            })?;
+        let full = self.render_with(messages, false)?;
+        // The template closes the turn after the text (an end-of-turn token, a newline):
+        // cut there. Templates that trim the text are matched on the trimmed text.
+        let text = last.content.as_str();
+        let cut = full
+            .rfind(text)
+            .map(|i| i + text.len())
+            .or_else(|| {
+                let t = text.trim();
+                full.rfind(t).map(|i| i + t.len())
+            })
+            .ok_or_else(|| invalid("the chat template does not render the final message's text"))?;
+        Ok(full[..cut].to_owned())
+    }
+
+    fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, EngineError> {
         let tmpl = self
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| EngineError::Template(e.to_string()))?;
         tmpl.render(context! {
             messages => messages,
-            add_generation_prompt => true,
+            add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
         })
@@ -117,6 +154,22 @@ impl ChatTemplate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn continuing_stops_right_after_the_partial_answer() {
+        let src = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
+        let t = ChatTemplate::new(src, "", "").unwrap();
+        let out = t
+            .render_continuing(&[msg("user", "hi"), msg("assistant", "Hello, wor")])
+            .unwrap();
+        assert_eq!(out, "<|user|>hi<|end|><|assistant|>Hello, wor");
+        // Only an assistant's partial answer can be continued.
+        assert!(t.render_continuing(&[msg("user", "hi")]).is_err());
+        assert!(
+            t.render_continuing(&[msg("user", "hi"), msg("assistant", " ")])
+                .is_err()
+        );
+    }
 
     fn msg(role: &str, content: &str) -> ChatMessage {
         ChatMessage {

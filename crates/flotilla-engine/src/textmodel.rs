@@ -26,7 +26,7 @@ impl TextTokenizer {
     pub(crate) fn encode_prompt(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
         let (text, add_special) = match prompt {
             Prompt::Text(text) => (text.clone(), true),
-            Prompt::Chat(messages) => {
+            Prompt::Chat(messages) | Prompt::ContinueChat(messages) => {
                 if messages.is_empty() {
                     return Err(EngineError::invalid("messages must not be empty"));
                 }
@@ -34,7 +34,11 @@ impl TextTokenizer {
                     EngineError::invalid("this model has no chat template; use a text prompt")
                 })?;
                 // The template writes the BOS itself, so the tokenizer must not add another.
-                (template.render(messages)?, false)
+                let text = match prompt {
+                    Prompt::ContinueChat(_) => template.render_continuing(messages)?,
+                    _ => template.render(messages)?,
+                };
+                (text, false)
             }
         };
         self.encode(&text, add_special)

@@ -133,6 +133,9 @@ pub struct TokenLogprob {
 pub enum Prompt {
     Text(String),
     Chat(Vec<ChatMessage>),
+    /// A conversation whose last message, the assistant's partial answer, the model goes
+    /// on writing (no new turn).
+    ContinueChat(Vec<ChatMessage>),
 }
 
 #[derive(Clone, Debug)]

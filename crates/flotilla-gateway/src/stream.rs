@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use bytes::Bytes;
 use flotilla_api::sse::{SseDecoder, data_event};
-use flotilla_providers::{Endpoint, EventKind, ProviderError, StreamDecoder, UpstreamResponse};
+use flotilla_providers::{
+    Endpoint, EventKind, ProviderError, ProviderKind, StreamDecoder, UpstreamResponse,
+};
 use flotilla_scheduler::{InFlightGuard, ModelGroup, Outcome, Target};
 use futures::stream::{BoxStream, StreamExt};
 use http_body_util::BodyExt;
@@ -303,35 +305,58 @@ impl Relay {
         if let Some(msgs) = body.get_mut("messages").and_then(Value::as_array_mut) {
             msgs.push(serde_json::json!({"role": "assistant", "content": self.partial}));
         }
-        // The continuation may only write what the client has not had yet.
+        // The continuation may only write what the client has not had yet: the tokens
+        // sent so far, by the scheduler's tokenizer when it has one, else one a chunk.
         self.sent += self.events;
-        let sent = self.sent.saturating_sub(1);
+        let state = self.ctx.state.clone();
+        let cfg = state.inner.config();
+        let sent = if cfg.counter.is_tokenizer() {
+            cfg.counter.count(&self.partial)
+        } else {
+            self.sent.saturating_sub(1)
+        };
         for key in ["max_tokens", "max_completion_tokens"] {
             if let Some(n) = body.get(key).and_then(Value::as_u64) {
                 body[key] = Value::from(n.saturating_sub(sent).max(1));
             }
         }
-        let state = self.ctx.state.clone();
+        // Our agents (and vLLM-style servers) go on writing the partial message itself.
+        let mut flagged = body.clone();
+        flagged["continue_final_message"] = Value::Bool(true);
+        flagged["add_generation_prompt"] = Value::Bool(false);
         while cont.attempts_left > 0 {
             let Some(target) = cont.targets.pop_front() else {
                 break;
             };
             let now = Instant::now();
             let admit = state.inner.health.admit(&health_key(&target), now);
-            if !admit.allowed() {
+            // Agents, Anthropic (assistant prefill) and servers configured as continuing
+            // go on writing the message; another OpenAI-style API would start a new
+            // answer, stitched on.
+            let (continues, flag) = match &target {
+                Target::Local { .. } => (true, true),
+                Target::Cloud { provider, .. } => match cfg.provider(provider) {
+                    Some(p) if p.kind == ProviderKind::Anthropic => (true, false),
+                    Some(p) => (p.continues_messages, p.continues_messages),
+                    None => (false, false),
+                },
+            };
+            let skip = if !continues {
+                Some("cannot continue a partial answer".to_owned())
+            } else if !admit.allowed() {
+                Some(admit.as_str().to_owned())
+            } else {
+                None
+            };
+            if let Some(why) = skip {
                 if let Some(t) = self.ctx.tally.as_mut() {
-                    t.attempt(
-                        &target.label(),
-                        now,
-                        "skipped",
-                        None,
-                        Some(admit.as_str().into()),
-                    );
+                    t.attempt(&target.label(), now, "skipped", None, Some(why));
                 }
                 continue;
             }
             cont.attempts_left -= 1;
-            match open_attempt(&state, Endpoint::Chat, &target, &body, true, None).await {
+            let body = if flag { &flagged } else { &body };
+            match open_attempt(&state, Endpoint::Chat, &target, body, true, None).await {
                 Ok((attempt, resp, guard)) => {
                     tracing::warn!(
                         request_id = %cont.request_id,

@@ -87,6 +87,13 @@ pub struct ProviderConfig {
     /// Completion limit sent to APIs that require one (Anthropic) when the request sets none.
     #[serde(default)]
     pub default_max_tokens: Option<u64>,
+    /// The server goes on writing a final assistant message instead of starting a new
+    /// answer (vLLM and SGLang with `continue_final_message`, which is sent): it may
+    /// continue a stream another target broke off under `mid_stream = "continue"`.
+    /// Anthropic always does (assistant prefill); other OpenAI-style APIs would stitch a
+    /// new answer on, so unset = not for them.
+    #[serde(default)]
+    pub continues_messages: bool,
 }
 
 impl ProviderConfig {
@@ -108,6 +115,7 @@ impl ProviderConfig {
             stream_idle_timeout_ms: None,
             stream_usage: true,
             default_max_tokens: None,
+            continues_messages: false,
         }
     }
 
