@@ -550,11 +550,13 @@ async fn carry(
                     let (outcome, status) = ledger_outcome(&e);
                     t.attempt(&label, now, outcome, status, Some(e.to_string()));
                 }
-                if !e.is_retryable() && !(target.is_local() && e.refuses_fit()) {
+                // A local agent that cannot take the request as asked passes it on.
+                let passes_on = target.is_local() && e.refuses_fit();
+                if !(e.is_retryable() || passes_on) {
                     tracing::info!(request_id = r.request_id, model = r.model, upstream = %label, error = %e, "upstream rejected the request");
                     return Err(e.to_api_error());
                 }
-                if target.is_local() && e.refuses_fit() {
+                if passes_on {
                     // Every agent serves the model alike: the request goes where it fits.
                     targets.retain(|t| !t.is_local());
                 }

@@ -191,10 +191,12 @@ pub(super) fn cloud_lead(c: &Ctx<'_, '_>, targets: Vec<Target>) -> Decision {
     if let Some(cost) = first.cost {
         let _ = write!(reason, ", ~${cost:.6}");
     }
-    if let (Some(o), Some(cost)) = (local, local.and_then(|o| o.cost)) {
-        if o.meets_sla && !o.overflow {
-            let _ = write!(reason, " vs local ~${cost:.6}");
-        }
+    if let Some(o) = local
+        && let Some(cost) = o.cost
+        && o.meets_sla
+        && !o.overflow
+    {
+        let _ = write!(reason, " vs local ~${cost:.6}");
     }
     if let Some(b) = ttft_budget(c.req) {
         let _ = write!(reason, " (deadline {})", secs(b));
