@@ -566,7 +566,18 @@ async fn carry(
             }
         };
         if let (Target::Local { node_id, .. }, Some(p)) = (&target, info.prefix) {
-            s.inner.remember_affinity(&group.local_model, p, node_id);
+            if s.inner.remember_affinity(&group.local_model, p, node_id)
+                && let Some(sh) = &s.inner.shared
+            {
+                let event = flotilla_state::Event::Affinity {
+                    model: group.local_model.clone(),
+                    prefix: p,
+                    node_id: node_id.clone(),
+                };
+                crate::shared::spawn_shared(sh, move |sh| async move {
+                    sh.publish(&event).await;
+                });
+            }
         }
         // The prediction was for the first target; later ones are compared with theirs.
         let predicted = decision.predicted_ttft;

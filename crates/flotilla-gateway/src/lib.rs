@@ -27,8 +27,8 @@ mod tls;
 use std::net::SocketAddr;
 
 pub use config::{
-    SplitBy, AuthMode, ClassSection, HealthSection, KeyDefaults, LedgerSection, LocalBalance, ModelSection,
-    SchedulerConfig, SchedulerSection, StateSection, TlsSection,
+    AuthMode, ClassSection, HealthSection, KeyDefaults, LedgerSection, LocalBalance, ModelSection,
+    SchedulerConfig, SchedulerSection, SplitBy, StateSection, TlsSection,
 };
 pub use reload::{Loader, ReloadError, ReloadReport};
 pub use state::AppState;

@@ -113,6 +113,13 @@ async fn apply(state: &AppState, shared: &Shared, ev: Event) {
         Event::RetryAfter { target, until_ms } => inner
             .health
             .apply_retry_after(&target, ms_to_instant(until_ms)),
+        Event::Affinity {
+            model,
+            prefix,
+            node_id,
+        } => {
+            inner.remember_affinity(&model, prefix, &node_id);
+        }
         Event::Resubscribed => read_all(state, shared).await,
     }
 }

@@ -155,11 +155,18 @@ impl Inner {
             .cloned()
     }
 
-    pub fn remember_affinity(&self, model: &str, prefix: u64, node: &str) {
+    /// Notes that `node` served `prefix`; true when that is news (another node had it, or
+    /// none did), so other replicas should hear of it.
+    pub fn remember_affinity(&self, model: &str, prefix: u64, node: &str) -> bool {
         let mut map = self.affinity.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (model.to_owned(), prefix);
+        if map.get(&key).is_some_and(|n| n == node) {
+            return false;
+        }
         if map.len() >= AFFINITY_ENTRIES {
             map.clear();
         }
-        map.insert((model.to_owned(), prefix), node.to_owned());
+        map.insert(key, node.to_owned());
+        true
     }
 }

@@ -25,6 +25,13 @@ pub enum Event {
     },
     /// The target answered 429: leave it alone until `until_ms`.
     RetryAfter { target: String, until_ms: i64 },
+    /// Requests whose prompt starts with `prefix` (a hash) now go to `node_id`, which holds
+    /// its KV blocks: every replica sends the next one there too.
+    Affinity {
+        model: String,
+        prefix: u64,
+        node_id: String,
+    },
     /// Not sent by anyone: the subscription was (re)established, so messages may have been
     /// missed; the receiver reads the whole shared state again.
     Resubscribed,
