@@ -566,18 +566,7 @@ async fn carry(
             }
         };
         if let (Target::Local { node_id, .. }, Some(p)) = (&target, info.prefix) {
-            if s.inner.remember_affinity(&group.local_model, p, node_id)
-                && let Some(sh) = &s.inner.shared
-            {
-                let event = flotilla_state::Event::Affinity {
-                    model: group.local_model.clone(),
-                    prefix: p,
-                    node_id: node_id.clone(),
-                };
-                crate::shared::spawn_shared(sh, move |sh| async move {
-                    sh.publish(&event).await;
-                });
-            }
+            crate::shared::served_prefix(s, &group.local_model, p, node_id);
         }
         // The prediction was for the first target; later ones are compared with theirs.
         let predicted = decision.predicted_ttft;

@@ -91,6 +91,25 @@ pub(crate) async fn run(state: AppState, shutdown: CancellationToken) {
     }
 }
 
+/// `node` served a request with `prefix`: the next ones go there too, on every replica
+/// (the others hear of it only when it is news).
+pub(crate) fn served_prefix(state: &AppState, model: &str, prefix: u64, node: &str) {
+    let inner = &state.inner;
+    if !inner.remember_affinity(model, prefix, node) {
+        return;
+    }
+    if let Some(sh) = &inner.shared {
+        let event = Event::Affinity {
+            model: model.to_owned(),
+            prefix,
+            node_id: node.to_owned(),
+        };
+        spawn_shared(sh, move |sh| async move {
+            sh.publish(&event).await;
+        });
+    }
+}
+
 /// Acts on another replica's news.
 async fn apply(state: &AppState, shared: &Shared, ev: Event) {
     let inner = &state.inner;
