@@ -13,6 +13,7 @@ mod metrics;
 pub mod models;
 pub mod placement;
 mod routes;
+pub mod source;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

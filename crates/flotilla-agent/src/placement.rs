@@ -117,7 +117,7 @@ pub async fn model_shape(
         return Ok(ModelShape::from_entry(e));
     }
     if fetch && !cfg.offline {
-        let dir = crate::models::resolve_source(
+        let dir = crate::source::resolve_source(
             &spec.source,
             &cfg.cache_dir,
             &cfg.hf_cache_dir,

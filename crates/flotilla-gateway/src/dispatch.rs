@@ -13,16 +13,19 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use flotilla_api::protocol::ModelKind;
 use flotilla_api::{ApiError, ErrorKind, headers};
-use flotilla_providers::{EncodeOptions, Endpoint, ProviderError, Upstream, UpstreamResponse};
+use flotilla_providers::{Endpoint, ProviderError};
 use flotilla_scheduler::{
-    Action, Admit, Decision, InFlightGuard, MidStream, ModelGroup, Outcome, PolicySettings,
-    RequestInfo, Snapshot, Target, decide,
+    Action, Decision, InFlightGuard, MidStream, ModelGroup, Outcome, PolicySettings, RequestInfo,
+    Snapshot, Target, decide,
 };
 use serde_json::Value;
 
-use crate::accounting::{AnswerText, Pricing, Tally};
-use crate::auth::{admit_key, max_cost, provider_admits};
-use crate::health::{cloud_key, health_key, local_key};
+use crate::accounting::{AnswerText, Tally};
+use crate::attempt::{
+    self, failed_after_headers, first_token_header, ledger_outcome, open_attempt,
+};
+use crate::auth::{admit_key, max_cost};
+use crate::health::{cloud_key, local_key};
 use crate::queue::Wake;
 use crate::stream::{Continuation, RelayCtx, first_token, relay_sse};
 use crate::{AppState, SchedulerConfig};
@@ -255,231 +258,42 @@ async fn route(
         if let (Some(t), Some(Target::Cloud { .. })) = (tally.as_mut(), targets.first()) {
             t.sent_to_cloud(why);
         }
-        return carry(
-            s, r, &group, &info, &decision, targets, guard, arrived, tally,
-        )
-        .await;
+        let c = Carry {
+            r,
+            group: &group,
+            info: &info,
+            decision: &decision,
+            arrived,
+        };
+        return carry(s, &c, targets, guard, tally).await;
     }
 }
 
-/// One attempt in progress.
-pub(crate) struct Attempt {
-    pub target: Target,
-    pub label: String,
-    pub health_key: String,
-    pub started: Instant,
-    pub upstream: Upstream,
-    /// The sequences running on the target beside this one, itself included (local).
-    pub sharing: u64,
+/// A routed request on its way down its target list.
+struct Carry<'a> {
+    r: &'a Routed<'a>,
+    group: &'a ModelGroup,
+    info: &'a RequestInfo,
+    decision: &'a Decision,
+    arrived: Instant,
 }
 
-impl Attempt {
-    /// How this attempt's answer is paid for.
-    pub(crate) fn pricing(&self, group: &ModelGroup) -> Pricing {
-        match &self.target {
-            Target::Local { .. } => Pricing::Gpu {
-                usd_per_hour: group.gpu_hour_usd,
-                share: 1.0 / self.sharing.max(1) as f64,
-            },
-            Target::Cloud { provider, model } => Pricing::Tokens(
-                group
-                    .cloud
-                    .iter()
-                    .find(|c| &c.provider == provider && &c.model == model)
-                    .map(|c| c.price())
-                    .unwrap_or_default(),
-            ),
-        }
-    }
-}
-
-/// The attempt outcome the ledger records for a failure.
-pub(crate) fn ledger_outcome(e: &ProviderError) -> (&'static str, Option<u16>) {
-    match e {
-        ProviderError::Status { status: 429, .. } => ("rate_limited", Some(429)),
-        ProviderError::Status { status, .. } if !e.is_retryable() => ("rejected", Some(*status)),
-        ProviderError::Status { status, .. } => ("failed", Some(*status)),
-        ProviderError::Unsupported { .. } => ("rejected", None),
-        _ => ("failed", None),
-    }
-}
-
-pub(crate) fn outcome_of(e: &ProviderError) -> (Outcome, usize) {
-    match e {
-        ProviderError::Status {
-            status: 429,
-            retry_after,
-            ..
-        } => (
-            Outcome::RateLimited {
-                retry_after: *retry_after,
-            },
-            2,
-        ),
-        e if !e.is_retryable() => (Outcome::Rejected, 3),
-        _ => (Outcome::Failure, 1),
-    }
-}
-
-pub(crate) fn upstream_for(
-    s: &AppState,
-    target: &Target,
-    label: &str,
-) -> Result<Upstream, ProviderError> {
-    match target {
-        // Agents with a cluster token want it on every request.
-        Target::Local { base_url, .. } => Ok(s.inner.pool.upstream(
-            label,
-            &format!("{}/v1", base_url.trim_end_matches('/')),
-            s.inner.cluster_token.clone(),
-        )),
-        Target::Cloud { provider, .. } => match s.inner.providers.get(provider) {
-            Some(Ok(up)) => Ok(up.clone()),
-            Some(Err(reason)) => Err(ProviderError::Connect {
-                target: label.to_owned(),
-                reason: reason.clone(),
-            }),
-            None => Err(ProviderError::Connect {
-                target: label.to_owned(),
-                reason: "provider not configured".into(),
-            }),
-        },
-    }
-}
-
-/// Sends `body` to `target` and waits for the response headers. The attempt counts in the
-/// target's health from here; a failure is recorded before it is returned.
-pub(crate) async fn open_attempt(
-    s: &AppState,
-    ep: Endpoint,
-    target: &Target,
-    body: &Value,
-    stream: bool,
-    guard: Option<InFlightGuard>,
-) -> Result<(Attempt, UpstreamResponse, Option<InFlightGuard>), ProviderError> {
-    let (label, upstream, key, started, guard, sharing) = start_attempt(s, target, guard)?;
-    // The target's own name for the model; a copy of the body only when it differs.
-    let body = if body.get("model").and_then(Value::as_str) == Some(target.model()) {
-        Cow::Borrowed(body)
-    } else {
-        let mut renamed = body.clone();
-        renamed["model"] = Value::String(target.model().to_owned());
-        Cow::Owned(renamed)
-    };
-    let opts = EncodeOptions {
-        stream,
-        stream_usage: match target {
-            Target::Local { .. } => true,
-            Target::Cloud { provider, .. } => s
-                .inner
-                .config()
-                .provider(provider)
-                .is_none_or(|p| p.stream_usage),
-        },
-        default_max_tokens: s.inner.config().default_max_tokens,
-    };
-    match upstream.post_json(ep, &body, &opts).await {
-        Ok(resp) => Ok((
-            Attempt {
-                target: target.clone(),
-                label,
-                health_key: key,
-                started,
-                upstream,
-                sharing,
-            },
-            resp,
-            guard,
-        )),
-        Err(e) => {
-            let (outcome, n) = outcome_of(&e);
-            s.inner.metrics.attempt(n);
-            s.inner.health.finish(&key, outcome, Instant::now());
-            // An agent that refuses connections or does not answer in time gets no more
-            // work until its next heartbeat says it is alive.
-            if let (
-                Target::Local { node_id, .. },
-                ProviderError::Connect { .. } | ProviderError::Timeout { .. },
-            ) = (target, &e)
-            {
-                s.inner.fleet.mark_unreachable(node_id);
-                s.inner.queues.wake.notify_one();
-                if let Some(sh) = &s.inner.shared {
-                    let node_id = node_id.clone();
-                    crate::shared::spawn_shared(sh, move |sh| async move {
-                        sh.publish(&flotilla_state::Event::NodeUnreachable { node_id })
-                            .await;
-                    });
-                }
-            }
-            Err(e)
-        }
-    }
-}
-
-type Started = (
-    String,
-    Upstream,
-    String,
-    Instant,
-    Option<InFlightGuard>,
-    u64,
-);
-
-/// Everything before the request leaves: the upstream, the health admission, the slot.
-fn start_attempt(
-    s: &AppState,
-    target: &Target,
-    guard: Option<InFlightGuard>,
-) -> Result<Started, ProviderError> {
-    let label = target.label();
-    let upstream = upstream_for(s, target, &label)?;
-    let key = health_key(target);
-    let started = Instant::now();
-    let admit = s.inner.health.try_start(&key, started);
-    if !admit.allowed() {
-        return Err(ProviderError::Connect {
-            target: label,
-            reason: format!("not tried: {}", admit.as_str()),
-        });
-    }
-    let guard = match (target, guard) {
-        (_, Some(g)) => Some(g),
-        (Target::Local { node_id, model, .. }, None) => Some(s.inner.fleet.acquire(node_id, model)),
-        (Target::Cloud { .. }, None) => None,
-    };
-    let sharing = match target {
-        Target::Local { node_id, model, .. } => s.inner.fleet.in_flight(node_id, model),
-        Target::Cloud { .. } => 1,
-    };
-    Ok((label, upstream, key, started, guard, sharing))
-}
-
-/// A half-open target takes one probe across all replicas: this replica may send it
-/// unless another claimed it (always, without shared state or while Redis is down).
-pub(crate) async fn claim_probe(s: &AppState, key: &str) -> bool {
-    match &s.inner.shared {
-        Some(sh) => sh
-            .claim_probe(key, s.inner.config().health.open_for)
-            .await
-            .unwrap_or(true),
-        None => true,
-    }
-}
-
-/// Tries `targets` in order until one answers.
-#[allow(clippy::too_many_arguments)]
+/// Tries `targets` in order until one answers (`first_guard`: the local slot a queued
+/// request was handed).
 async fn carry(
     s: &AppState,
-    r: &Routed<'_>,
-    group: &ModelGroup,
-    info: &RequestInfo,
-    decision: &Decision,
+    c: &Carry<'_>,
     targets: Vec<Target>,
     mut first_guard: Option<InFlightGuard>,
-    arrived: Instant,
     tally: &mut Option<Tally>,
 ) -> Result<Response, ApiError> {
+    let Carry {
+        r,
+        group,
+        info,
+        decision,
+        arrived,
+    } = *c;
     let cfg = s.inner.config();
     let mut targets: VecDeque<Target> = targets.into();
     let mut failures: Vec<ProviderError> = Vec::new();
@@ -501,34 +315,8 @@ async fn carry(
             }
             tokio::time::sleep(backoff).await;
         }
-        // What happened since the decision (a 429, an opened breaker, a wait in the queue)
-        // applies at once; a skipped target is not an attempt.
         let now = Instant::now();
-        let hkey = health_key(&target);
-        let admit = s.inner.health.admit(&hkey, now);
-        let skip = if !admit.allowed() {
-            Some(admit.as_str().to_owned())
-        } else if admit == Admit::Probe && !claim_probe(s, &hkey).await {
-            Some("probe_in_flight (another replica probes it)".to_owned())
-        } else if let Target::Cloud { provider, .. } = &target {
-            if s.inner
-                .providers
-                .get(provider)
-                .and_then(|u| u.as_ref().ok())
-                .is_some_and(|u| !u.supports(r.ep))
-            {
-                Some(format!("{provider} has no {} endpoint", r.ep.as_str()))
-            } else if let Err(wait) = provider_admits(s, provider, tokens).await {
-                Some(format!(
-                    "{provider}'s per-minute limit is reached for {} ms more",
-                    wait.as_millis()
-                ))
-            } else {
-                None
-            }
-        } else {
-            None
-        };
+        let skip = attempt::admit(s, &target, r.ep, tokens).await.err();
         if let Some(why) = skip {
             tracing::info!(request_id = r.request_id, upstream = %label, reason = %why, "skipping target");
             if let Some(t) = tally.as_mut() {
@@ -677,41 +465,6 @@ async fn carry(
         "every target failed"
     );
     Err(all_failed(r.model, &failures))
-}
-
-/// An attempt that got its 200 headers but no usable answer (the body broke, or a stream
-/// gave no first token): a failure for the target's health, a failed attempt in the ledger.
-fn failed_after_headers(
-    s: &AppState,
-    attempt: &Attempt,
-    tally: &mut Option<Tally>,
-    e: &ProviderError,
-) {
-    s.inner.metrics.attempt(1);
-    s.inner
-        .health
-        .finish(&attempt.health_key, Outcome::Failure, Instant::now());
-    if let Some(t) = tally.as_mut() {
-        t.attempt(
-            &attempt.label,
-            attempt.started,
-            "failed",
-            Some(200),
-            Some(e.to_string()),
-        );
-    }
-}
-
-/// An agent's `x-flotilla-first-token-ms` (fractional milliseconds), when it is sane.
-fn first_token_header(resp: &UpstreamResponse) -> Option<Duration> {
-    let ms: f64 = resp
-        .headers()
-        .get(headers::FIRST_TOKEN_MS)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()?;
-    (ms.is_finite() && (0.0..1e9).contains(&ms)).then(|| Duration::from_secs_f64(ms / 1e3))
 }
 
 // Parsed once, not per response.

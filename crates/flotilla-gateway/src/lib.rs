@@ -7,6 +7,7 @@
 
 mod accounting;
 mod admin;
+mod attempt;
 mod auth;
 pub mod config;
 mod dashboard;

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
-use crate::dispatch::{claim_probe, outcome_of, upstream_for};
+use crate::attempt::{claim_probe, outcome_of, upstream_for};
 use crate::health::health_key;
 
 /// Every target the scheduler could route to now, with the endpoint its model is for.

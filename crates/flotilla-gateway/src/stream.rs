@@ -22,8 +22,7 @@ use serde_json::Value;
 
 use crate::AppState;
 use crate::accounting::{AnswerText, Tally};
-use crate::dispatch::{Attempt, open_attempt};
-use crate::health::health_key;
+use crate::attempt::{self, Attempt, open_attempt};
 
 /// Where a continuation may go and what it re-sends.
 pub(crate) struct Continuation {
@@ -315,9 +314,11 @@ impl Relay {
         } else {
             self.sent.saturating_sub(1)
         };
+        let mut left = 0;
         for key in ["max_tokens", "max_completion_tokens"] {
             if let Some(n) = body.get(key).and_then(Value::as_u64) {
-                body[key] = Value::from(n.saturating_sub(sent).max(1));
+                left = n.saturating_sub(sent).max(1);
+                body[key] = Value::from(left);
             }
         }
         // Our agents (and vLLM-style servers) go on writing the partial message itself.
@@ -329,7 +330,6 @@ impl Relay {
                 break;
             };
             let now = Instant::now();
-            let admit = state.inner.health.admit(&health_key(&target), now);
             // Agents, Anthropic (assistant prefill) and servers configured as continuing
             // go on writing the message; another OpenAI-style API would start a new
             // answer, stitched on.
@@ -343,10 +343,12 @@ impl Relay {
             };
             let skip = if !continues {
                 Some("cannot continue a partial answer".to_owned())
-            } else if !admit.allowed() {
-                Some(admit.as_str().to_owned())
             } else {
-                None
+                // The same admission as any attempt; the rest of the answer is what
+                // counts against a provider's per-minute tokens.
+                attempt::admit(&state, &target, Endpoint::Chat, left)
+                    .await
+                    .err()
             };
             if let Some(why) = skip {
                 if let Some(t) = self.ctx.tally.as_mut() {
@@ -383,7 +385,7 @@ impl Relay {
                 }
                 Err(e) => {
                     if let Some(t) = self.ctx.tally.as_mut() {
-                        let (outcome, status) = crate::dispatch::ledger_outcome(&e);
+                        let (outcome, status) = attempt::ledger_outcome(&e);
                         t.attempt(&target.label(), now, outcome, status, Some(e.to_string()));
                     }
                     tracing::warn!(request_id = %cont.request_id, error = %e, "continuation attempt failed");
