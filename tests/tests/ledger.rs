@@ -381,6 +381,36 @@ async fn the_savings_report_matches_a_hand_computation() {
         days[0]["day"].as_str().unwrap().starts_with("20"),
         "{report}"
     );
+    // All cloud, no GPUs: both accountings are the cloud bill. With 3 GPUs owned over
+    // a given day at $2/h, the owned one adds $144.
+    let a = &report["accountings"];
+    let cloud = 3.0 * cheap + 2.0 * dear;
+    assert!(close(a["marginal_usd"].as_f64().unwrap(), cloud), "{a}");
+    assert!(close(a["owned_usd"].as_f64().unwrap(), cloud), "{a}");
+    assert_eq!(a["gpus"], 0.0);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let from = now_ms - 43_200_000;
+    let owned = get_json(&format!(
+        "{}/admin/v1/savings?from={from}&to={}&gpus=3",
+        sched.url,
+        from + 86_400_000
+    ))
+    .await;
+    let a = &owned["accountings"];
+    assert!(
+        close(a["owned_usd"].as_f64().unwrap(), cloud + 144.0),
+        "{a}"
+    );
+    assert!(close(a["window_hours"].as_f64().unwrap(), 24.0), "{a}");
+    let bad = client()
+        .get(format!("{}/admin/v1/savings?gpus=many", sched.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
     sched.stop().await;
 }
 

@@ -136,6 +136,13 @@ pub enum ReportCommand {
         /// Until this date (exclusive) or unix milliseconds.
         #[arg(long)]
         to: Option<String>,
+        /// Owned GPUs, for the second accounting: every GPU-hour of the range, busy or idle
+        /// (unset: only the marginal accounting, busy GPU time, is shown).
+        #[arg(long)]
+        gpus: Option<f64>,
+        /// The amortised price of one GPU-hour for the owned accounting.
+        #[arg(long, default_value_t = 2.0)]
+        gpu_hour_usd: f64,
         #[arg(long)]
         json: bool,
     },

@@ -146,26 +146,54 @@ pub async fn report(cmd: ReportCommand) -> anyhow::Result<()> {
             ledger,
             from,
             to,
+            gpus,
+            gpu_hour_usd,
             json,
         } => {
+            if gpus.is_some_and(|g| !(g.is_finite() && g >= 0.0))
+                || !(gpu_hour_usd.is_finite() && gpu_hour_usd >= 0.0)
+            {
+                anyhow::bail!("--gpus and --gpu-hour-usd must be numbers >= 0");
+            }
             let db = open(&ledger).await?;
-            let report = db
-                .savings(&SavingsQuery {
-                    from_ms: bound("from", from.as_deref())?,
-                    to_ms: bound("to", to.as_deref())?,
-                })
-                .await?;
+            let query = SavingsQuery {
+                from_ms: bound("from", from.as_deref())?,
+                to_ms: bound("to", to.as_deref())?,
+            };
+            let report = db.savings(&query).await?;
+            let accountings = gpus.map(|g| report.accountings(&query, g, gpu_hour_usd));
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                let v = serde_json::json!({"report": report, "accountings": accountings});
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print!(
                     "{}",
                     savings_table(&report.rows, &report.by_model, &report.total)
                 );
+                if let Some(a) = &accountings {
+                    print!("{}", accountings_lines(a, report.total.baseline_usd));
+                }
             }
             Ok(())
         }
     }
+}
+
+/// The total priced both ways, against the baseline.
+pub fn accountings_lines(a: &flotilla_state::Accountings, baseline_usd: f64) -> String {
+    format!(
+        "\nmarginal (busy GPU time + cloud): ${}  saved ${} against the baseline\n\
+         owned ({} GPUs x {:.2} h at ${:.2}/h + cloud ${}): ${}  saved ${}  (GPUs busy {:.1}%)\n",
+        money(a.marginal_usd),
+        money(baseline_usd - a.marginal_usd),
+        a.gpus,
+        a.window_hours,
+        a.gpu_hour_usd,
+        money(a.cloud_usd),
+        money(a.owned_usd),
+        money(baseline_usd - a.owned_usd),
+        a.gpu_utilisation * 100.0,
+    )
 }
 
 fn money(v: f64) -> String {

@@ -212,8 +212,10 @@ pub(crate) async fn requests(
     res.unwrap_or_else(|e: ApiError| e.into_response())
 }
 
-/// `GET /admin/v1/savings?from&to`: actual cost against the same traffic on the default
-/// cloud provider, by day and model.
+/// `GET /admin/v1/savings?from&to&gpus`: actual cost against the same traffic on the
+/// default cloud provider, by day and model, and the total under both accountings of owned
+/// GPUs: marginal (busy GPU time) and owned (every GPU-hour of the window; `gpus` defaults
+/// to the GPUs the fleet reports now).
 pub(crate) async fn savings(
     State(s): State<AppState>,
     h: HeaderMap,
@@ -226,11 +228,33 @@ pub(crate) async fn savings(
             to_ms: time_param("to", q.get("to"))?,
         };
         let report = s.inner.ledger.savings(&query).await.map_err(state_error)?;
+        let gpus = match q.get("gpus") {
+            Some(v) => v
+                .parse::<f64>()
+                .ok()
+                .filter(|g| g.is_finite() && *g >= 0.0)
+                .ok_or_else(|| {
+                    ApiError::invalid_param(
+                        "gpus",
+                        format!("`gpus` must be a number >= 0, got `{v}`"),
+                    )
+                })?,
+            None => s
+                .inner
+                .fleet
+                .snapshot(Instant::now())
+                .iter()
+                .map(|n| n.gpus.len() as f64)
+                .sum(),
+        };
+        let cfg = s.inner.config();
+        let accountings = report.accountings(&query, gpus, cfg.gpu_hour_usd);
         Ok(Json(serde_json::json!({
-            "baseline_provider": s.inner.config().default_provider,
+            "baseline_provider": cfg.default_provider,
             "rows": report.rows,
             "by_model": report.by_model,
             "total": report.total,
+            "accountings": accountings,
         }))
         .into_response())
     }

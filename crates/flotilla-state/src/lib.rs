@@ -20,8 +20,8 @@ pub use date::date_to_ms;
 pub use error::StateError;
 pub use keys::{ApiKey, NewKey, hash_secret};
 pub use ledger::{
-    AttemptRecord, Ledger, LedgerWriter, RequestPage, RequestQuery, RequestRecord, SavingsQuery,
-    SavingsReport, SavingsRow,
+    Accountings, AttemptRecord, Ledger, LedgerWriter, RequestPage, RequestQuery, RequestRecord,
+    SavingsQuery, SavingsReport, SavingsRow,
 };
 pub use limits::{BudgetExceeded, Budgets, RateLimiter, Reservation};
 pub use shared::{Event, Liveness, ReplicaReport, Shared, SharedConfig, TargetFigures, TargetMark};

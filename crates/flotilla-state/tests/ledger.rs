@@ -19,6 +19,7 @@ on_both!(
     writer_flushes_on_its_timer_and_close_writes_the_rest,
     writer_writes_full_batches_without_waiting_for_its_timer,
     savings_per_day_and_model_match_a_hand_count,
+    savings_price_owned_gpus_both_ways,
     reconnecting_applies_migrations_once_and_checks_them,
 );
 
@@ -489,9 +490,12 @@ fn day_ms(day: i64) -> i64 {
     day * 86_400_000
 }
 
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() < 1e-9
+}
+
 fn assert_row(got: &SavingsRow, want: (&str, &str, i64, f64, i64, f64, i64, f64)) {
     let (day, model, requests, cost, unknown_cost, baseline, unknown_baseline, savings) = want;
-    let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
     assert_eq!(
         (got.day.as_str(), got.model.as_str(), got.requests),
         (day, model, requests),
@@ -596,6 +600,46 @@ async fn savings_per_day_and_model_match_a_hand_count(db: TestDb) {
         .expect("savings");
     assert!(empty.rows.is_empty() && empty.by_model.is_empty());
     assert_row(&empty.total, ("", "", 0, 0.0, 0, 0.0, 0, 0.0));
+    assert_eq!((empty.first_ms, empty.last_ms), (None, None));
+}
+
+async fn savings_price_owned_gpus_both_ways(db: TestDb) {
+    // Two hours; one local request of 36 GPU-seconds at $2/h ($0.02), one cloud request.
+    let h = 3_600_000;
+    let mut local = record("l1", 0);
+    local.final_target = Some("local:node-a/llama".into());
+    local.cost_usd = Some(0.02);
+    local.gpu_seconds = Some(36.0);
+    local.baseline_cost_usd = Some(0.50);
+    let mut cloud = record("c1", 2 * h);
+    cloud.final_target = Some("cloud:openai".into());
+    cloud.cost_usd = Some(0.30);
+    cloud.baseline_cost_usd = Some(0.30);
+    db.ledger.insert(&[local, cloud]).await.expect("insert");
+    let q = SavingsQuery::default();
+    let report = db.ledger.savings(&q).await.expect("savings");
+    assert!(close(report.total.local_cost_usd, 0.02), "{report:?}");
+    assert!(close(report.total.gpu_seconds, 36.0), "{report:?}");
+    assert_eq!((report.first_ms, report.last_ms), (Some(0), Some(2 * h)));
+    // One GPU owned for the two hours: $4 whatever it did, 0.5% of it busy.
+    let a = report.accountings(&q, 1.0, 2.0);
+    assert!(close(a.marginal_usd, 0.32), "{a:?}");
+    assert!(close(a.cloud_usd, 0.30), "{a:?}");
+    assert!(close(a.window_hours, 2.0), "{a:?}");
+    assert!(close(a.owned_usd, 4.30), "{a:?}");
+    assert!(close(a.gpu_utilisation, 0.005), "{a:?}");
+    // A range sets the window, requests or not.
+    let day = SavingsQuery {
+        from_ms: Some(0),
+        to_ms: Some(24 * h),
+    };
+    let a = db
+        .ledger
+        .savings(&day)
+        .await
+        .expect("savings")
+        .accountings(&day, 2.0, 1.0);
+    assert!(close(a.owned_usd, 0.30 + 48.0), "{a:?}");
 }
 
 async fn reconnecting_applies_migrations_once_and_checks_them(db: TestDb) {

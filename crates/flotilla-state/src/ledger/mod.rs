@@ -19,8 +19,8 @@ use crate::db::{self, Backend};
 use crate::error::StateError;
 
 pub use record::{
-    AttemptRecord, RequestPage, RequestQuery, RequestRecord, SavingsQuery, SavingsReport,
-    SavingsRow,
+    Accountings, AttemptRecord, RequestPage, RequestQuery, RequestRecord, SavingsQuery,
+    SavingsReport, SavingsRow,
 };
 pub use writer::LedgerWriter;
 

@@ -128,6 +128,29 @@ pub struct SavingsRow {
     /// Baseline minus actual over the requests whose both costs are known (one unknown
     /// would make the difference meaningless, so those are left out, and counted above).
     pub savings_usd: f64,
+    /// The part of `cost_usd` that ran on local agents: their busy GPU time at the
+    /// amortised GPU-hour (the rest is what cloud providers charged).
+    #[serde(default)]
+    pub local_cost_usd: f64,
+    /// GPU time the local requests took.
+    #[serde(default)]
+    pub gpu_seconds: f64,
+}
+
+/// The same traffic under the two ways of pricing owned GPUs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Accountings {
+    /// Local work priced by its busy GPU time, plus the cloud: what the traffic used.
+    pub marginal_usd: f64,
+    /// Every owned GPU-hour of the window, busy or idle, plus the cloud: what the fleet
+    /// cost while it served the traffic.
+    pub owned_usd: f64,
+    pub cloud_usd: f64,
+    /// Share of the owned GPU time that was busy.
+    pub gpu_utilisation: f64,
+    pub window_hours: f64,
+    pub gpus: f64,
+    pub gpu_hour_usd: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -138,4 +161,35 @@ pub struct SavingsReport {
     pub by_model: Vec<SavingsRow>,
     /// day = "", model = "".
     pub total: SavingsRow,
+    /// The first and last successful request in the range (unix ms), None without any.
+    #[serde(default)]
+    pub first_ms: Option<i64>,
+    #[serde(default)]
+    pub last_ms: Option<i64>,
+}
+
+impl SavingsReport {
+    /// Prices the total both ways for a fleet of `gpus` GPUs at `gpu_hour_usd` each, over
+    /// `[from_ms, to_ms)` (the first to the last request where a bound is open).
+    pub fn accountings(&self, q: &SavingsQuery, gpus: f64, gpu_hour_usd: f64) -> Accountings {
+        let t = &self.total;
+        let from = q.from_ms.or(self.first_ms).unwrap_or(0);
+        let to = q.to_ms.or(self.last_ms).unwrap_or(from);
+        let window_hours = (to.saturating_sub(from)).max(0) as f64 / 3.6e6;
+        let cloud_usd = t.cost_usd - t.local_cost_usd;
+        let owned_gpu_hours = gpus * window_hours;
+        Accountings {
+            marginal_usd: t.cost_usd,
+            owned_usd: cloud_usd + owned_gpu_hours * gpu_hour_usd,
+            cloud_usd,
+            gpu_utilisation: if owned_gpu_hours > 0.0 {
+                (t.gpu_seconds / 3600.0 / owned_gpu_hours).min(1.0)
+            } else {
+                0.0
+            },
+            window_hours,
+            gpus,
+            gpu_hour_usd,
+        }
+    }
 }

@@ -26,7 +26,10 @@ pub(crate) async fn savings(pool: &AnyPool, q: &SavingsQuery) -> Result<SavingsR
             CAST(SUM(CASE WHEN baseline_cost_usd IS NULL THEN 1 ELSE 0 END) AS BIGINT) \
                 AS unknown_baseline, \
             SUM(CASE WHEN cost_usd IS NOT NULL AND baseline_cost_usd IS NOT NULL \
-                THEN baseline_cost_usd - cost_usd END) AS savings \
+                THEN baseline_cost_usd - cost_usd END) AS savings, \
+            SUM(CASE WHEN final_target LIKE 'local:%' THEN cost_usd END) AS local_cost, \
+            SUM(gpu_seconds) AS gpu_seconds, \
+            MIN(ts_ms) AS first_ms, MAX(ts_ms) AS last_ms \
          FROM requests WHERE status = 'ok'"
     ));
     if let Some(from) = q.from_ms {
@@ -39,7 +42,11 @@ pub(crate) async fn savings(pool: &AnyPool, q: &SavingsQuery) -> Result<SavingsR
 
     // Sorted here rather than in SQL: PostgreSQL orders text by its locale, SQLite by bytes.
     let mut rows: BTreeMap<(i64, String), SavingsRow> = BTreeMap::new();
+    let (mut first_ms, mut last_ms): (Option<i64>, Option<i64>) = (None, None);
     for row in sql.query().fetch_all(pool).await? {
+        let (first, last): (i64, i64) = (row.try_get("first_ms")?, row.try_get("last_ms")?);
+        first_ms = Some(first_ms.map_or(first, |f| f.min(first)));
+        last_ms = Some(last_ms.map_or(last, |l| l.max(last)));
         let day: i64 = row.try_get("day")?;
         let model: String = row.try_get("model")?;
         let cost_usd = row.try_get::<Option<f64>, _>("cost_usd")?.unwrap_or(0.0);
@@ -57,6 +64,8 @@ pub(crate) async fn savings(pool: &AnyPool, q: &SavingsQuery) -> Result<SavingsR
                 baseline_usd,
                 unknown_baseline_requests: row.try_get("unknown_baseline")?,
                 savings_usd: row.try_get::<Option<f64>, _>("savings")?.unwrap_or(0.0),
+                local_cost_usd: row.try_get::<Option<f64>, _>("local_cost")?.unwrap_or(0.0),
+                gpu_seconds: row.try_get::<Option<f64>, _>("gpu_seconds")?.unwrap_or(0.0),
             },
         );
     }
@@ -76,6 +85,8 @@ pub(crate) async fn savings(pool: &AnyPool, q: &SavingsQuery) -> Result<SavingsR
         rows: rows.into_values().collect(),
         by_model: by_model.into_values().collect(),
         total,
+        first_ms,
+        last_ms,
     })
 }
 
@@ -89,6 +100,8 @@ fn empty_row(model: String) -> SavingsRow {
         baseline_usd: 0.0,
         unknown_baseline_requests: 0,
         savings_usd: 0.0,
+        local_cost_usd: 0.0,
+        gpu_seconds: 0.0,
     }
 }
 
@@ -99,4 +112,6 @@ fn add(acc: &mut SavingsRow, row: &SavingsRow) {
     acc.baseline_usd += row.baseline_usd;
     acc.unknown_baseline_requests += row.unknown_baseline_requests;
     acc.savings_usd += row.savings_usd;
+    acc.local_cost_usd += row.local_cost_usd;
+    acc.gpu_seconds += row.gpu_seconds;
 }
