@@ -197,11 +197,12 @@ pub struct BenchEngineArgs {
 #[derive(Debug, Args)]
 pub struct SimulateArgs {
     /// JSONL trace, one request a line: t_ms, model, prompt_tokens, completion_tokens,
-    /// priority (interactive | batch), and optionally ttft_ms, deadline_ms, tag.
+    /// priority (interactive | batch), and optionally ttft_ms, deadline_ms, tag,
+    /// prefix_id with prefix_tokens.
     #[arg(long, required_unless_present = "generate")]
     pub trace: Option<PathBuf>,
-    /// Simulated fleet (TOML): agents' throughput, cloud targets' latency, prices and
-    /// failure windows (see examples/sim/config.toml).
+    /// Simulated fleet (TOML): agents' throughput, prefix caches and outages, cloud
+    /// targets' latency, prices, failure and 429 windows (see examples/sim/config.toml).
     #[arg(long, required_unless_present = "generate")]
     pub config: Option<PathBuf>,
     /// A policy to replay (repeatable): flotilla, cloud-only, local-only, round-robin,
@@ -211,10 +212,14 @@ pub struct SimulateArgs {
     /// Print JSON instead of a markdown table.
     #[arg(long)]
     pub json: bool,
-    /// Write a generated example trace (bursty interactive/batch mix) to this file instead
-    /// of simulating.
+    /// Write a generated example trace (bursty interactive/batch mix with shared prefixes)
+    /// to this file instead of simulating.
     #[arg(long, value_name = "OUT.jsonl", conflicts_with_all = ["trace", "config", "policies", "json"])]
     pub generate: Option<PathBuf>,
+    /// With --generate: also write a fleet to replay it against (agents of two speeds, one
+    /// lost for a while; a cloud target with an outage, another with 429 windows).
+    #[arg(long, value_name = "OUT.toml", requires = "generate")]
+    pub generate_config: Option<PathBuf>,
     /// Requests in the generated trace.
     #[arg(long, default_value_t = 5000, requires = "generate")]
     pub requests: usize,

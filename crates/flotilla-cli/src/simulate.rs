@@ -1,13 +1,15 @@
 //! `flotilla simulate`: replays a trace against the simulated fleet a config describes,
-//! under each chosen policy, and prints one row per policy; or, with `--generate`, writes an
-//! example trace.
+//! under each chosen policy, and prints one row per policy with its cost under both
+//! accountings (marginal and owned); or, with `--generate`, writes an example trace and,
+//! with `--generate-config`, a fleet to replay it against.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
 
 use anyhow::Context;
 use flotilla_scheduler::sim::{
-    GenerateOptions, SimConfig, SimPolicy, Trace, generate, markdown_table, simulate_all,
+    GenerateOptions, SimConfig, SimPolicy, Trace, cost_ratios, generate, markdown_table,
+    scenario_config, simulate_all,
 };
 use serde::Serialize;
 
@@ -52,7 +54,18 @@ pub fn render(args: &SimulateArgs) -> anyhow::Result<String> {
             opts.seed,
             out_path.display()
         )?;
+        if let Some(cfg_path) = &args.generate_config {
+            let text = scenario_config(&opts);
+            // What we write must be what `--config` accepts.
+            SimConfig::parse(&text)?;
+            std::fs::write(cfg_path, text)
+                .with_context(|| format!("writing {}", cfg_path.display()))?;
+            writeln!(out, "wrote its fleet to {}", cfg_path.display())?;
+        }
         return Ok(out);
+    }
+    if args.generate_config.is_some() {
+        anyhow::bail!("--generate-config goes with --generate");
     }
     let (Some(trace_path), Some(config_path)) = (&args.trace, &args.config) else {
         anyhow::bail!("--trace and --config are required (or --generate OUT.jsonl)");
@@ -92,6 +105,10 @@ pub fn render(args: &SimulateArgs) -> anyhow::Result<String> {
         cfg.seed
     )?;
     out.push_str(&markdown_table(&rows));
+    out.push_str(
+        "\nCost: marginal = busy GPU time + cloud; owned = every GPU over the whole window + cloud.\n",
+    );
+    out.push_str(&cost_ratios(&rows, SimPolicy::Flotilla.as_str()));
     Ok(out)
 }
 
@@ -122,9 +139,13 @@ mod tests {
             env!("CARGO_MANIFEST_DIR"),
             "/../../examples/sim/config.toml"
         );
+        let fleet = dir.path().join("fleet.toml");
+        let fleet = fleet.to_str().unwrap();
         let said = super::render(&args(&[
             "--generate",
             trace,
+            "--generate-config",
+            fleet,
             "--requests",
             "300",
             "--duration-s",
@@ -134,6 +155,7 @@ mod tests {
         ]))
         .unwrap();
         assert!(said.starts_with("wrote 300 requests"), "{said}");
+        assert!(said.contains("wrote its fleet"), "{said}");
 
         let table = super::render(&args(&["--trace", trace, "--config", config])).unwrap();
         let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| ")).collect();
@@ -172,6 +194,17 @@ mod tests {
             .collect();
         assert_eq!(names, ["flotilla", "cloud-only"]);
         assert_eq!(v["requests"], 300);
+        let owned = v["policies"][1]["owned_cost_usd"].as_f64().unwrap();
+        let marginal = v["policies"][1]["cost_usd"].as_f64().unwrap();
+        assert!(owned > marginal, "cloud-only still owns the idle fleet");
+
+        // The generated fleet replays the generated trace, both accountings printed.
+        let table = super::render(&args(&["--trace", trace, "--config", fleet])).unwrap();
+        assert!(table.contains("owned cost USD"), "{table}");
+        assert!(
+            table.contains("flotilla / cloud-only: marginal "),
+            "{table}"
+        );
 
         // Without --generate, both inputs are needed; unknown policies are refused.
         let cli = |argv: &[&str]| {
@@ -182,5 +215,16 @@ mod tests {
         assert!(cli(&["--trace", trace]).is_err());
         assert!(cli(&["--trace", trace, "--config", config, "--policy", "random"]).is_err());
         assert!(cli(&["--generate", trace, "--json"]).is_err());
+        assert!(
+            super::render(&args(&[
+                "--trace",
+                trace,
+                "--config",
+                config,
+                "--generate-config",
+                fleet
+            ]))
+            .is_err()
+        );
     }
 }

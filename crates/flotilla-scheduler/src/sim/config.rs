@@ -1,7 +1,7 @@
-//! The simulated fleet: one model group, its agents' throughput model, its cloud targets'
-//! latency, speed, prices and failure windows, and overrides of the policy and health
-//! settings. TOML with unknown keys refused; [`SimConfig::parse`] reports every invalid
-//! value at once.
+//! The simulated fleet: one model group, its agents' throughput model (speed, prefix cache,
+//! outages), its cloud targets' latency, speed, prices, failure windows and 429 windows, and
+//! overrides of the policy and health settings. TOML with unknown keys refused;
+//! [`SimConfig::parse`] reports every invalid value at once.
 
 use std::time::Duration;
 
@@ -27,9 +27,14 @@ fn default_context() -> u64 {
 pub struct SimConfig {
     /// The model group's public name; every trace line must name it.
     pub model: String,
-    /// Local GPU time, amortised, in US dollars per GPU-hour (the policy's cost model and
-    /// the report's local cost).
+    /// Local GPU time, amortised, in US dollars per GPU-hour: what owning a GPU costs, busy
+    /// or idle. The report prices local work with it (busy time for the marginal
+    /// accounting, the whole window for the owned one); the policy does not route by it.
     pub gpu_hour_usd: f64,
+    /// What one more GPU-hour of work costs on top of owning the GPU (power, say): the
+    /// group's `gpu_marginal_usd_per_hour`, which the policy prices local work with.
+    #[serde(default)]
+    pub gpu_marginal_usd_per_hour: f64,
     /// The group's `max_queue_depth`.
     #[serde(default = "default_queue_depth")]
     pub max_queue_depth: u64,
@@ -73,9 +78,39 @@ pub struct SimAgent {
     /// Longest prompt + completion it takes; longer requests are refused.
     #[serde(default = "default_context")]
     pub context_length: u64,
+    /// Its GPUs' price per GPU-hour when it differs from the fleet's `gpu_hour_usd` (an
+    /// older card, say). Reports only.
+    #[serde(default)]
+    pub gpu_hour_usd: Option<f64>,
+    /// KV cache kept for shared prompt prefixes, in tokens (least recently used goes
+    /// first); 0 = no prefix caching. A request whose prefix the agent holds skips that
+    /// part of its prefill.
+    #[serde(default)]
+    pub prefix_cache_tokens: u64,
+    /// Times it is gone (killed, preempted, rebooting): what runs on it breaks, it takes
+    /// nothing new, and it comes back empty with a cold prefix cache.
+    #[serde(default)]
+    pub outages: Vec<Outage>,
+}
+
+/// `[start_s, end_s)` of the trace during which an agent is gone. Its process is down, so
+/// connections to it are refused at once; the fleet keeps listing it until
+/// `gateway.node_ttl_ms` after its last heartbeat (at `start_s`) or until a connection to
+/// it is refused, as the gateway's fleet does.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outage {
+    pub start_s: f64,
+    pub end_s: f64,
 }
 
 impl SimAgent {
+    /// Whether the agent is gone at `at` (since the trace's start).
+    pub fn down_at(&self, at: Duration) -> bool {
+        let s = at.as_secs_f64();
+        self.outages.iter().any(|o| s >= o.start_s && s < o.end_s)
+    }
+
     /// Tokens/s of one sequence when `running` sequences (itself included) share the batch.
     pub fn decode_rate(&self, running: u64) -> f64 {
         let extra = running.saturating_sub(1) as f64 / self.slots.max(1) as f64;
@@ -103,6 +138,8 @@ pub struct SimCloud {
     pub max_concurrency: u32,
     #[serde(default)]
     pub failures: Vec<FailureWindow>,
+    #[serde(default)]
+    pub rate_limits: Vec<RateLimitWindow>,
 }
 
 /// Calls started within `[start_s, end_s)` of the trace fail with `error_rate` probability,
@@ -115,7 +152,33 @@ pub struct FailureWindow {
     pub error_rate: f64,
 }
 
+/// Calls started within `[start_s, end_s)` of the trace get a 429 after [`RATE_LIMIT_MS`],
+/// with `Retry-After: retry_after_ms` (none when unset: the health's default applies).
+/// Nothing is billed; the gateway keeps the target aside until then and tries the next.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitWindow {
+    pub start_s: f64,
+    pub end_s: f64,
+    #[serde(default)]
+    pub retry_after_ms: Option<u64>,
+}
+
+/// How long a provider takes to answer 429: it refuses before any work, about one round
+/// trip.
+pub const RATE_LIMIT_MS: u64 = 40;
+
 impl SimCloud {
+    /// The `Retry-After` of a call started `at`, if the call gets a 429 (Some(None): a 429
+    /// without the header).
+    pub fn rate_limited_at(&self, at: Duration) -> Option<Option<Duration>> {
+        let s = at.as_secs_f64();
+        self.rate_limits
+            .iter()
+            .find(|w| s >= w.start_s && s < w.end_s)
+            .map(|w| w.retry_after_ms.map(Duration::from_millis))
+    }
+
     /// Probability that a call started `at` (since the trace's start) fails.
     pub fn error_rate_at(&self, at: Duration) -> f64 {
         let s = at.as_secs_f64();
@@ -137,6 +200,7 @@ pub struct PolicySection {
     pub prior_ttft_ms: Option<u64>,
     pub prior_latency_ms: Option<u64>,
     pub prior_tokens_per_s: Option<f64>,
+    pub sla_attainment: Option<f64>,
 }
 
 /// How the gateway carries out a decision (its `[scheduler]` settings of the same names;
@@ -152,6 +216,10 @@ pub struct GatewaySection {
     pub retry_budget_ms: u64,
     /// A request waiting longer than this for a local slot fails (unless it spills first).
     pub max_queue_wait_ms: u64,
+    /// The fleet stops listing an agent this long after its last heartbeat: the gateway's
+    /// `heartbeat_ms` x `missed_heartbeats` + half a beat (1000 x 3 + 500 by default).
+    /// Applies to every policy (the fleet is not the policy).
+    pub node_ttl_ms: u64,
 }
 
 impl Default for GatewaySection {
@@ -161,6 +229,7 @@ impl Default for GatewaySection {
             retry_backoff_ms: 25,
             retry_budget_ms: 30_000,
             max_queue_wait_ms: 600_000,
+            node_ttl_ms: 3_500,
         }
     }
 }
@@ -183,11 +252,29 @@ pub struct HealthSection {
     pub min_requests: Option<u32>,
     pub error_rate: Option<f64>,
     pub open_for_ms: Option<u64>,
+    /// How long a 429 without `Retry-After` keeps a target aside.
+    pub default_retry_after_ms: Option<u64>,
 }
 
 fn check(errors: &mut Vec<String>, ok: bool, what: impl FnOnce() -> String) {
     if !ok {
         errors.push(what());
+    }
+}
+
+/// Each `(start_s, end_s)` window must be a non-empty span from 0 on.
+fn check_windows(
+    errors: &mut Vec<String>,
+    at: &str,
+    what: &str,
+    windows: impl Iterator<Item = (f64, f64)>,
+) {
+    for (j, (start, end)) in windows.enumerate() {
+        check(
+            errors,
+            non_negative(start) && end.is_finite() && end > start,
+            || format!("{at}: {what}[{j}]: need 0 <= start_s < end_s"),
+        );
     }
 }
 
@@ -225,6 +312,12 @@ impl SimConfig {
         check(&mut e, non_negative(self.gpu_hour_usd), || {
             format!("gpu_hour_usd: {} is not a price", self.gpu_hour_usd)
         });
+        check(&mut e, non_negative(self.gpu_marginal_usd_per_hour), || {
+            format!(
+                "gpu_marginal_usd_per_hour: {} is not a price",
+                self.gpu_marginal_usd_per_hour
+            )
+        });
         check(
             &mut e,
             !self.agents.is_empty() || !self.cloud.is_empty(),
@@ -260,6 +353,15 @@ impl SimConfig {
             check(&mut e, a.context_length >= 1, || {
                 format!("{at}: context_length must be at least 1")
             });
+            check(&mut e, a.gpu_hour_usd.is_none_or(non_negative), || {
+                format!("{at}: gpu_hour_usd is not a price")
+            });
+            check_windows(
+                &mut e,
+                &at,
+                "outages",
+                a.outages.iter().map(|o| (o.start_s, o.end_s)),
+            );
         }
         for (i, c) in self.cloud.iter().enumerate() {
             let at = format!("cloud[{i}] ({})", c.provider);
@@ -286,12 +388,19 @@ impl SimConfig {
                 non_negative(c.input_usd_per_mtok) && non_negative(c.output_usd_per_mtok),
                 || format!("{at}: prices must be non-negative"),
             );
+            check_windows(
+                &mut e,
+                &at,
+                "failures",
+                c.failures.iter().map(|w| (w.start_s, w.end_s)),
+            );
+            check_windows(
+                &mut e,
+                &at,
+                "rate_limits",
+                c.rate_limits.iter().map(|w| (w.start_s, w.end_s)),
+            );
             for (j, w) in c.failures.iter().enumerate() {
-                check(
-                    &mut e,
-                    non_negative(w.start_s) && w.end_s.is_finite() && w.end_s > w.start_s,
-                    || format!("{at}: failures[{j}]: need 0 <= start_s < end_s"),
-                );
                 check(
                     &mut e,
                     w.error_rate.is_finite() && (0.0..=1.0).contains(&w.error_rate),
@@ -321,6 +430,13 @@ impl SimConfig {
             self.policy.prior_tokens_per_s.is_none_or(positive),
             || "policy.prior_tokens_per_s must be positive".into(),
         );
+        check(
+            &mut e,
+            self.policy
+                .sla_attainment
+                .is_none_or(|p| p > 0.0 && p < 1.0),
+            || "policy.sla_attainment must be in (0, 1)".into(),
+        );
         if e.is_empty() {
             Ok(())
         } else {
@@ -340,8 +456,14 @@ impl SimConfig {
                 .prior_latency_ms
                 .map_or(d.prior_latency, Duration::from_millis),
             prior_tokens_per_s: p.prior_tokens_per_s.unwrap_or(d.prior_tokens_per_s),
+            sla_attainment: p.sla_attainment.unwrap_or(d.sla_attainment),
             ..d
         }
+    }
+
+    /// The price of one of `agent`'s GPU-hours.
+    pub fn gpu_price(&self, agent: &SimAgent) -> f64 {
+        agent.gpu_hour_usd.unwrap_or(self.gpu_hour_usd)
     }
 
     pub fn health_config(&self) -> HealthConfig {
@@ -353,6 +475,9 @@ impl SimConfig {
             min_requests: h.min_requests.unwrap_or(d.min_requests),
             error_rate: h.error_rate.unwrap_or(d.error_rate),
             open_for: h.open_for_ms.map_or(d.open_for, Duration::from_millis),
+            default_retry_after: h
+                .default_retry_after_ms
+                .map_or(d.default_retry_after, Duration::from_millis),
             ..d
         }
     }
@@ -363,6 +488,7 @@ impl SimConfig {
         let mut g = ModelGroup::implicit(&self.model, self.max_queue_depth);
         g.strategy = self.strategy;
         g.gpu_hour_usd = self.gpu_hour_usd;
+        g.gpu_marginal_usd_per_hour = self.gpu_marginal_usd_per_hour;
         g.cloud = self
             .cloud
             .iter()

@@ -1,20 +1,18 @@
 //! The discrete-event loop. Virtual time is a `Duration` since the trace's start; the
 //! policy and health code see `t0 + offset` as their `now`. Events at the same instant run
-//! in the order they were scheduled, so a run is a pure function of its inputs.
-//!
-//! Agents: a sequence starts when a slot is free; its TTFT is its prompt over the prefill
-//! rate, and it then decodes at the per-sequence rate for the batch size at its start
-//! (`decode_tokens_per_s` less `batch_slowdown` at a full batch). Cloud calls: a lognormal
-//! TTFT, then the completion at `tokens_per_s`; inside a failure window a call fails with the
-//! window's probability after one TTFT draw.
+//! in the order they were scheduled, so a run is a pure function of its inputs. Agents are
+//! modelled in [`super::agents`], cloud calls in [`super::clouds`].
 //!
 //! The `flotilla` policy acts on each [`decide`] as the gateway's dispatch does: `Dispatch`
 //! tries the targets in order (health checked again before each retry, a doubling pause,
 //! at most `gateway.max_attempts`); `Enqueue` waits in the model's queue until a slot frees
 //! (the fullest agent with room takes [`pick_next`]'s choice), until `spill_after` (then the
 //! decision's cloud targets, a fresh round of attempts) or until `max_queue_wait_ms` (then
-//! it fails). An agent's context-length refusal is returned, not failed over. Where this
-//! file says "the gateway", it means `flotilla-gateway/src/dispatch.rs` and `queue.rs`.
+//! it fails); when no listed agent is admitted, every waiter decides again. A 429 keeps the
+//! target aside for its `Retry-After`; a request's prefix sends it to the agent that served
+//! that prefix last (affinity). An agent's context-length refusal is returned, not failed
+//! over. Where this file says "the gateway", it means `flotilla-gateway/src/dispatch.rs`
+//! and `queue.rs`.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
@@ -23,13 +21,14 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::SimError;
-use super::config::{SimAgent, SimCloud, SimConfig};
-use super::report::{PolicyReport, percentile};
-use super::rng::{SplitMix64, lognormal_sigma};
+use super::agents::Agent;
+use super::clouds::{Call, Cloud};
+use super::config::SimConfig;
+use super::report::{PolicyReport, TargetTally, percentile};
 use super::trace::{Trace, TraceRecord};
 use crate::{
-    Action, HealthConfig, HealthView, LocalCandidate, ModelGroup, Outcome, PolicySettings,
-    Priority, RequestInfo, Snapshot, Target, TargetHealth, Waiting, decide, pick_next,
+    Action, HealthConfig, HealthView, LocalCandidate, ModelGroup, PolicySettings, Priority,
+    RequestInfo, Snapshot, Target, Waiting, decide, pick_next,
 };
 
 /// A routing policy the simulator can replay.
@@ -87,17 +86,23 @@ enum Hop {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Event {
+pub(super) enum Event {
     Arrive(usize),
     LocalDone {
         agent: usize,
         req: usize,
+        /// The request's try this answers (a stale one is ignored).
+        tries: u32,
     },
     CloudDone {
         req: usize,
         cloud: usize,
-        ok: bool,
+        call: Call,
     },
+    AgentDown(usize),
+    AgentUp(usize),
+    /// An agent may have left the fleet's list (its heartbeats stopped long enough ago).
+    FleetChange,
     /// The pause before a further attempt is over.
     Retry(usize),
     /// The end of a queued request's wait: it spills to its cloud fallbacks, or times out.
@@ -110,43 +115,45 @@ enum Event {
 
 /// An attempt in progress, or the one that served the request.
 #[derive(Debug, Clone, Copy)]
-struct Served {
+pub(super) struct Served {
     /// From arrival.
-    ttft: Duration,
+    pub ttft: Duration,
     /// Virtual time the answer ended.
-    finish: Duration,
-    cloud: Option<usize>,
-    cost_usd: f64,
+    pub finish: Duration,
+    pub cloud: Option<usize>,
+    /// The agent that served it (local attempts).
+    pub agent: Option<usize>,
+    pub cost_usd: f64,
     /// As the target measures it (from the start of the call), for its health.
-    svc_ttft: Duration,
-    svc_latency: Duration,
+    pub svc_ttft: Duration,
+    pub svc_latency: Duration,
 }
 
 #[derive(Debug, Default)]
-struct Req {
+pub(super) struct Req {
     /// Where to try next, in order.
     plan: VecDeque<Hop>,
-    /// Attempts started (`flotilla`: bounded by `gateway.max_attempts`).
-    attempts: u32,
+    /// Attempts started in this round (`flotilla`: bounded by `gateway.max_attempts`).
+    pub attempts: u32,
+    /// Attempts started in all, never reset: tags an attempt's completion event.
+    pub tries: u32,
     queued: bool,
     /// Counts the request's stays in the queue, so a stale time limit is ignored.
     stint: u32,
-    pending: Option<Served>,
-    done: Option<Served>,
+    pub pending: Option<Served>,
+    pub done: Option<Served>,
 }
 
-struct Agent<'a> {
-    spec: &'a SimAgent,
-    running: u64,
-    busy_since: Option<Duration>,
-    busy: Duration,
-    health: TargetHealth,
-}
-
-struct Cloud<'a> {
-    spec: &'a SimCloud,
-    sigma: f64,
-    health: TargetHealth,
+/// What happened along the way, for the report.
+#[derive(Debug, Default)]
+pub(super) struct Counts {
+    pub cloud_errors: u64,
+    pub rate_limited: u64,
+    pub agent_failures: u64,
+    pub spilled: u64,
+    pub reconsidered: u64,
+    pub prefix_hits: u64,
+    pub prefix_tokens_saved: u64,
 }
 
 struct Queued {
@@ -154,32 +161,33 @@ struct Queued {
     waiting: Waiting,
 }
 
-struct Sim<'a> {
-    cfg: &'a SimConfig,
-    trace: &'a [TraceRecord],
-    policy: SimPolicy,
+pub(super) struct Sim<'a> {
+    pub cfg: &'a SimConfig,
+    pub trace: &'a [TraceRecord],
+    pub policy: SimPolicy,
     t0: Instant,
-    now: Duration,
+    pub now: Duration,
     group: ModelGroup,
     settings: PolicySettings,
-    hc: HealthConfig,
-    agents: Vec<Agent<'a>>,
-    clouds: Vec<Cloud<'a>>,
+    pub hc: HealthConfig,
+    pub agents: Vec<Agent<'a>>,
+    pub clouds: Vec<Cloud<'a>>,
     queue: Vec<Queued>,
-    reqs: Vec<Req>,
+    pub reqs: Vec<Req>,
     events: BinaryHeap<Reverse<(Duration, u64, Event)>>,
     seq: u64,
     rr: usize,
-    cloud_errors: u64,
-    spilled: u64,
+    pub counts: Counts,
     decisions: BTreeMap<&'static str, u64>,
+    /// `flotilla`: prefix id -> the agent that served it last (the gateway's affinity map).
+    pub affinity: BTreeMap<u64, usize>,
 }
 
-fn arrival(r: &TraceRecord) -> Duration {
+pub(super) fn arrival(r: &TraceRecord) -> Duration {
     Duration::from_millis(r.t_ms)
 }
 
-fn secs(x: f64) -> Duration {
+pub(super) fn secs(x: f64) -> Duration {
     Duration::from_secs_f64(if x.is_finite() {
         x.clamp(0.0, 1e9)
     } else {
@@ -198,42 +206,24 @@ impl<'a> Sim<'a> {
             group: cfg.group(),
             settings: cfg.settings(),
             hc: cfg.health_config(),
-            agents: cfg
-                .agents
-                .iter()
-                .map(|spec| Agent {
-                    spec,
-                    running: 0,
-                    busy_since: None,
-                    busy: Duration::ZERO,
-                    health: TargetHealth::new(0),
-                })
-                .collect(),
-            clouds: cfg
-                .cloud
-                .iter()
-                .map(|spec| Cloud {
-                    spec,
-                    sigma: lognormal_sigma(spec.ttft_p50_ms, spec.ttft_p99_ms),
-                    health: TargetHealth::new(spec.max_concurrency),
-                })
-                .collect(),
+            agents: cfg.agents.iter().map(Agent::new).collect(),
+            clouds: cfg.cloud.iter().map(Cloud::new).collect(),
             queue: Vec::new(),
             reqs: trace.iter().map(|_| Req::default()).collect(),
             events: BinaryHeap::new(),
             seq: 0,
             rr: 0,
-            cloud_errors: 0,
-            spilled: 0,
+            counts: Counts::default(),
             decisions: BTreeMap::new(),
+            affinity: BTreeMap::new(),
         }
     }
 
-    fn at(&self) -> Instant {
+    pub(super) fn at(&self) -> Instant {
         self.t0 + self.now
     }
 
-    fn schedule(&mut self, at: Duration, ev: Event) {
+    pub(super) fn schedule(&mut self, at: Duration, ev: Event) {
         self.seq += 1;
         self.events.push(Reverse((at, self.seq, ev)));
     }
@@ -242,12 +232,22 @@ impl<'a> Sim<'a> {
         for (i, r) in self.trace.iter().enumerate() {
             self.schedule(arrival(r), Event::Arrive(i));
         }
+        let cfg = self.cfg;
+        for (a, spec) in cfg.agents.iter().enumerate() {
+            for o in &spec.outages {
+                self.schedule(secs(o.start_s), Event::AgentDown(a));
+                self.schedule(secs(o.end_s), Event::AgentUp(a));
+            }
+        }
         while let Some(Reverse((t, _, ev))) = self.events.pop() {
             self.now = t;
             match ev {
                 Event::Arrive(i) => self.arrive(i),
-                Event::LocalDone { agent, req } => self.local_done(agent, req),
-                Event::CloudDone { req, cloud, ok } => self.cloud_done(req, cloud, ok),
+                Event::LocalDone { agent, req, tries } => self.local_done(agent, req, tries),
+                Event::CloudDone { req, cloud, call } => self.cloud_done(req, cloud, call),
+                Event::AgentDown(a) => self.agent_down(a),
+                Event::AgentUp(a) => self.agent_up(a),
+                Event::FleetChange => self.fill_slots(),
                 Event::Retry(i) => self.try_next(i),
                 Event::QueueLimit { req, stint, spill } => self.queue_limit(req, stint, spill),
             }
@@ -287,9 +287,11 @@ impl<'a> Sim<'a> {
     fn route_flotilla(&mut self, i: usize) {
         let now = self.at();
         let r = &self.trace[i];
+        let ttl = self.ttl();
         let locals: Vec<LocalCandidate> = self
             .agents
             .iter()
+            .filter(|a| a.listed(self.now, ttl))
             .map(|a| LocalCandidate {
                 node_id: a.spec.name.clone(),
                 base_url: format!("sim://{}", a.spec.name),
@@ -308,12 +310,16 @@ impl<'a> Sim<'a> {
             .map(|c| c.health.view(&self.hc, now))
             .collect();
         let waiting: Vec<Waiting> = self.queue.iter().map(|q| q.waiting).collect();
+        let affinity = r
+            .prefix_id
+            .and_then(|p| self.affinity.get(&p))
+            .map(|&a| self.agents[a].spec.name.as_str());
         let snap = Snapshot {
             group: &self.group,
             locals: &locals,
             cloud: &cloud,
             waiting: &waiting,
-            affinity: None,
+            affinity,
             settings: &self.settings,
             now,
         };
@@ -325,7 +331,9 @@ impl<'a> Sim<'a> {
             prompt_tokens: r.prompt_tokens,
             max_tokens: r.completion_tokens,
             requested_max_tokens: Some(r.completion_tokens),
+            prefix: r.prefix_id,
             split_key: i as u64,
+            waited: self.now.saturating_sub(arrival(r)),
             ..RequestInfo::default()
         };
         let d = match decide(&snap, &info) {
@@ -340,6 +348,7 @@ impl<'a> Sim<'a> {
         *self.decisions.entry(d.code.as_str()).or_default() += 1;
         let plan: VecDeque<Hop> = d.targets().iter().filter_map(|t| self.hop_of(t)).collect();
         self.reqs[i].plan = plan;
+        self.reqs[i].attempts = 0;
         match d.action {
             Action::Dispatch { .. } => self.advance(i),
             Action::Enqueue { spill_after, .. } => self.enqueue(i, spill_after),
@@ -370,7 +379,7 @@ impl<'a> Sim<'a> {
     /// `pack` (as the gateway hands out slots), else least loaded; by name on a tie.
     fn free_agent(&self, among: impl Iterator<Item = usize>, pack: bool) -> Option<usize> {
         among
-            .filter(|&a| self.agents[a].running < self.agents[a].spec.slots)
+            .filter(|&a| self.usable(a) && self.agents[a].running < self.agents[a].spec.slots)
             .min_by(|&a, &b| {
                 let (x, y) = (&self.agents[a], &self.agents[b]);
                 // Load relative to slots, compared without dividing.
@@ -385,7 +394,7 @@ impl<'a> Sim<'a> {
     /// does what the gateway does: at most `max_attempts`, a doubling pause before each
     /// further one, none once the retry budget is spent. A request whose plan ends without
     /// an answer has failed.
-    fn advance(&mut self, i: usize) {
+    pub(super) fn advance(&mut self, i: usize) {
         let made = self.reqs[i].attempts;
         if self.policy == SimPolicy::Flotilla && made > 0 {
             let g = &self.cfg.gateway;
@@ -407,6 +416,23 @@ impl<'a> Sim<'a> {
     fn try_next(&mut self, i: usize) {
         let flotilla = self.policy == SimPolicy::Flotilla;
         while let Some(hop) = self.reqs[i].plan.pop_front() {
+            // The gateway checks health before every attempt (an opened breaker or a 429
+            // applies at once); after a failure the skip comes after the pause.
+            let admitted = |s: &Self| {
+                let h = match hop {
+                    Hop::Local(Some(a)) => &s.agents[a].health,
+                    Hop::Cloud(c) => &s.clouds[c].health,
+                    Hop::Local(None) => return true,
+                };
+                !flotilla || h.admit(&s.hc, s.at()).allowed()
+            };
+            if !admitted(self) {
+                if self.reqs[i].attempts > 0 {
+                    self.advance(i);
+                    return;
+                }
+                continue;
+            }
             match hop {
                 Hop::Local(which) => {
                     let fitting: Vec<usize> = match which {
@@ -424,8 +450,15 @@ impl<'a> Sim<'a> {
                         }
                         continue;
                     }
-                    let pack = flotilla && self.settings.pack;
-                    match self.free_agent(fitting.into_iter(), pack) {
+                    let free = match which {
+                        // The gateway sends to the node it chose without asking the fleet
+                        // again (a node that went is found out by the refused connection).
+                        Some(a) => (self.agents[a].running < self.agents[a].spec.slots
+                            || !self.listed(a))
+                        .then_some(a),
+                        None => self.free_agent(fitting.into_iter(), false),
+                    };
+                    match free {
                         Some(a) => self.start_local(a, i),
                         // The slot went while a cloud attempt failed: wait for one.
                         None => self.enqueue(i, None),
@@ -433,15 +466,6 @@ impl<'a> Sim<'a> {
                     return;
                 }
                 Hop::Cloud(c) => {
-                    // The gateway checks health before every attempt (an opened breaker
-                    // applies at once); after a failure the skip comes after the pause.
-                    if flotilla && !self.clouds[c].health.admit(&self.hc, self.at()).allowed() {
-                        if self.reqs[i].attempts > 0 {
-                            self.advance(i);
-                            return;
-                        }
-                        continue;
-                    }
                     self.start_cloud(c, i);
                     return;
                 }
@@ -483,9 +507,20 @@ impl<'a> Sim<'a> {
     }
 
     /// Gives free local slots to queued requests: [`pick_next`] for `flotilla`, arrival
-    /// order for the baselines.
-    fn fill_slots(&mut self) {
+    /// order for the baselines. Under `flotilla`, when no listed agent is admitted, every
+    /// waiter decides again (the gateway's pump: "nobody serves the model now").
+    pub(super) fn fill_slots(&mut self) {
         let flotilla = self.policy == SimPolicy::Flotilla;
+        if flotilla && !self.queue.is_empty() && !(0..self.agents.len()).any(|a| self.usable(a)) {
+            for q in std::mem::take(&mut self.queue) {
+                let r = &mut self.reqs[q.req];
+                r.queued = false;
+                r.stint += 1;
+                self.counts.reconsidered += 1;
+                self.route_flotilla(q.req);
+            }
+            return;
+        }
         while !self.queue.is_empty() {
             let Some(a) = self.free_agent(0..self.agents.len(), flotilla && self.settings.pack)
             else {
@@ -504,107 +539,6 @@ impl<'a> Sim<'a> {
         }
     }
 
-    fn start_local(&mut self, a: usize, i: usize) {
-        let r = &self.trace[i];
-        let now = self.now;
-        let at = self.at();
-        self.reqs[i].attempts += 1;
-        let ag = &mut self.agents[a];
-        ag.running += 1;
-        ag.busy_since.get_or_insert(now);
-        let prefill = secs(r.prompt_tokens as f64 / ag.spec.prefill_tokens_per_s);
-        let latency = prefill + secs(r.completion_tokens as f64 / ag.spec.decode_rate(ag.running));
-        ag.health.start(&self.hc, at);
-        self.reqs[i].pending = Some(Served {
-            ttft: (now + prefill).saturating_sub(arrival(r)),
-            finish: now + latency,
-            cloud: None,
-            cost_usd: 0.0,
-            svc_ttft: prefill,
-            svc_latency: latency,
-        });
-        self.schedule(now + latency, Event::LocalDone { agent: a, req: i });
-    }
-
-    fn local_done(&mut self, a: usize, i: usize) {
-        let at = self.at();
-        let served = self.reqs[i].pending.take();
-        let ag = &mut self.agents[a];
-        ag.running = ag.running.saturating_sub(1);
-        if ag.running == 0
-            && let Some(since) = ag.busy_since.take()
-        {
-            ag.busy += self.now.saturating_sub(since);
-        }
-        if let Some(s) = served {
-            let outcome = Outcome::Success {
-                ttft: Some(s.svc_ttft),
-                latency: s.svc_latency,
-                tokens: Some(self.trace[i].completion_tokens),
-            };
-            ag.health.finish(&self.hc, outcome, at);
-        }
-        self.reqs[i].done = served;
-        self.fill_slots();
-    }
-
-    fn start_cloud(&mut self, c: usize, i: usize) {
-        let r = &self.trace[i];
-        let now = self.now;
-        let at = self.at();
-        self.reqs[i].attempts += 1;
-        let cl = &mut self.clouds[c];
-        // Keyed by request and target: every policy draws the same latency for the same
-        // request at the same target.
-        let mut rng = SplitMix64::keyed(&[self.cfg.seed, i as u64, c as u64]);
-        let ttft = secs(rng.lognormal(cl.spec.ttft_p50_ms, cl.sigma) / 1e3);
-        let ok = !rng.chance(cl.spec.error_rate_at(now));
-        cl.health.start(&self.hc, at);
-        let latency = if ok {
-            ttft + secs(r.completion_tokens as f64 / cl.spec.tokens_per_s)
-        } else {
-            ttft
-        };
-        self.reqs[i].pending = Some(Served {
-            ttft: (now + ttft).saturating_sub(arrival(r)),
-            finish: now + latency,
-            cloud: Some(c),
-            cost_usd: (r.prompt_tokens as f64 * cl.spec.input_usd_per_mtok
-                + r.completion_tokens as f64 * cl.spec.output_usd_per_mtok)
-                / 1e6,
-            svc_ttft: ttft,
-            svc_latency: latency,
-        });
-        self.schedule(
-            now + latency,
-            Event::CloudDone {
-                req: i,
-                cloud: c,
-                ok,
-            },
-        );
-    }
-
-    fn cloud_done(&mut self, i: usize, c: usize, ok: bool) {
-        let at = self.at();
-        let served = self.reqs[i].pending.take();
-        let outcome = match served {
-            Some(s) if ok => Outcome::Success {
-                ttft: Some(s.svc_ttft),
-                latency: s.svc_latency,
-                tokens: Some(self.trace[i].completion_tokens),
-            },
-            _ => Outcome::Failure,
-        };
-        self.clouds[c].health.finish(&self.hc, outcome, at);
-        if ok {
-            self.reqs[i].done = served;
-        } else {
-            self.cloud_errors += 1;
-            self.advance(i);
-        }
-    }
-
     /// A queued request's wait is over: if it still waits, it spills to its cloud
     /// fallbacks (a fresh round of attempts, as the gateway's) or fails.
     fn queue_limit(&mut self, i: usize, stint: u32, spill: bool) {
@@ -616,7 +550,7 @@ impl<'a> Sim<'a> {
         }
         self.reqs[i].queued = false;
         if spill {
-            self.spilled += 1;
+            self.counts.spilled += 1;
             self.reqs[i].attempts = 0;
             self.try_next(i);
         }
@@ -629,9 +563,19 @@ impl<'a> Sim<'a> {
         let (mut completed, mut sla_met, mut cloud_served) = (0u64, 0u64, 0u64);
         let mut cloud_cost = 0.0;
         let mut last = Duration::ZERO;
+        let mut by_target: BTreeMap<String, TargetTally> = BTreeMap::new();
         for (r, q) in self.trace.iter().zip(&self.reqs) {
             let Some(s) = q.done else { continue };
             completed += 1;
+            let label = match (s.cloud, s.agent) {
+                (Some(c), _) => format!("cloud:{}", self.clouds[c].spec.provider),
+                (None, Some(a)) => format!("local:{}", self.agents[a].spec.name),
+                (None, None) => "local".into(),
+            };
+            let t = by_target.entry(label).or_default();
+            t.served += 1;
+            t.interactive += u64::from(r.priority == Priority::Interactive);
+            t.cloud_usd += if s.cloud.is_some() { s.cost_usd } else { 0.0 };
             ttfts.push(s.ttft.as_secs_f64() * 1e3);
             if r.priority == Priority::Interactive {
                 interactive.push(s.ttft.as_secs_f64() * 1e3);
@@ -649,13 +593,22 @@ impl<'a> Sim<'a> {
         }
         ttfts.sort_by(f64::total_cmp);
         interactive.sort_by(f64::total_cmp);
-        let gpu_busy_s: f64 = self
-            .agents
-            .iter()
-            .map(|a| a.busy.as_secs_f64() * f64::from(a.spec.gpus))
-            .sum();
-        let local_cost = gpu_busy_s / 3600.0 * self.cfg.gpu_hour_usd;
         let first = self.trace.first().map_or(Duration::ZERO, arrival);
+        let last_arrival = self.trace.last().map_or(Duration::ZERO, arrival);
+        // The fleet is owned from the trace's start until its last arrival or answer.
+        let window_s = last.max(last_arrival).as_secs_f64();
+        let (mut gpu_busy_s, mut gpu_owned_s, mut local_cost, mut owned_local) =
+            (0.0, 0.0, 0.0, 0.0);
+        for a in &self.agents {
+            let gpus = f64::from(a.spec.gpus);
+            let usd_per_s = self.cfg.gpu_price(a.spec) / 3600.0;
+            let busy = a.busy.as_secs_f64() * gpus;
+            gpu_busy_s += busy;
+            gpu_owned_s += window_s * gpus;
+            local_cost += busy * usd_per_s;
+            owned_local += window_s * gpus * usd_per_s;
+        }
+        let c = &self.counts;
         let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         PolicyReport {
             policy: self.policy.as_str(),
@@ -669,13 +622,23 @@ impl<'a> Sim<'a> {
             interactive_ttft_p99_ms: percentile(&interactive, 99.0),
             cloud_served,
             spillover: ratio(cloud_served, completed),
-            spilled_from_queue: self.spilled,
-            cloud_errors: self.cloud_errors,
+            spilled_from_queue: c.spilled,
+            reconsidered: c.reconsidered,
+            cloud_errors: c.cloud_errors,
+            rate_limited: c.rate_limited,
+            agent_failures: c.agent_failures,
+            prefix_hits: c.prefix_hits,
+            prefix_tokens_saved: c.prefix_tokens_saved,
             gpu_busy_s,
+            gpu_owned_s,
+            window_s,
             local_cost_usd: local_cost,
             cloud_cost_usd: cloud_cost,
             cost_usd: local_cost + cloud_cost,
+            owned_local_cost_usd: owned_local,
+            owned_cost_usd: owned_local + cloud_cost,
             makespan_s: last.saturating_sub(first).as_secs_f64(),
+            by_target,
             decisions: self.decisions.clone(),
         }
     }

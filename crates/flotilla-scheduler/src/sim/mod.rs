@@ -1,17 +1,20 @@
 //! The routing simulator: replays a JSONL request trace in virtual time against simulated
-//! agents (a slots + prefill/decode throughput model) and simulated cloud targets (lognormal
-//! TTFT, tokens/s, prices, failure windows), routing each request through the same
-//! [`crate::decide`], [`crate::pick_next`] and [`crate::TargetHealth`] code the gateway
-//! runs, next to four baselines. Deterministic: the same trace, config and seed give the
-//! same figures.
+//! agents (a slots + prefill/decode throughput model, a prefix cache, outages) and simulated
+//! cloud targets (lognormal TTFT, tokens/s, prices, failure windows, 429 windows), routing
+//! each request through the same [`crate::decide`], [`crate::pick_next`] and
+//! [`crate::TargetHealth`] code the gateway runs, next to four baselines. Deterministic: the
+//! same trace, config and seed give the same figures.
 //!
 //! Nothing here reads the clock or touches the network: virtual time is an offset from one
 //! base `Instant`, and every random draw comes from [`rng::SplitMix64`].
 
+mod agents;
+mod clouds;
 pub mod config;
 mod engine;
 pub mod report;
 pub mod rng;
+pub mod scenario;
 pub mod trace;
 
 #[cfg(test)]
@@ -23,7 +26,8 @@ use flotilla_api::ErrorKind;
 
 pub use config::{SimAgent, SimCloud, SimConfig};
 pub use engine::{SimPolicy, simulate, simulate_all};
-pub use report::{PolicyReport, markdown_table};
+pub use report::{PolicyReport, cost_ratios, markdown_table};
+pub use scenario::scenario_config;
 pub use trace::{GenerateOptions, Trace, TraceRecord, generate};
 
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,6 @@
 //! Request traces: one JSON object a line (arrival, model, token counts, class, deadlines,
-//! tag), parsed with the line number in every error, and a deterministic generator of a
-//! bursty interactive/batch mix.
+//! tag, shared prefix), parsed with the line number in every error, and a deterministic
+//! generator of a bursty interactive/batch mix with shared prefixes.
 
 use serde::{Deserialize, Serialize};
 
@@ -9,7 +9,7 @@ use super::rng::SplitMix64;
 use crate::Priority;
 
 /// One request of a trace.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TraceRecord {
     /// Arrival, milliseconds since the trace's start.
@@ -27,6 +27,13 @@ pub struct TraceRecord {
     pub deadline_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<String>,
+    /// The prompt's shared leading part (a system prompt, a document), by id: requests
+    /// with the same id begin with the same `prefix_tokens` tokens, which an agent that
+    /// still caches them does not prefill again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_tokens: Option<u64>,
 }
 
 impl TraceRecord {
@@ -74,6 +81,12 @@ impl Trace {
             }
             if r.completion_tokens == 0 {
                 return Err(bad("completion_tokens must be at least 1"));
+            }
+            if r.prefix_id.is_some() != r.prefix_tokens.is_some() {
+                return Err(bad("prefix_id and prefix_tokens go together"));
+            }
+            if r.prefix_tokens.is_some_and(|p| p > r.prompt_tokens) {
+                return Err(bad("prefix_tokens is more than prompt_tokens"));
             }
             rows.push((line, r));
         }
@@ -158,10 +171,39 @@ fn tokens(rng: &mut SplitMix64, median: f64, sigma: f64, lo: u64, hi: u64) -> u6
     (rng.lognormal(median, sigma).round() as u64).clamp(lo, hi)
 }
 
+/// Shared system prompts (one per application) and documents batch jobs ask about: their
+/// numbers, and how often a request carries one.
+const APPS: usize = 8;
+const DOCS: usize = 30;
+const CHAT_WITH_APP: f64 = 0.85;
+const BATCH_WITH_DOC: f64 = 0.7;
+/// Prefix ids: an application's system prompt, a document.
+const APP_ID: u64 = 1000;
+const DOC_ID: u64 = 2000;
+
+/// Application popularity: Zipf with exponent 1.1 (a few applications bring most chats).
+fn zipf_cum(n: usize, s: f64) -> Vec<f64> {
+    let mut total = 0.0;
+    (0..n)
+        .map(|k| {
+            total += 1.0 / ((k + 1) as f64).powf(s);
+            total
+        })
+        .collect()
+}
+
+fn pick(rng: &mut SplitMix64, cum: &[f64]) -> usize {
+    let x = rng.range(0.0, cum.last().copied().unwrap_or(1.0));
+    cum.partition_point(|&c| c <= x)
+        .min(cum.len().saturating_sub(1))
+}
+
 /// A deterministic trace: arrivals drawn from [`intensity`], ~70% interactive with a 2 s
 /// TTFT deadline (a fifth of them also a 20 s total deadline), ~2% of those long-context
 /// (RAG) prompts of 9-24k tokens, ~30% batch without deadlines; token counts lognormal
-/// (skewed, long-tailed).
+/// (skewed, long-tailed). Prefixes: 85% of chats begin with one of 8 applications' system
+/// prompts (150-2500 tokens, Zipf popularity), 70% of batch requests ask about one of 30
+/// documents (300-5000 tokens) that other requests ask about too.
 pub fn generate(o: &GenerateOptions) -> Result<Trace, SimError> {
     if o.requests == 0 {
         return Err(SimError::Generate("--requests must be at least 1".into()));
@@ -177,6 +219,13 @@ pub fn generate(o: &GenerateOptions) -> Result<Trace, SimError> {
         cum.push(total);
     }
     let mut rng = SplitMix64::new(o.seed);
+    let apps: Vec<u64> = (0..APPS)
+        .map(|_| tokens(&mut rng, 600.0, 0.6, 150, 2500))
+        .collect();
+    let docs: Vec<u64> = (0..DOCS)
+        .map(|_| tokens(&mut rng, 1500.0, 0.5, 300, 5000))
+        .collect();
+    let popularity = zipf_cum(APPS, 1.1);
     let span_ms = o.duration_s * 1e3;
     let mut times: Vec<u64> = (0..o.requests)
         .map(|_| {
@@ -190,18 +239,18 @@ pub fn generate(o: &GenerateOptions) -> Result<Trace, SimError> {
     let requests = times
         .into_iter()
         .map(|t_ms| {
-            let interactive = rng.chance(0.7);
             let mut r = TraceRecord {
                 t_ms,
                 model: o.model.clone(),
-                prompt_tokens: 0,
-                completion_tokens: 0,
                 priority: Priority::Batch,
-                ttft_ms: None,
-                deadline_ms: None,
-                tag: None,
+                ..TraceRecord::default()
             };
-            if interactive {
+            let with_prefix = |r: &mut TraceRecord, id: u64, prefix: u64, rest: u64| {
+                r.prefix_id = Some(id);
+                r.prefix_tokens = Some(prefix);
+                r.prompt_tokens = prefix + rest;
+            };
+            if rng.chance(0.7) {
                 r.priority = Priority::Interactive;
                 r.ttft_ms = Some(2000);
                 if rng.chance(0.02) {
@@ -209,7 +258,13 @@ pub fn generate(o: &GenerateOptions) -> Result<Trace, SimError> {
                     r.completion_tokens = tokens(&mut rng, 200.0, 0.5, 16, 1024);
                     r.tag = Some("rag".into());
                 } else {
-                    r.prompt_tokens = tokens(&mut rng, 500.0, 0.9, 8, 6000);
+                    if rng.chance(CHAT_WITH_APP) {
+                        let k = pick(&mut rng, &popularity);
+                        let user = tokens(&mut rng, 250.0, 0.9, 4, 4000);
+                        with_prefix(&mut r, APP_ID + k as u64, apps[k], user);
+                    } else {
+                        r.prompt_tokens = tokens(&mut rng, 500.0, 0.9, 8, 6000);
+                    }
                     r.completion_tokens = tokens(&mut rng, 150.0, 0.7, 4, 2048);
                     r.tag = Some("chat".into());
                     if rng.chance(0.2) {
@@ -217,7 +272,13 @@ pub fn generate(o: &GenerateOptions) -> Result<Trace, SimError> {
                     }
                 }
             } else {
-                r.prompt_tokens = tokens(&mut rng, 800.0, 0.8, 16, 6000);
+                if rng.chance(BATCH_WITH_DOC) {
+                    let j = (rng.uniform() * DOCS as f64) as usize % DOCS;
+                    let question = tokens(&mut rng, 60.0, 0.6, 8, 400);
+                    with_prefix(&mut r, DOC_ID + j as u64, docs[j], question);
+                } else {
+                    r.prompt_tokens = tokens(&mut rng, 800.0, 0.8, 16, 6000);
+                }
                 r.completion_tokens = tokens(&mut rng, 350.0, 0.6, 16, 4096);
                 r.tag = Some("batch".into());
             }
