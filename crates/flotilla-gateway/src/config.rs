@@ -50,6 +50,10 @@ pub struct HealthSection {
     /// meets the failure; and a half-open breaker is probed the same way rather than with
     /// a client's request. Each probe is a real, billed request of one token.
     pub probe_idle_ms: u64,
+    /// A target's TTFT measured longer ago than this is forgotten (0 = never): it is
+    /// judged on its expected TTFT again, so a target whose tail once looked too slow is
+    /// tried again and measured anew instead of being passed over for good.
+    pub forget_ms: u64,
 }
 
 impl Default for HealthSection {
@@ -63,6 +67,7 @@ impl Default for HealthSection {
             open_ms: d.open_for.as_millis() as u64,
             default_retry_after_ms: d.default_retry_after.as_millis() as u64,
             probe_idle_ms: 0,
+            forget_ms: d.forget_after.map_or(0, |f| f.as_millis() as u64),
         }
     }
 }
@@ -789,6 +794,8 @@ impl SchedulerSection {
                 default_retry_after: Duration::from_millis(self.health.default_retry_after_ms),
                 probe_idle: (self.health.probe_idle_ms > 0)
                     .then(|| Duration::from_millis(self.health.probe_idle_ms)),
+                forget_after: (self.health.forget_ms > 0)
+                    .then(|| Duration::from_millis(self.health.forget_ms)),
             },
             max_queue_wait: Duration::from_millis(self.max_queue_wait_ms),
             max_attempts: self.max_attempts,

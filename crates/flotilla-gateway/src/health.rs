@@ -206,10 +206,11 @@ impl HealthBook {
 
     /// This replica's own figures per target, for the others.
     pub fn figures(&self) -> HashMap<String, TargetFigures> {
+        let now = Instant::now();
         self.lock()
             .iter()
             .filter(|(_, h)| h.successes > 0)
-            .map(|(k, h)| (k.clone(), h.figures()))
+            .map(|(k, h)| (k.clone(), h.figures(&self.cfg, now)))
             .collect()
     }
 

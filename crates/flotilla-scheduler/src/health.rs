@@ -28,6 +28,11 @@ pub struct HealthConfig {
     /// the scheduler, and a half-open breaker is probed by the scheduler rather than by a
     /// client's request. None = no active probes.
     pub probe_idle: Option<Duration>,
+    /// A TTFT measured longer ago than this is forgotten: the target is judged on what is
+    /// expected of it again. Without it, a target whose tail once looked too slow for the
+    /// deadlines gets no request, so no new sample, and keeps that tail for ever. None =
+    /// never forget.
+    pub forget_after: Option<Duration>,
 }
 
 impl Default for HealthConfig {
@@ -40,6 +45,7 @@ impl Default for HealthConfig {
             open_for: Duration::from_secs(10),
             default_retry_after: Duration::from_secs(1),
             probe_idle: None,
+            forget_after: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -197,6 +203,8 @@ pub struct TargetHealth {
     /// What other scheduler replicas measured for this target (merged), blended into the
     /// view with this replica's own figures.
     remote: Option<TargetFigures>,
+    /// When the last TTFT was measured.
+    last_ttft: Option<Instant>,
 }
 
 impl Default for TargetHealth {
@@ -222,14 +230,20 @@ impl TargetHealth {
             successes: 0,
             failures: 0,
             remote: None,
+            last_ttft: None,
         }
     }
 
-    /// This replica's own figures, for the others.
-    pub fn figures(&self) -> TargetFigures {
+    /// This replica's own figures, for the others; a TTFT older than `cfg.forget_after`
+    /// is left out.
+    pub fn figures(&self, cfg: &HealthConfig, now: Instant) -> TargetFigures {
+        let fresh = match (cfg.forget_after, self.last_ttft) {
+            (Some(limit), Some(t)) => now.saturating_duration_since(t) <= limit,
+            _ => true,
+        };
         TargetFigures {
-            ttft_s: self.ttft_s.get(),
-            ttft_dev_s: self.ttft_s.dev(),
+            ttft_s: self.ttft_s.get().filter(|_| fresh),
+            ttft_dev_s: self.ttft_s.dev().filter(|_| fresh),
             latency_s: self.latency_s.get(),
             tokens_per_s: self.tokens_per_s.get(),
             samples: self.successes,
@@ -342,7 +356,15 @@ impl TargetHealth {
             } => {
                 self.successes += 1;
                 if let Some(t) = ttft {
+                    if cfg.forget_after.is_some_and(|limit| {
+                        self.last_ttft
+                            .is_some_and(|at| now.saturating_duration_since(at) > limit)
+                    }) {
+                        // Forgotten: the new sample starts the figures afresh.
+                        self.ttft_s = Ewma::default();
+                    }
                     self.ttft_s.add(t.as_secs_f64(), cfg.ewma_alpha);
+                    self.last_ttft = Some(now);
                 }
                 self.latency_s.add(latency.as_secs_f64(), cfg.ewma_alpha);
                 // Tokens/s over the decode part only: TTFT is already its own figure (the
@@ -428,7 +450,7 @@ impl TargetHealth {
     /// The policy's view of this target now: its own figures, blended with the other
     /// replicas' when there are any.
     pub fn view(&self, cfg: &HealthConfig, now: Instant) -> HealthView {
-        let own = self.figures();
+        let own = self.figures(cfg, now);
         let f = match self.remote {
             Some(remote) => {
                 let cap = (1.0 / cfg.ewma_alpha).ceil().clamp(1.0, 1e6) as u64;
@@ -690,5 +712,46 @@ mod tests {
         h.start(&cfg, t0 + ms(150));
         assert!(!h.wants_probe(&cfg, t0 + ms(160)), "its probe is out");
         assert_eq!(h.finish(&cfg, ok, t0 + ms(170)), Some(BreakerState::Closed));
+    }
+
+    #[test]
+    fn a_stale_ttft_is_forgotten_and_measured_anew() {
+        let cfg = HealthConfig::default();
+        let t0 = Instant::now();
+        let mut h = TargetHealth::default();
+        let ok = |ttft: u64| Outcome::Success {
+            ttft: Some(ms(ttft)),
+            latency: ms(ttft + 100),
+            tokens: Some(10),
+        };
+        for t in [400, 420, 2500] {
+            h.start(&cfg, t0);
+            h.finish(&cfg, ok(t), t0);
+        }
+        let v = h.view(&cfg, t0 + Duration::from_secs(59));
+        assert!(
+            v.ttft_dev.unwrap() > ms(500),
+            "one slow answer widens the tail: {v:?}"
+        );
+        // A minute without a sample: nothing is known of its TTFT any more.
+        let v = h.view(&cfg, t0 + Duration::from_secs(61));
+        assert_eq!((v.ttft, v.ttft_dev), (None, None));
+        assert!(v.latency.is_some(), "latency and tokens/s are kept");
+        // The next answer starts the figures afresh.
+        let later = t0 + Duration::from_secs(90);
+        h.start(&cfg, later);
+        h.finish(&cfg, ok(450), later);
+        let v = h.view(&cfg, later);
+        assert_eq!(v.ttft, Some(ms(450)));
+        // Never forgetting keeps the old tail.
+        let keep = HealthConfig {
+            forget_after: None,
+            ..cfg
+        };
+        assert!(
+            h.view(&keep, later + Duration::from_secs(600))
+                .ttft
+                .is_some()
+        );
     }
 }

@@ -122,15 +122,14 @@ pub(super) fn local_lead(
             next,
         ));
     }
-    // When to spill: early enough that the best cloud fallback still meets the TTFT
-    // deadline at the tail.
-    let best_cloud = c
+    // When to spill: early enough that the fallback the request will go to first still
+    // meets the TTFT deadline at the tail.
+    let first_cloud = c
         .order
         .iter()
-        .filter(|o| o.via != Via::Local)
-        .map(|o| o.ttft_q)
-        .min();
-    let spill_after = match (ttft_budget(c.req), best_cloud) {
+        .find(|o| o.via != Via::Local)
+        .map(|o| o.ttft_q);
+    let spill_after = match (ttft_budget(c.req), first_cloud) {
         (Some(b), Some(q)) => Some(b.saturating_sub(q)),
         _ => None,
     };

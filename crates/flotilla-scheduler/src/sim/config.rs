@@ -254,6 +254,8 @@ pub struct HealthSection {
     pub open_for_ms: Option<u64>,
     /// How long a 429 without `Retry-After` keeps a target aside.
     pub default_retry_after_ms: Option<u64>,
+    /// A TTFT measured longer ago than this is forgotten (0 = never).
+    pub forget_ms: Option<u64>,
 }
 
 fn check(errors: &mut Vec<String>, ok: bool, what: impl FnOnce() -> String) {
@@ -478,6 +480,11 @@ impl SimConfig {
             default_retry_after: h
                 .default_retry_after_ms
                 .map_or(d.default_retry_after, Duration::from_millis),
+            forget_after: match h.forget_ms {
+                None => d.forget_after,
+                Some(0) => None,
+                Some(ms) => Some(Duration::from_millis(ms)),
+            },
             ..d
         }
     }

@@ -311,7 +311,8 @@ fn a_queued_request_spills_when_its_spill_after_elapses() {
         req(1500, 1000, None),
         // Behind it, local costs what it may push out (the cheap cloud's price: a tie)
         // and is predicted faster (0.2 s wait vs 400 ms), so it waits; it spills once 2 s
-        // less the fastest cloud's p99 TTFT (unmeasured: 2.7 x its 250 ms) has passed.
+        // less the p99 TTFT of the cloud it goes to (cheap, unmeasured: 2.68 x its 400 ms)
+        // has passed.
         req(1600, 50, Some(2000)),
     ]);
     let r = run(&cfg, &t, SimPolicy::Flotilla);
@@ -322,10 +323,10 @@ fn a_queued_request_spills_when_its_spill_after_elapses() {
         r.decisions
     );
     assert_eq!((r.spilled_from_queue, r.cloud_served, r.failed), (1, 1, 0));
-    let spill_ms = 2000.0 - 670.0;
+    let spill_ms = 2000.0 - 1074.0;
     assert!(r.ttft_p99_ms >= spill_ms - 10.0, "{}", r.ttft_p99_ms);
-    // Without the spill it would have waited until 11.5 s.
-    assert!(r.ttft_p99_ms < spill_ms + 3000.0, "{}", r.ttft_p99_ms);
+    // In time for its deadline (without the spill it would have waited until 11.5 s).
+    assert!(r.ttft_p99_ms <= 2000.0, "{}", r.ttft_p99_ms);
 }
 
 #[test]
