@@ -84,17 +84,12 @@ impl Tally {
     }
 
     /// Notes the request's class, deadlines and our count of its prompt.
-    pub(crate) fn request(&mut self, info: &RequestInfo, body: &Value) {
+    /// (`info.prompt_tokens` is the tokenizer's count when the scheduler has one.)
+    pub(crate) fn request(&mut self, info: &RequestInfo) {
         self.rec.priority = info.priority.as_str().to_owned();
         self.rec.ttft_deadline_ms = info.ttft_deadline.map(ms);
         self.rec.deadline_ms = info.deadline.map(ms);
-        let cfg = self.state.inner.config();
-        let counter = &cfg.counter;
-        self.our_prompt = if counter.is_tokenizer() {
-            counter.count(&prompt_text(body))
-        } else {
-            info.prompt_tokens
-        };
+        self.our_prompt = info.prompt_tokens;
         self.rec.our_prompt_tokens = Some(self.our_prompt as i64);
     }
 
@@ -335,7 +330,7 @@ fn ms(d: Duration) -> i64 {
 }
 
 /// Every piece of prompt text in a request, for a tokenizer to count.
-fn prompt_text(body: &Value) -> String {
+pub(crate) fn prompt_text(body: &Value) -> String {
     let mut out = String::new();
     if let Some(msgs) = body.get("messages").and_then(Value::as_array) {
         for m in msgs {

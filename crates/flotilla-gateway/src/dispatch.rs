@@ -155,7 +155,7 @@ async fn route(
     let mut info =
         crate::features::request_info(&cfg, &r.body, r.headers, r.request_id, key.as_deref())?;
     if let Some(t) = tally.as_mut() {
-        t.request(&info, &r.body);
+        t.request(&info);
         if let Some(k) = &key {
             let tokens = counted_tokens(&info, r);
             let reservation =

@@ -171,7 +171,12 @@ pub(crate) fn request_info(
         deadline,
         strategy,
         tag,
-        prompt_tokens: text.div_ceil(CHARS_PER_TOKEN),
+        // The scheduler's tokenizer where it has one (`usage_tokenizer`), else an estimate.
+        prompt_tokens: if cfg.counter.is_tokenizer() {
+            cfg.counter.count(&crate::accounting::prompt_text(body))
+        } else {
+            text.div_ceil(CHARS_PER_TOKEN)
+        },
         max_tokens,
         requested_max_tokens,
         needs,
@@ -253,6 +258,26 @@ mod tests {
         assert_eq!(a.priority, Priority::Interactive);
         assert_eq!(a.ttft_deadline, Some(Duration::from_secs(10)));
         assert_eq!(a.max_tokens, 256);
+    }
+
+    #[test]
+    fn json_mode_max_tokens_and_sticky_splits() {
+        let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 9,
+            "response_format": {"type": "json_object"}, "user": "ann"});
+        let h = HeaderMap::new();
+        let r = request_info(&cfg(), &body, &h, "id-1", None).unwrap();
+        assert_eq!(r.needs, [Capability::JsonObject]);
+        assert_eq!((r.max_tokens, r.requested_max_tokens), (9, Some(9)));
+        let unset = request_info(&cfg(), &json!({"prompt": "x"}), &h, "id", None).unwrap();
+        assert_eq!((unset.max_tokens, unset.requested_max_tokens), (256, None));
+        // Per request by default; by the body's `user` when asked.
+        let other = request_info(&cfg(), &body, &h, "id-2", None).unwrap();
+        assert_ne!(r.split_key, other.split_key);
+        let mut by_user = cfg();
+        by_user.split_by = SplitBy::User;
+        let a = request_info(&by_user, &body, &h, "id-1", None).unwrap();
+        let b = request_info(&by_user, &body, &h, "id-2", None).unwrap();
+        assert_eq!(a.split_key, b.split_key);
     }
 
     #[test]

@@ -1,211 +1,28 @@
 //! The `[scheduler]` config section: raw as written in TOML, and resolved after
 //! validation, which reports every problem at once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use flotilla_providers::{Price, ProviderConfig, Secret, Timeouts, TokenCounter};
-use flotilla_scheduler::{
-    Capability, CloudTarget, HealthConfig, MidStream, ModelGroup, PolicySettings, Priority, Rule,
-    Strategy,
-};
+use flotilla_scheduler::{HealthConfig, MidStream, ModelGroup, PolicySettings, Priority, Strategy};
 use flotilla_state::SharedConfig;
 
 pub use crate::tls::TlsSection;
+
+mod models;
+mod sections;
+
+pub use models::ModelSection;
+use models::check_providers;
+pub use sections::{
+    AuthMode, ClassDefaults, ClassSection, HealthSection, KeyDefaults, LedgerSection, LocalBalance,
+    StateSection,
+};
 use serde::{Deserialize, Serialize};
-
-/// How requests spread over agents with free slots.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum LocalBalance {
-    /// Fill one agent's batch before the next (requests share batches and KV cache).
-    #[default]
-    Pack,
-    /// Least loaded first.
-    Spread,
-}
-
-/// Circuit breaker and EWMA settings (`[scheduler.health]`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct HealthSection {
-    /// Weight of the newest sample in the TTFT, latency and tokens/s EWMAs.
-    pub ewma_alpha: f64,
-    /// The error rate is measured over this window.
-    pub window_ms: u64,
-    /// Fewer requests than this in the window never open the breaker.
-    pub min_requests: u32,
-    /// Error rate (0..1] that opens the breaker.
-    pub error_rate: f64,
-    /// How long an open breaker waits before one probe request.
-    pub open_ms: u64,
-    /// How long a 429 without `Retry-After` keeps a target aside.
-    pub default_retry_after_ms: u64,
-    /// Active probes (0 = off): every target idle this long (cloud targets of the model
-    /// groups, and the models agents serve) gets a one-token request from the scheduler,
-    /// which keeps its latency figures current and opens its breaker before a client
-    /// meets the failure; and a half-open breaker is probed the same way rather than with
-    /// a client's request. Each probe is a real, billed request of one token.
-    pub probe_idle_ms: u64,
-    /// A target's TTFT measured longer ago than this is forgotten (0 = never): it is
-    /// judged on its expected TTFT again, so a target whose tail once looked too slow is
-    /// tried again and measured anew instead of being passed over for good.
-    pub forget_ms: u64,
-}
-
-impl Default for HealthSection {
-    fn default() -> Self {
-        let d = HealthConfig::default();
-        HealthSection {
-            ewma_alpha: d.ewma_alpha,
-            window_ms: d.window.as_millis() as u64,
-            min_requests: d.min_requests,
-            error_rate: d.error_rate,
-            open_ms: d.open_for.as_millis() as u64,
-            default_retry_after_ms: d.default_retry_after.as_millis() as u64,
-            probe_idle_ms: 0,
-            forget_ms: d.forget_after.map_or(0, |f| f.as_millis() as u64),
-        }
-    }
-}
-
-/// Whether clients must present an API key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum AuthMode {
-    /// Every OpenAI API request needs a key made with `flotilla keys create`.
-    #[default]
-    Keys,
-    /// No keys: anyone who reaches the port may call (for a first look on localhost).
-    None,
-}
-
-/// Defaults for one API key's requests (`[scheduler.key_defaults.<key name>]`); headers
-/// still win.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(default, deny_unknown_fields)]
-pub struct KeyDefaults {
-    pub priority: Option<Priority>,
-    pub strategy: Option<Strategy>,
-}
-
-/// Where every request's row is written (`[scheduler.ledger]`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LedgerSection {
-    /// `sqlite://PATH` or `postgres://...`; unset = `ledger.db` in the data directory
-    /// (the `flotilla` binary) or an in-memory database (a library user).
-    pub url: Option<String>,
-    /// An environment variable holding the URL (when it carries a password, as a
-    /// Kubernetes Secret or a systemd EnvironmentFile provides it).
-    pub url_env: Option<String>,
-    /// Rows are written at least this often; a crash loses at most this much.
-    pub flush_ms: u64,
-    /// Or as soon as this many rows wait; also the most rows one transaction writes. Kept
-    /// small: the writer's thread shares the cores with the request path, and a 512-row
-    /// transaction (~5 ms of CPU) put +2.3 ms on the scheduler's p99 at concurrency 1,
-    /// where 32 rows cost no measurable CPU more a row under load (BENCHMARKS.md).
-    pub batch: usize,
-}
-
-impl Default for LedgerSection {
-    fn default() -> Self {
-        LedgerSection {
-            url: None,
-            url_env: None,
-            flush_ms: 200,
-            batch: 32,
-        }
-    }
-}
-
-impl LedgerSection {
-    /// The database URL: `url`, or the value of the variable `url_env` names; None when
-    /// neither is set. Errors never quote the URL (it may carry a password).
-    pub fn resolved_url(&self) -> Result<Option<String>, String> {
-        let url = match (&self.url, &self.url_env) {
-            (Some(_), Some(_)) => {
-                return Err("scheduler.ledger: set url or url_env, not both".to_owned());
-            }
-            (Some(u), None) => u.clone(),
-            (None, Some(var)) => std::env::var(var).map_err(|_| {
-                format!("scheduler.ledger.url_env: environment variable `{var}` is not set")
-            })?,
-            (None, None) => return Ok(None),
-        };
-        if !(url.starts_with("sqlite:")
-            || url.starts_with("postgres://")
-            || url.starts_with("postgresql://"))
-        {
-            return Err(
-                "scheduler.ledger.url: must start with sqlite:, postgres:// or postgresql://"
-                    .into(),
-            );
-        }
-        Ok(Some(url))
-    }
-}
-
-/// State shared with other scheduler replicas (`[scheduler.state]`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct StateSection {
-    /// `redis://[:password@]host:port[/db]`; unset = every replica keeps its own state
-    /// in memory.
-    pub redis_url: Option<String>,
-    /// An environment variable holding the URL (when it carries a password).
-    pub redis_url_env: Option<String>,
-    /// Replicas with the same prefix share state; different fleets use different ones.
-    pub key_prefix: String,
-    /// How often each replica writes its in-flight counts and health figures and reads the
-    /// others' (breakers, Retry-After and nodes travel at once by pub/sub).
-    pub sync_ms: u64,
-    /// The most one Redis call may take before Redis counts as down.
-    pub timeout_ms: u64,
-    /// While Redis is down, one warning per this interval.
-    pub warn_every_ms: u64,
-}
-
-impl Default for StateSection {
-    fn default() -> Self {
-        StateSection {
-            redis_url: None,
-            redis_url_env: None,
-            key_prefix: "flotilla".into(),
-            sync_ms: 250,
-            timeout_ms: 250,
-            warn_every_ms: 10_000,
-        }
-    }
-}
-
-/// Deadlines a request of one class gets when its headers set none (0 = none).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(default, deny_unknown_fields)]
-pub struct ClassSection {
-    pub ttft_ms: u64,
-    pub deadline_ms: u64,
-}
-
-/// A class's deadlines, resolved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ClassDefaults {
-    pub ttft: Option<Duration>,
-    pub deadline: Option<Duration>,
-}
-
-impl ClassSection {
-    fn resolve(&self) -> ClassDefaults {
-        let d = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
-        ClassDefaults {
-            ttft: d(self.ttft_ms),
-            deadline: d(self.deadline_ms),
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -388,59 +205,6 @@ pub enum SplitBy {
     User,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModelSection {
-    /// The public model name clients ask for.
-    pub name: String,
-    /// The name agents serve it under; defaults to `name`.
-    #[serde(default)]
-    pub local_model: Option<String>,
-    #[serde(default)]
-    pub max_queue_depth: Option<u64>,
-    /// Cloud equivalents, tried in this order.
-    #[serde(default)]
-    pub cloud: Vec<CloudTarget>,
-    /// Overrides `scheduler.default_strategy`.
-    #[serde(default)]
-    pub strategy: Option<Strategy>,
-    /// Local agents' share under `weighted` (default 1).
-    #[serde(default)]
-    pub local_weight: Option<u32>,
-    /// What the local deployment supports: tools, vision, json_schema.
-    #[serde(default)]
-    pub local_capabilities: Vec<Capability>,
-    /// Overrides `scheduler.gpu_hour_usd`.
-    #[serde(default)]
-    pub gpu_hour_usd: Option<f64>,
-    /// Overrides `scheduler.gpu_marginal_usd_per_hour`.
-    #[serde(default)]
-    pub gpu_marginal_usd_per_hour: Option<f64>,
-    /// First matching rule chooses the target set.
-    #[serde(default)]
-    pub rules: Vec<Rule>,
-    /// Overrides `scheduler.mid_stream`.
-    #[serde(default)]
-    pub mid_stream: Option<MidStream>,
-}
-
-impl ModelSection {
-    pub fn new(name: &str, cloud: Vec<CloudTarget>) -> Self {
-        ModelSection {
-            name: name.to_owned(),
-            local_model: None,
-            max_queue_depth: None,
-            cloud,
-            strategy: None,
-            local_weight: None,
-            local_capabilities: Vec::new(),
-            gpu_hour_usd: None,
-            gpu_marginal_usd_per_hour: None,
-            rules: Vec::new(),
-            mid_stream: None,
-        }
-    }
-}
-
 /// What the scheduler runs with.
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -530,21 +294,8 @@ impl SchedulerConfig {
 }
 
 impl SchedulerSection {
-    /// Resolves the section, or returns every problem found (each prefixed with its key).
-    pub fn validate(&self) -> Result<SchedulerConfig, Vec<String>> {
-        let mut errors = Vec::new();
-        let admin_token = match &self.admin_token_env {
-            None => None,
-            Some(var) => Secret::from_env(var)
-                .map_err(|e| errors.push(format!("scheduler.admin_token_env: {e}")))
-                .ok(),
-        };
-        let cluster_token = match &self.cluster_token_env {
-            None => None,
-            Some(var) => Secret::from_env(var)
-                .map_err(|e| errors.push(format!("scheduler.cluster_token_env: {e}")))
-                .ok(),
-        };
+    /// The numbers that must be positive, in range or finite.
+    fn check_limits(&self, errors: &mut Vec<String>) {
         for (key, v) in [
             ("scheduler.body_timeout_ms", self.body_timeout_ms),
             ("scheduler.header_timeout_ms", self.header_timeout_ms),
@@ -614,6 +365,24 @@ impl SchedulerSection {
         if self.heartbeat_ms > 3_600_000 {
             errors.push("scheduler.heartbeat_ms: must be at most 3600000 (an hour)".into());
         }
+    }
+
+    /// Resolves the section, or returns every problem found (each prefixed with its key).
+    pub fn validate(&self) -> Result<SchedulerConfig, Vec<String>> {
+        let mut errors = Vec::new();
+        let admin_token = match &self.admin_token_env {
+            None => None,
+            Some(var) => Secret::from_env(var)
+                .map_err(|e| errors.push(format!("scheduler.admin_token_env: {e}")))
+                .ok(),
+        };
+        let cluster_token = match &self.cluster_token_env {
+            None => None,
+            Some(var) => Secret::from_env(var)
+                .map_err(|e| errors.push(format!("scheduler.cluster_token_env: {e}")))
+                .ok(),
+        };
+        self.check_limits(&mut errors);
         let shared = self
             .state
             .resolve()
@@ -641,49 +410,7 @@ impl SchedulerSection {
             }
             None => self.missed_heartbeats,
         };
-        let mut names = HashSet::new();
-        for (i, p) in self.providers.iter().enumerate() {
-            if p.name.is_empty() {
-                errors.push(format!("scheduler.providers[{i}].name: must not be empty"));
-            } else if !names.insert(p.name.as_str()) {
-                errors.push(format!(
-                    "scheduler.providers[{i}].name: `{}` is defined twice",
-                    p.name
-                ));
-            }
-            if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
-                errors.push(format!(
-                    "scheduler.providers[{i}].base_url: `{}` must start with http:// or https://",
-                    p.base_url
-                ));
-            }
-            for (id, price) in &p.prices {
-                for what in price.invalid() {
-                    errors.push(format!(
-                        "scheduler.providers[{i}].prices.{id}.{what}: must be a non-negative number"
-                    ));
-                }
-            }
-            for (key, v) in [
-                ("connect_timeout_ms", p.connect_timeout_ms),
-                ("first_byte_timeout_ms", p.first_byte_timeout_ms),
-                ("request_timeout_ms", p.request_timeout_ms),
-                ("first_token_timeout_ms", p.first_token_timeout_ms),
-                ("stream_idle_timeout_ms", p.stream_idle_timeout_ms),
-                ("default_max_tokens", p.default_max_tokens),
-            ] {
-                if v == Some(0) {
-                    errors.push(format!(
-                        "scheduler.providers[{i}].{key}: must be greater than 0"
-                    ));
-                }
-            }
-            if p.rpm == Some(0) || p.tpm == Some(0) {
-                errors.push(format!(
-                    "scheduler.providers[{i}]: rpm and tpm must be greater than 0 when set"
-                ));
-            }
-        }
+        let names = check_providers(&self.providers, &mut errors);
         let default_provider = match &self.default_provider {
             Some(name) if !names.contains(name.as_str()) => {
                 errors.push(format!(
@@ -712,40 +439,7 @@ impl SchedulerSection {
                 }
             },
         };
-        let mut groups = HashMap::new();
-        for (i, m) in self.models.iter().enumerate() {
-            if m.name.is_empty() {
-                errors.push(format!("scheduler.models[{i}].name: must not be empty"));
-                continue;
-            }
-            check_model(i, m, &names, &mut errors);
-            let cloud = m
-                .cloud
-                .iter()
-                .map(|c| resolve_cloud(&m.name, c, &self.providers))
-                .collect();
-            let group = ModelGroup {
-                name: m.name.clone(),
-                local_model: m.local_model.clone().unwrap_or_else(|| m.name.clone()),
-                max_queue_depth: m.max_queue_depth.unwrap_or(self.default_max_queue_depth),
-                cloud,
-                strategy: m.strategy.unwrap_or(self.default_strategy),
-                local_weight: m.local_weight.unwrap_or(1),
-                local_capabilities: m.local_capabilities.clone(),
-                gpu_hour_usd: m.gpu_hour_usd.unwrap_or(self.gpu_hour_usd),
-                gpu_marginal_usd_per_hour: m
-                    .gpu_marginal_usd_per_hour
-                    .unwrap_or(self.gpu_marginal_usd_per_hour),
-                rules: m.rules.clone(),
-                mid_stream: m.mid_stream.unwrap_or(self.mid_stream),
-            };
-            if groups.insert(m.name.clone(), group).is_some() {
-                errors.push(format!(
-                    "scheduler.models[{i}].name: `{}` is defined twice",
-                    m.name
-                ));
-            }
-        }
+        let groups = self.groups(&names, &mut errors);
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -816,123 +510,10 @@ impl SchedulerSection {
     }
 }
 
-impl StateSection {
-    /// The shared store's settings, None without a URL.
-    fn resolve(&self) -> Result<Option<SharedConfig>, String> {
-        let url = match (&self.redis_url, &self.redis_url_env) {
-            (Some(_), Some(_)) => {
-                return Err("scheduler.state: set redis_url or redis_url_env, not both".to_owned());
-            }
-            (Some(u), None) => u.clone(),
-            (None, Some(var)) => std::env::var(var).map_err(|_| {
-                format!("scheduler.state.redis_url_env: environment variable `{var}` is not set")
-            })?,
-            (None, None) => return Ok(None),
-        };
-        if !url.starts_with("redis://") {
-            // Never echo the URL: it may carry a password.
-            return Err(
-                "scheduler.state.redis_url: must start with redis:// (TLS to Redis is not built in)"
-                    .into(),
-            );
-        }
-        if self.key_prefix.is_empty() || self.key_prefix.contains(char::is_whitespace) {
-            return Err("scheduler.state.key_prefix: must be non-empty, without spaces".into());
-        }
-        Ok(Some(SharedConfig {
-            url,
-            prefix: self.key_prefix.clone(),
-            timeout: Duration::from_millis(self.timeout_ms.max(1)),
-            warn_every: Duration::from_millis(self.warn_every_ms.max(1)),
-        }))
-    }
-}
-
-/// A cloud entry completed from its provider: the model id from the provider's model map
-/// (or the public name), prices from its price table, capabilities from its list.
-fn resolve_cloud(name: &str, c: &CloudTarget, providers: &[ProviderConfig]) -> CloudTarget {
-    let Some(p) = providers.iter().find(|p| p.name == c.provider) else {
-        return c.clone();
-    };
-    let mut c = c.clone();
-    if c.model.is_empty() {
-        c.model = p
-            .models
-            .get(name)
-            .cloned()
-            .unwrap_or_else(|| name.to_owned());
-    }
-    if let Some(price) = p.prices.get(&c.model) {
-        c.set_price(c.price().or(price));
-    }
-    if c.capabilities.is_none() {
-        c.capabilities = p.capabilities.clone();
-    }
-    c
-}
-
-/// Checks one model entry's cloud targets and rules against the configured providers.
-fn check_model(i: usize, m: &ModelSection, providers: &HashSet<&str>, errors: &mut Vec<String>) {
-    let key = format!("scheduler.models[{i}]");
-    let mut labels: HashSet<String> = HashSet::from(["local".to_owned()]);
-    for (j, c) in m.cloud.iter().enumerate() {
-        if !providers.contains(c.provider.as_str()) {
-            errors.push(format!(
-                "{key}.cloud[{j}].provider: `{}` is not a configured provider",
-                c.provider
-            ));
-        }
-        for what in c.price().invalid() {
-            errors.push(format!(
-                "{key}.cloud[{j}].{what}: must be a non-negative number"
-            ));
-        }
-        labels.insert(c.label());
-    }
-    if m.gpu_hour_usd.is_some_and(|p| !(p >= 0.0 && p.is_finite())) {
-        errors.push(format!("{key}.gpu_hour_usd: must be a non-negative number"));
-    }
-    if m.gpu_marginal_usd_per_hour
-        .is_some_and(|p| !(p >= 0.0 && p.is_finite()))
-    {
-        errors.push(format!(
-            "{key}.gpu_marginal_usd_per_hour: must be a non-negative number"
-        ));
-    }
-    if m.strategy == Some(Strategy::Weighted)
-        && m.local_weight.unwrap_or(1) == 0
-        && m.cloud.iter().all(|c| c.weight == 0)
-    {
-        errors.push(format!(
-            "{key}.strategy: `weighted` needs a non-zero weight somewhere"
-        ));
-    }
-    for (j, r) in m.rules.iter().enumerate() {
-        if r.targets.is_empty() {
-            errors.push(format!(
-                "{key}.rules[{j}].targets: must name at least one target"
-            ));
-        }
-        for t in &r.targets {
-            if !labels.contains(t) {
-                let mut known: Vec<&String> = labels.iter().collect();
-                known.sort();
-                errors.push(format!(
-                    "{key}.rules[{j}].targets: `{t}` is not one of this model's targets ({})",
-                    known
-                        .iter()
-                        .map(|s| s.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ));
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flotilla_scheduler::{CloudTarget, Rule};
 
     #[test]
     fn reports_every_error_together() {
