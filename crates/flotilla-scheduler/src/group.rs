@@ -145,7 +145,8 @@ pub struct ModelGroup {
     /// json_schema yet).
     pub local_capabilities: Vec<Capability>,
     /// Local GPU time, amortised, in US dollars per GPU-hour: what owning the GPUs costs,
-    /// busy or idle. Reports price local work with it; routing does not.
+    /// busy or idle. Reports price local work with it; routing prices GPU time with it only
+    /// as free capacity runs out (the opportunity cost, see `policy`).
     pub gpu_hour_usd: f64,
     /// What one more GPU-hour of work costs on top (power, say); 0 by default. Routing
     /// prices local work with this plus an opportunity cost (see `policy`).

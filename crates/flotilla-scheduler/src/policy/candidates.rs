@@ -138,12 +138,7 @@ pub(super) fn build<'a>(
         cloud_options(snap, req, rule, budgets, &mut c);
     }
     if !c.locals.is_empty() {
-        let cheapest_cloud = c
-            .options
-            .iter()
-            .filter_map(|o| o.cost)
-            .min_by(f64::total_cmp);
-        let (choice, f) = local_option(snap, req, &c.locals, budgets, cheapest_cloud);
+        let (choice, f) = local_option(snap, req, &c.locals, budgets);
         c.options.insert(0, choice);
         c.forecast = Some(f);
     }
@@ -184,15 +179,17 @@ fn admit_locals<'a>(snap: &Snapshot<'a>, req: &RequestInfo, c: &mut Candidates<'
 
 /// The local option. Owned GPUs cost the same busy or idle, so local work is priced at
 /// its marginal cost (`gpu_marginal_usd_per_hour` over the GPU time it takes) plus an
-/// opportunity cost: the cloud price of the work it may push out, times the chance that
-/// it does. That chance is the squared occupancy the request finds (0 on idle agents, 1
-/// once it would wait for a slot); batch work without deadlines pushes nothing out.
+/// opportunity cost: GPU time taken now is time later work cannot have, worth the
+/// amortised GPU-hour (`gpu_hour_usd`) once capacity runs out. It grows with the squared
+/// occupancy the request finds: nothing on idle agents, so they take work whatever the
+/// cloud charges; the whole amortised price for a request that would wait for a slot, so a
+/// cloud cheaper than that takes the overflow and a dearer one does not. Batch work
+/// without deadlines waits for slots and pushes nothing out.
 fn local_option(
     snap: &Snapshot<'_>,
     req: &RequestInfo,
     locals: &[&LocalCandidate],
     budgets: Budgets,
-    displaced_usd: Option<f64>,
 ) -> (Choice, LocalForecast) {
     let s = snap.settings;
     let group = snap.group;
@@ -206,14 +203,14 @@ fn local_option(
         .sum::<f64>()
         .max(f.tokens_per_s * f.slots as f64);
     let tokens = req.max_tokens as f64 + req.prompt_tokens as f64 / 10.0;
-    let marginal = group.gpu_marginal_usd_per_hour / 3600.0 * tokens / throughput.max(1e-9);
+    let gpu_hours = tokens / throughput.max(1e-9) / 3600.0;
     let waits_freely = batch_waits(req);
-    let p_displace = if waits_freely {
+    let scarcity = if waits_freely {
         0.0
     } else {
         f.occupancy().powi(2).min(1.0)
     };
-    let cost = marginal + p_displace * displaced_usd.unwrap_or(0.0);
+    let cost = gpu_hours * (group.gpu_marginal_usd_per_hour + scarcity * group.gpu_hour_usd);
     let ttft_q = f.ttft_quantile(s.sla_attainment);
     let choice = Choice {
         label: "local".into(),

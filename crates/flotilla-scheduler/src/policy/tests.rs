@@ -145,33 +145,38 @@ fn busy_agents_queue_within_the_depth_and_spill_in_time_for_the_deadline() {
 
 #[test]
 fn saturated_agents_spill_to_a_cheap_cloud_under_cost() {
-    // Under `cost` a request that would wait pushes later work out: it costs the cloud
-    // price of that work, so a cloud target that meets the SLA takes it now.
+    // A request that would wait takes GPU time later work cannot have: local costs the
+    // amortised GPU-hour then, and a cloud cheaper than that takes it now...
     let mut w = World::new(group(4, vec![cloud("p", 0.01, 300)]), vec![node("a", 2, 2)]);
     w.queue(1, Priority::Interactive);
     let d = w.decide(&req()).unwrap();
     assert!(matches!(d.action, Action::Dispatch { .. }), "{d:?}");
     assert_eq!(d.code, ReasonCode::Cheapest);
     assert_eq!(labels(&d)[0], "cloud:p");
+    // ...while a dearer one does not: the request waits for a slot.
+    w.group.cloud[0] = cloud("p", 10.0, 300);
+    let d = w.decide(&req()).unwrap();
+    assert_eq!(d.code, ReasonCode::LocalQueue, "{}", d.reason);
 }
 
 #[test]
 fn idle_owned_gpus_beat_any_cloud_price() {
-    // A GPU-hour priced at $2 (owned: a sunk cost) against a cloud at $0.01/M tokens.
-    for load in 0..4 {
+    // A GPU-hour priced at $2 (owned: a sunk cost) against clouds down to $0.01/M tokens.
+    for price in [0.01, 1.0, 10.0] {
         let w = World::new(
-            group(4, vec![cloud("p", 0.01, 100)]),
-            vec![node("a", load, 4)],
+            group(4, vec![cloud("p", price, 100)]),
+            vec![node("a", 0, 4)],
         );
         let d = w.decide(&req()).unwrap();
-        assert_eq!(
-            d.code,
-            ReasonCode::LocalCapacity,
-            "load {load}: {}",
-            d.reason
-        );
+        assert_eq!(d.code, ReasonCode::LocalCapacity, "${price}: {}", d.reason);
         assert_eq!(labels(&d), ["local:a/m", "cloud:p"]);
     }
+    // As slots fill, the scarcer GPU time costs more: the penny cloud takes the last slot's
+    // request, a dear one does not.
+    let w = World::new(group(4, vec![cloud("p", 0.01, 100)]), vec![node("a", 3, 4)]);
+    assert_eq!(labels(&w.decide(&req()).unwrap())[0], "cloud:p");
+    let w = World::new(group(4, vec![cloud("p", 10.0, 100)]), vec![node("a", 3, 4)]);
+    assert_eq!(labels(&w.decide(&req()).unwrap())[0], "local:a/m");
 }
 
 #[test]

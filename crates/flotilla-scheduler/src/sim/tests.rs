@@ -309,8 +309,8 @@ fn a_queued_request_spills_when_its_spill_after_elapses() {
         req(0, 20, None),
         // Runs 10 s, though the policy expects 0.2 s.
         req(1500, 1000, None),
-        // Behind it, local costs what it may push out (the cheap cloud's price: a tie)
-        // and is predicted faster (0.2 s wait vs 400 ms), so it waits; it spills once 2 s
+        // Behind it, local costs the amortised GPU time it would take (one slot at
+        // $0.1/h: below the clouds' prices), so it waits; it spills once 2 s
         // less the p99 TTFT of the cloud it goes to (cheap, unmeasured: 2.68 x its 400 ms)
         // has passed.
         req(1600, 50, Some(2000)),
