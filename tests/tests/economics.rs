@@ -339,3 +339,108 @@ async fn a_split_can_stick_to_the_user() {
     }
     sched.stop().await;
 }
+
+/// A mock whose answers start after these latencies, in turn.
+async fn latencies(ms: &[u64]) -> MockUpstream {
+    let m = MockUpstream::start(Behavior::reply("ok")).await.unwrap();
+    for &l in ms {
+        m.push(Behavior::Reply {
+            text: "ok".into(),
+            latency: Duration::from_millis(l),
+        });
+    }
+    m
+}
+
+#[tokio::test]
+async fn a_target_with_a_slow_tail_loses_to_a_steady_one_under_a_tight_deadline() {
+    // `spiky` is cheap and usually fast, but one answer in four starts 900 ms late;
+    // `steady` is dearer and always starts at about 300 ms.
+    let spiky = latencies(&[40, 40, 40, 900, 40, 40, 40, 900]).await;
+    let steady = latencies(&[300; 8]).await;
+    let tagged = |tag: &str, target: &str| flotilla_scheduler::Rule {
+        tag: Some(tag.into()),
+        targets: vec![target.into()],
+        ..Default::default()
+    };
+    let sched = start_scheduler(section(
+        vec![
+            provider("spiky", &spiky.base_url()),
+            provider("steady", &steady.base_url()),
+        ],
+        ModelSection {
+            rules: vec![
+                tagged("only-spiky", "cloud:spiky"),
+                tagged("only-steady", "cloud:steady"),
+            ],
+            ..ModelSection::new(
+                "tiny-llama",
+                vec![priced("spiky", 0.1), priced("steady", 5.0)],
+            )
+        },
+    ))
+    .await;
+    let ask = |headers: &[(&'static str, &'static str)]| {
+        let mut req = client()
+            .post(format!("{}/v1/chat/completions", sched.url))
+            .json(&chat_body(
+                "tiny-llama",
+                "hi",
+                json!({"max_tokens": 4, "stream": true}),
+            ));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send()
+    };
+    // Measure both: streams, so each answer's TTFT is seen.
+    for _ in 0..8 {
+        for tag in ["only-spiky", "only-steady"] {
+            let resp = ask(&[("x-flotilla-tag", tag)]).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            assert!(read_sse(resp).await.saw_done);
+        }
+    }
+    // No deadline: the cheap one.
+    let resp = ask(&[]).await.unwrap();
+    assert_eq!(target(&resp), "cloud:spiky");
+    read_sse(resp).await;
+    // Its mean TTFT (~260 ms) fits 1 s, its p99 does not: the steady one leads.
+    let resp = ask(&[("x-flotilla-ttft-ms", "1000")]).await.unwrap();
+    assert_eq!(target(&resp), "cloud:steady");
+    read_sse(resp).await;
+    sched.stop().await;
+}
+
+#[tokio::test]
+async fn an_absurd_max_tokens_is_routed_or_refused_never_a_panic() {
+    let cloud = MockUpstream::start(Behavior::reply("fine")).await.unwrap();
+    let with_cloud = start_scheduler(section(
+        vec![provider("cloud", &cloud.base_url())],
+        ModelSection::new("tiny-llama", vec![CloudTarget::new("cloud", "cloud-model")]),
+    ))
+    .await;
+    let alone = start_scheduler(scheduler_section()).await;
+    let agents = [
+        start_agent(&with_cloud.url, "node-a", chat_models(load_tiny(2))).await,
+        start_agent(&alone.url, "node-a", chat_models(load_tiny(2))).await,
+    ];
+    for max in [u64::MAX, u64::MAX / 2, 1 << 53] {
+        let body = chat_body("tiny-llama", "hi", json!({"max_tokens": max}));
+        // Too long for the agent: the cloud (no context limit known) takes it...
+        let resp = post(&format!("{}/v1/chat/completions", with_cloud.url), &body).await;
+        assert_eq!(resp.status(), 200, "max_tokens {max}");
+        assert_eq!(target(&resp), "cloud:cloud");
+        // ...and with nowhere else to go it is a 400 naming the field.
+        let resp = post(&format!("{}/v1/chat/completions", alone.url), &body).await;
+        assert_eq!(resp.status(), 400, "max_tokens {max}");
+        let e: Value = resp.json().await.unwrap();
+        assert_eq!(e["error"]["code"], "context_length_exceeded", "{e}");
+        assert_eq!(e["error"]["param"], "max_tokens", "{e}");
+    }
+    for a in agents {
+        a.stop().await;
+    }
+    with_cloud.stop().await;
+    alone.stop().await;
+}
