@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use flotilla_api::protocol::ModelKind;
 use flotilla_api::{ApiError, ErrorKind, headers};
-use flotilla_providers::{Endpoint, ProviderError};
+use flotilla_providers::{Endpoint, ProviderError, UpstreamResponse};
 use flotilla_scheduler::{
     Action, Decision, InFlightGuard, MidStream, ModelGroup, Outcome, PolicySettings, RequestInfo,
     Snapshot, Target, decide,
@@ -22,7 +22,7 @@ use serde_json::Value;
 
 use crate::accounting::{AnswerText, Tally};
 use crate::attempt::{
-    self, failed_after_headers, first_token_header, ledger_outcome, open_attempt,
+    self, Attempt, failed_after_headers, first_token_header, ledger_outcome, open_attempt,
 };
 use crate::auth::{admit_key, max_cost};
 use crate::health::{cloud_key, local_key};
@@ -291,8 +291,8 @@ async fn carry(
         r,
         group,
         info,
-        decision,
         arrived,
+        ..
     } = *c;
     let cfg = s.inner.config();
     let mut targets: VecDeque<Target> = targets.into();
@@ -356,104 +356,22 @@ async fn carry(
         if let (Target::Local { node_id, .. }, Some(p)) = (&target, info.prefix) {
             crate::shared::served_prefix(s, &group.local_model, p, node_id);
         }
-        // The prediction was for the first target; later ones are compared with theirs.
-        let predicted = decision.predicted_ttft;
-        let builder = Response::builder()
-            .status(StatusCode::OK)
-            .header(TARGET, hv(&label))
-            .header(REQUEST_ID, hv(r.request_id))
-            .header(
-                ROUTE_REASON,
-                HeaderValue::from_static(decision.code.as_str()),
-            );
-        if r.stream {
-            // Until its first token the stream is still invisible to the client: one that
-            // stalls, breaks or garbles before then fails over like a refused connection.
-            let primed = match first_token(resp, &attempt, r.ep).await {
-                Ok(p) => p,
-                Err(e) => {
-                    failed_after_headers(s, &attempt, tally, &e);
-                    tracing::warn!(request_id = r.request_id, model = r.model, upstream = %label, error = %e, "no first token; trying the next target");
-                    failures.push(e);
-                    continue;
-                }
-            };
-            s.inner.metrics.attempt(0);
-            tracing::info!(request_id = r.request_id, model = r.model, upstream = %label, priority = info.priority.as_str(), strategy = decision.strategy.as_str(), reason = decision.code.as_str(), predicted_ttft_ms = predicted.as_millis() as u64, failed_attempts = failures.len(), stream = true, "routed");
-            let cont =
-                (group.mid_stream == MidStream::Continue && r.ep == Endpoint::Chat).then(|| {
-                    Continuation {
-                        targets: targets.clone(),
-                        body: r.body.clone(),
-                        request_id: r.request_id.to_owned(),
-                        attempts_left: cfg.max_attempts.saturating_sub(attempts),
-                    }
-                });
-            let body = relay_sse(
-                primed,
-                RelayCtx {
-                    state: s.clone(),
-                    ep: r.ep,
-                    attempt,
-                    guard,
-                    predicted_ttft: predicted,
-                    cont,
-                    client_usage: r.client_usage,
-                    tally: tally.take(),
-                    group: group.clone(),
-                },
-            );
-            return Ok(builder
-                .header(header::CONTENT_TYPE, "text/event-stream")
-                .header(header::CACHE_CONTROL, "no-cache")
-                .body(body)
-                .unwrap_or_else(|e| {
-                    ApiError::new(ErrorKind::Internal, e.to_string()).into_response()
-                }));
-        }
-        let agent_ttft = first_token_header(&resp);
-        match attempt.upstream.read_answer(r.ep, resp).await {
-            Ok(answer) => {
-                let (bytes, usage) = (answer.body, answer.usage);
-                let took = attempt.started.elapsed();
-                // An agent says when its first token came; a cloud answer sent whole does
-                // not, and its latency is no TTFT.
-                let ttft = agent_ttft
-                    .filter(|_| target.is_local())
-                    .map(|t| t.min(took));
-                s.inner.health.finish(
-                    &attempt.health_key,
-                    Outcome::Success {
-                        ttft,
-                        latency: took,
-                        tokens: usage.map(|u| u.completion),
-                    },
-                    Instant::now(),
-                );
-                s.inner.metrics.attempt(0);
-                if let Some(t) = ttft {
-                    s.inner
-                        .metrics
-                        .observe_ttft(target.is_local(), predicted, t);
-                }
-                drop(guard);
-                tracing::info!(request_id = r.request_id, model = r.model, upstream = %label, priority = info.priority.as_str(), strategy = decision.strategy.as_str(), reason = decision.code.as_str(), predicted_ttft_ms = predicted.as_millis() as u64, failed_attempts = failures.len(), stream = false, latency_ms = took.as_millis() as u64, "routed");
-                if let Some(mut t) = tally.take() {
-                    t.attempt(&label, attempt.started, "ok", Some(200), None);
-                    let ours = AnswerText::whole(answer.text).count(s, r.ep);
-                    t.answered(&target, ttft, usage, ours, attempt.pricing(group))
-                        .await;
-                }
-                return Ok(builder
-                    .header(header::CONTENT_TYPE, "application/json")
-                    .body(Body::from(bytes))
-                    .unwrap_or_else(|e| {
-                        ApiError::new(ErrorKind::Internal, e.to_string()).into_response()
-                    }));
-            }
+        let opened = Opened {
+            target,
+            attempt,
+            resp,
+            guard,
+        };
+        let answered = if r.stream {
+            let attempts_left = cfg.max_attempts.saturating_sub(attempts);
+            stream_answer(s, c, opened, &targets, attempts_left, failures.len(), tally).await
+        } else {
+            whole_answer(s, c, opened, failures.len(), tally).await
+        };
+        match answered {
+            Ok(resp) => return Ok(resp),
             Err(e) => {
-                failed_after_headers(s, &attempt, tally, &e);
-                tracing::warn!(request_id = r.request_id, upstream = %label, error = %e, "reading the answer failed; trying the next target");
+                tracing::warn!(request_id = r.request_id, model = r.model, upstream = %label, error = %e, "no answer after the headers; trying the next target");
                 failures.push(e);
             }
         }
@@ -465,6 +383,152 @@ async fn carry(
         "every target failed"
     );
     Err(all_failed(r.model, &failures))
+}
+
+/// An attempt whose response headers came.
+struct Opened {
+    target: Target,
+    attempt: Attempt,
+    resp: UpstreamResponse,
+    guard: Option<InFlightGuard>,
+}
+
+/// The answer's head: where it ran and why.
+fn answer_head(c: &Carry<'_>, label: &str) -> axum::http::response::Builder {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(TARGET, hv(label))
+        .header(REQUEST_ID, hv(c.r.request_id))
+        .header(
+            ROUTE_REASON,
+            HeaderValue::from_static(c.decision.code.as_str()),
+        )
+}
+
+/// A stream, relayed once its first token came. Until then it is still invisible to the
+/// client: one that stalls, breaks or garbles before it fails over (Err) like a refused
+/// connection.
+async fn stream_answer(
+    s: &AppState,
+    c: &Carry<'_>,
+    o: Opened,
+    rest: &VecDeque<Target>,
+    attempts_left: u32,
+    failed: usize,
+    tally: &mut Option<Tally>,
+) -> Result<Response, ProviderError> {
+    let Carry {
+        r,
+        group,
+        info,
+        decision,
+        ..
+    } = *c;
+    let label = o.attempt.label.clone();
+    let primed = match first_token(o.resp, &o.attempt, r.ep).await {
+        Ok(p) => p,
+        Err(e) => {
+            failed_after_headers(s, &o.attempt, tally, &e);
+            return Err(e);
+        }
+    };
+    s.inner.metrics.attempt(0);
+    // The prediction was for the first target; later ones are compared with theirs.
+    let predicted = decision.predicted_ttft;
+    tracing::info!(request_id = r.request_id, model = r.model, upstream = %label, priority = info.priority.as_str(), strategy = decision.strategy.as_str(), reason = decision.code.as_str(), predicted_ttft_ms = predicted.as_millis() as u64, failed_attempts = failed, stream = true, "routed");
+    let cont =
+        (group.mid_stream == MidStream::Continue && r.ep == Endpoint::Chat).then(|| Continuation {
+            targets: rest.clone(),
+            body: r.body.clone(),
+            request_id: r.request_id.to_owned(),
+            attempts_left,
+        });
+    let body = relay_sse(
+        primed,
+        RelayCtx {
+            state: s.clone(),
+            ep: r.ep,
+            attempt: o.attempt,
+            guard: o.guard,
+            predicted_ttft: predicted,
+            cont,
+            client_usage: r.client_usage,
+            tally: tally.take(),
+            group: group.clone(),
+        },
+    );
+    Ok(answer_head(c, &label)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(body)
+        .unwrap_or_else(|e| ApiError::new(ErrorKind::Internal, e.to_string()).into_response()))
+}
+
+/// An answer read whole; a body that breaks fails over (Err).
+async fn whole_answer(
+    s: &AppState,
+    c: &Carry<'_>,
+    o: Opened,
+    failed: usize,
+    tally: &mut Option<Tally>,
+) -> Result<Response, ProviderError> {
+    let Carry {
+        r,
+        group,
+        info,
+        decision,
+        ..
+    } = *c;
+    let Opened {
+        target,
+        attempt,
+        resp,
+        guard,
+    } = o;
+    let agent_ttft = first_token_header(&resp);
+    let answer = match attempt.upstream.read_answer(r.ep, resp).await {
+        Ok(a) => a,
+        Err(e) => {
+            failed_after_headers(s, &attempt, tally, &e);
+            return Err(e);
+        }
+    };
+    let (bytes, usage) = (answer.body, answer.usage);
+    let took = attempt.started.elapsed();
+    // An agent says when its first token came; a cloud answer sent whole does not, and its
+    // latency is no TTFT.
+    let ttft = agent_ttft
+        .filter(|_| target.is_local())
+        .map(|t| t.min(took));
+    s.inner.health.finish(
+        &attempt.health_key,
+        Outcome::Success {
+            ttft,
+            latency: took,
+            tokens: usage.map(|u| u.completion),
+        },
+        Instant::now(),
+    );
+    s.inner.metrics.attempt(0);
+    let predicted = decision.predicted_ttft;
+    if let Some(t) = ttft {
+        s.inner
+            .metrics
+            .observe_ttft(target.is_local(), predicted, t);
+    }
+    drop(guard);
+    let label = &attempt.label;
+    tracing::info!(request_id = r.request_id, model = r.model, upstream = %label, priority = info.priority.as_str(), strategy = decision.strategy.as_str(), reason = decision.code.as_str(), predicted_ttft_ms = predicted.as_millis() as u64, failed_attempts = failed, stream = false, latency_ms = took.as_millis() as u64, "routed");
+    if let Some(mut t) = tally.take() {
+        t.attempt(label, attempt.started, "ok", Some(200), None);
+        let ours = AnswerText::whole(answer.text).count(s, r.ep);
+        t.answered(&target, ttft, usage, ours, attempt.pricing(group))
+            .await;
+    }
+    Ok(answer_head(c, label)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(bytes))
+        .unwrap_or_else(|e| ApiError::new(ErrorKind::Internal, e.to_string()).into_response()))
 }
 
 // Parsed once, not per response.

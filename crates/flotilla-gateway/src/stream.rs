@@ -295,20 +295,17 @@ impl Relay {
         Some(v.to_string())
     }
 
-    /// After a break: the next target's stream, or None when there is none.
-    async fn continue_elsewhere(&mut self, why: &str) -> bool {
-        let Some(cont) = self.ctx.cont.as_mut() else {
-            return false;
-        };
+    /// The request for the next target: the partial answer as the assistant's last
+    /// message, and only the tokens the client has not had yet as `max_tokens` (counted
+    /// by the scheduler's tokenizer when it has one, else one a chunk). Also the same with
+    /// `continue_final_message` for servers that take it, and the tokens left.
+    fn continuation_bodies(&mut self, cfg: &crate::SchedulerConfig) -> Option<(Value, Value, u64)> {
+        let cont = self.ctx.cont.as_ref()?;
         let mut body = cont.body.clone();
         if let Some(msgs) = body.get_mut("messages").and_then(Value::as_array_mut) {
             msgs.push(serde_json::json!({"role": "assistant", "content": self.partial}));
         }
-        // The continuation may only write what the client has not had yet: the tokens
-        // sent so far, by the scheduler's tokenizer when it has one, else one a chunk.
         self.sent += self.events;
-        let state = self.ctx.state.clone();
-        let cfg = state.inner.config();
         let sent = if cfg.counter.is_tokenizer() {
             cfg.counter.count(&self.partial)
         } else {
@@ -321,10 +318,22 @@ impl Relay {
                 body[key] = Value::from(left);
             }
         }
-        // Our agents (and vLLM-style servers) go on writing the partial message itself.
         let mut flagged = body.clone();
         flagged["continue_final_message"] = Value::Bool(true);
         flagged["add_generation_prompt"] = Value::Bool(false);
+        Some((body, flagged, left))
+    }
+
+    /// After a break: the next target's stream, or None when there is none.
+    async fn continue_elsewhere(&mut self, why: &str) -> bool {
+        let state = self.ctx.state.clone();
+        let cfg = state.inner.config();
+        let Some((body, flagged, left)) = self.continuation_bodies(&cfg) else {
+            return false;
+        };
+        let Some(cont) = self.ctx.cont.as_mut() else {
+            return false;
+        };
         while cont.attempts_left > 0 {
             let Some(target) = cont.targets.pop_front() else {
                 break;
