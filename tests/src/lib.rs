@@ -83,7 +83,11 @@ pub async fn start_scheduler_with(
     let mut cfg = section.validate().expect("valid scheduler config");
     edit(&mut cfg);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let scheduler = Scheduler::new(listener, cfg).await.expect("scheduler");
+    run_scheduler(Scheduler::new(listener, cfg).await.expect("scheduler"))
+}
+
+/// Runs `scheduler` on its listener until the returned handle stops it.
+fn run_scheduler(scheduler: Scheduler) -> Running {
     let url = format!("http://{}", scheduler.local_addr().expect("addr"));
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
@@ -109,17 +113,7 @@ pub async fn start_reloadable_scheduler(
     scheduler.state().set_loader(Arc::new(move || {
         source.lock().map_err(|e| vec![e.to_string()])?.validate()
     }));
-    let url = format!("http://{}", scheduler.local_addr().expect("addr"));
-    let shutdown = CancellationToken::new();
-    let token = shutdown.clone();
-    let task = tokio::spawn(async move {
-        scheduler.run(token).await.expect("scheduler run");
-    });
-    Running {
-        url,
-        shutdown,
-        task,
-    }
+    run_scheduler(scheduler)
 }
 
 /// An agent serving `models`, registered with `scheduler_url` before this returns.

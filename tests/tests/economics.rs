@@ -23,6 +23,15 @@ fn priced(provider: &str, usd_per_mtok: f64) -> CloudTarget {
     }
 }
 
+/// A request in JSON mode.
+fn json_mode() -> Value {
+    chat_body(
+        "tiny-llama",
+        "give me json",
+        json!({"max_tokens": 8, "response_format": {"type": "json_object"}}),
+    )
+}
+
 fn section(providers: Vec<ProviderConfig>, model: ModelSection) -> SchedulerSection {
     SchedulerSection {
         providers,
@@ -114,12 +123,7 @@ async fn json_mode_and_long_answers_go_where_they_fit() {
     let agent = start_agent(&sched.url, "node-a", chat_models(load_tiny(2))).await;
     let url = format!("{}/v1/chat/completions", sched.url);
     // JSON mode: our agents do not offer it, the cloud model does.
-    let json_mode = chat_body(
-        "tiny-llama",
-        "give me json",
-        json!({"max_tokens": 8, "response_format": {"type": "json_object"}}),
-    );
-    let resp = post(&url, &json_mode).await;
+    let resp = post(&url, &json_mode()).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(target(&resp), "cloud:cloud");
     // The prompt fits the agent's context, the prompt and max_tokens do not.
@@ -150,12 +154,7 @@ async fn an_agent_that_refuses_what_it_lacks_passes_the_request_on() {
     .await;
     let agent = start_agent(&sched.url, "node-a", chat_models(load_tiny(2))).await;
     let url = format!("{}/v1/chat/completions", sched.url);
-    let json_mode = chat_body(
-        "tiny-llama",
-        "give me json",
-        json!({"max_tokens": 8, "response_format": {"type": "json_object"}}),
-    );
-    let resp = post(&url, &json_mode).await;
+    let resp = post(&url, &json_mode()).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(target(&resp), "cloud:cloud");
     assert_eq!(cloud.hits(), 1);

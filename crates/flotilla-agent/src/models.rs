@@ -61,13 +61,7 @@ impl Models {
 pub async fn load_models(cfg: &AgentConfig, plan: &AgentPlan) -> Result<Models, AgentError> {
     let mut models = Models::default();
     for spec in &cfg.models {
-        let dir = crate::source::resolve_source(
-            &spec.source,
-            &cfg.cache_dir,
-            &cfg.hf_cache_dir,
-            cfg.offline,
-        )
-        .await?;
+        let dir = crate::source::resolve_configured(&spec.source, cfg).await?;
         let started = std::time::Instant::now();
         let name = spec.name.clone();
         // A bar on stderr while the weights are read (at a terminal with text logs).

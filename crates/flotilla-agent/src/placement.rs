@@ -117,13 +117,7 @@ pub async fn model_shape(
         return Ok(ModelShape::from_entry(e));
     }
     if fetch && !cfg.offline {
-        let dir = crate::source::resolve_source(
-            &spec.source,
-            &cfg.cache_dir,
-            &cfg.hf_cache_dir,
-            cfg.offline,
-        )
-        .await?;
+        let dir = crate::source::resolve_configured(&spec.source, cfg).await?;
         return shape_from_files(&dir, embedding).map_err(err);
     }
     Err(err(format!(

@@ -7,6 +7,14 @@ use std::path::{Path, PathBuf};
 
 use crate::AgentError;
 
+/// [`resolve_source`] with the agent's caches and offline setting.
+pub async fn resolve_configured(
+    source: &str,
+    cfg: &crate::config::AgentConfig,
+) -> Result<PathBuf, AgentError> {
+    resolve_source(source, &cfg.cache_dir, &cfg.hf_cache_dir, cfg.offline).await
+}
+
 /// Turns a configured source into a directory with the model's files.
 pub async fn resolve_source(
     source: &str,

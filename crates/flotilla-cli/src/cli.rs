@@ -308,9 +308,10 @@ pub struct AgentArgs {
     pub plan: bool,
 }
 
+/// Where a running scheduler's admin API is, and its token.
 #[derive(Debug, Args)]
-pub struct ReloadArgs {
-    /// The scheduler to reload.
+pub struct AdminArgs {
+    /// The scheduler to ask.
     #[arg(
         long,
         env = "FLOTILLA_SCHEDULER_URL",
@@ -323,17 +324,15 @@ pub struct ReloadArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ReloadArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+#[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The scheduler to ask.
-    #[arg(
-        long,
-        env = "FLOTILLA_SCHEDULER_URL",
-        default_value = "http://127.0.0.1:8080"
-    )]
-    pub scheduler_url: String,
-    /// The scheduler's admin token, when it requires one (`scheduler.admin_token_env`).
-    #[arg(long, env = "FLOTILLA_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
+    #[command(flatten)]
+    pub admin: AdminArgs,
     /// Print the scheduler's JSON instead of tables.
     #[arg(long)]
     pub json: bool,

@@ -215,13 +215,13 @@ fn reload_on_hangup(state: &flotilla_gateway::AppState, loader: flotilla_gateway
 pub async fn reload(args: &cli::ReloadArgs) -> anyhow::Result<()> {
     let url = format!(
         "{}/admin/v1/reload",
-        args.scheduler_url.trim_end_matches('/')
+        args.admin.scheduler_url.trim_end_matches('/')
     );
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(30))
         .build()?;
     let mut req = client.post(&url);
-    if let Some(t) = &args.admin_token {
+    if let Some(t) = &args.admin.admin_token {
         req = req.bearer_auth(t);
     }
     let resp = req

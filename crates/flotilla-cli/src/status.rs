@@ -87,7 +87,7 @@ pub async fn run(args: &StatusArgs) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(10))
         .build()?;
-    let base = args.scheduler_url.trim_end_matches('/');
+    let base = args.admin.scheduler_url.trim_end_matches('/');
     let (nodes_url, targets_url) = (
         format!("{base}/admin/v1/nodes"),
         format!("{base}/admin/v1/targets"),
@@ -119,7 +119,7 @@ async fn fetch(
     url: &str,
 ) -> anyhow::Result<serde_json::Value> {
     let mut req = client.get(url);
-    if let Some(t) = &args.admin_token {
+    if let Some(t) = &args.admin.admin_token {
         req = req.bearer_auth(t);
     }
     let resp = req
