@@ -139,6 +139,19 @@ impl Sampler {
             || self.presence_penalty != 0.0
     }
 
+    /// Takes up an answer where an earlier run left it: `earlier` are the tokens that run
+    /// generated, now at the end of the prompt. Each drew once from the seeded generator and
+    /// counts toward the penalties, so a seeded continuation draws what the uninterrupted
+    /// run would have drawn next.
+    pub(crate) fn resume(&mut self, earlier: &[u32]) {
+        for &token in earlier {
+            if self.temperature >= GREEDY_BELOW {
+                let _ = self.rng.random::<f64>();
+            }
+            self.record(token);
+        }
+    }
+
     fn record(&mut self, token: u32) {
         if self.repetition_penalty != 1.0 {
             self.seen.insert(token);
@@ -522,6 +535,35 @@ mod tests {
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn a_resumed_sampler_draws_what_the_first_would_have_drawn_next() {
+        let p = SamplingParams {
+            top_k: Some(30),
+            frequency_penalty: 0.4,
+            presence_penalty: 0.2,
+            seed: Some(11),
+            ..params(0.9, 0.95, 0)
+        };
+        let logits: Vec<Vec<f32>> = (0..24)
+            .map(|step| {
+                (0..60)
+                    .map(|i| ((i * 7 + step * 3) % 11) as f32 * 0.15)
+                    .collect()
+            })
+            .collect();
+        let mut first = Sampler::new(&p, &[1, 2, 3]);
+        let whole: Vec<u32> = logits.iter().map(|l| first.sample(l).token).collect();
+        for cut in [1, 5, 12, 23] {
+            let mut resumed = Sampler::new(&p, &[1, 2, 3]);
+            resumed.resume(&whole[..cut]);
+            let rest: Vec<u32> = logits[cut..]
+                .iter()
+                .map(|l| resumed.sample(l).token)
+                .collect();
+            assert_eq!(rest, whole[cut..], "cut at {cut}");
+        }
     }
 
     #[test]

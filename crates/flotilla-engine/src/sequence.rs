@@ -67,6 +67,13 @@ impl Sequence {
         }
     }
 
+    /// A sequence that goes on with an answer whose `earlier` tokens end its prompt (see
+    /// [`crate::sampling::Sampler::resume`]).
+    pub(crate) fn resuming(mut self, earlier: &[u32]) -> Self {
+        self.sampler.resume(earlier);
+        self
+    }
+
     /// Notes that a token was sampled at `now`: returns the time to the first token, or
     /// the gap since the previous one.
     pub(crate) fn token_out(&mut self, now: Instant) -> (Option<Duration>, Option<Duration>) {

@@ -102,8 +102,14 @@ impl ChatTemplate {
 
     /// Renders the conversation so the model goes on writing its last message, an
     /// assistant's partial answer: no generation prompt, and nothing after that message's
-    /// text (what vLLM calls `continue_final_message`).
-    pub fn render_continuing(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+    /// text (what vLLM calls `continue_final_message`). Returns the text before the partial
+    /// answer and the partial answer as given (a template may trim it; the model wrote it
+    /// untrimmed), so each is tokenised on its own as when the answer was generated: a
+    /// merge across the seam, or a lost leading space, would change the model's context.
+    pub fn render_continuing(
+        &self,
+        messages: &[ChatMessage],
+    ) -> Result<(String, String), EngineError> {
         let invalid = |m: &str| EngineError::InvalidRequest {
             message: m.to_owned(),
             code: None,
@@ -118,15 +124,11 @@ impl ChatTemplate {
         // The template closes the turn after the text (an end-of-turn token, a newline):
         // cut there. Templates that trim the text are matched on the trimmed text.
         let text = last.content.as_str();
-        let cut = full
+        let start = full
             .rfind(text)
-            .map(|i| i + text.len())
-            .or_else(|| {
-                let t = text.trim();
-                full.rfind(t).map(|i| i + t.len())
-            })
+            .or_else(|| full.rfind(text.trim()))
             .ok_or_else(|| invalid("the chat template does not render the final message's text"))?;
-        Ok(full[..cut].to_owned())
+        Ok((full[..start].to_owned(), text.to_owned()))
     }
 
     fn render_with(
@@ -156,13 +158,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn continuing_stops_right_after_the_partial_answer() {
+    fn continuing_stops_right_after_the_partial_answer_as_given() {
         let src = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
         let t = ChatTemplate::new(src, "", "").unwrap();
         let out = t
             .render_continuing(&[msg("user", "hi"), msg("assistant", "Hello, wor")])
             .unwrap();
-        assert_eq!(out, "<|user|>hi<|end|><|assistant|>Hello, wor");
+        assert_eq!(
+            out,
+            ("<|user|>hi<|end|><|assistant|>".into(), "Hello, wor".into())
+        );
+        // A template that trims the text still continues from the text as the model wrote
+        // it, leading space and all.
+        let trimming = ChatTemplate::new(
+            "{% for m in messages %}<|{{ m.role }}|>{{ m.content.strip() }}<|end|>{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let (head, partial) = trimming
+            .render_continuing(&[msg("user", "hi"), msg("assistant", " Hello, wor")])
+            .unwrap();
+        assert_eq!(
+            (head.as_str(), partial.as_str()),
+            ("<|user|>hi<|end|><|assistant|>", " Hello, wor")
+        );
         // Only an assistant's partial answer can be continued.
         assert!(t.render_continuing(&[msg("user", "hi")]).is_err());
         assert!(

@@ -241,8 +241,16 @@ impl TextEngine {
                 context_length,
             });
         }
+        // Continuing an answer: its text so far was generated, not prompted.
+        let earlier = match &req.prompt {
+            Prompt::ContinueChat(messages) => match messages.last() {
+                Some(m) => self.inner.tokenizer.encode(&m.content, false)?,
+                None => Vec::new(),
+            },
+            _ => Vec::new(),
+        };
         let (tx, rx) = mpsc::unbounded_channel();
-        let seq = Sequence::new(prompt_ids, max_tokens, &req.sampling, tx);
+        let seq = Sequence::new(prompt_ids, max_tokens, &req.sampling, tx).resuming(&earlier);
         self.inner.counters.waiting.fetch_add(1, Ordering::SeqCst);
         if self.inner.tx.send(seq).is_err() {
             self.inner.counters.waiting.fetch_sub(1, Ordering::SeqCst);

@@ -34,11 +34,13 @@ impl TextTokenizer {
                     EngineError::invalid("this model has no chat template; use a text prompt")
                 })?;
                 // The template writes the BOS itself, so the tokenizer must not add another.
-                let text = match prompt {
-                    Prompt::ContinueChat(_) => template.render_continuing(messages)?,
-                    _ => template.render(messages)?,
-                };
-                (text, false)
+                if let Prompt::ContinueChat(_) = prompt {
+                    let (head, partial) = template.render_continuing(messages)?;
+                    let mut ids = self.encode(&head, false)?;
+                    ids.extend(self.encode(&partial, false)?);
+                    return Ok(ids);
+                }
+                (template.render(messages)?, false)
             }
         };
         self.encode(&text, add_special)
