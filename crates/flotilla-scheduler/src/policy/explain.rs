@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use super::candidates::{Candidates, Choice, Via, batch_waits, missing_everywhere};
+use super::forecast::LocalForecast;
 use super::{Action, Decision, ReasonCode, Snapshot, Target, strategy};
 use crate::health::Admit;
 use crate::{RequestInfo, SchedulerError, Strategy};
@@ -99,6 +100,19 @@ pub(super) fn local_lead(
             f.ttft,
         ));
     }
+    wait_for_a_slot(c, f, targets, code, reason)
+}
+
+/// Every slot is taken: wait in the queue, spilling to the cloud in time for the
+/// deadline, or, with the queue at its cap, go elsewhere now.
+fn wait_for_a_slot(
+    c: &Ctx<'_, '_>,
+    f: LocalForecast,
+    targets: Vec<Target>,
+    code: ReasonCode,
+    mut reason: String,
+) -> Result<Decision, SchedulerError> {
+    let s = c.snap.settings;
     let others: Vec<Target> = targets.into_iter().filter(|t| !t.is_local()).collect();
     if c.snap.waiting.len() as u64 >= s.max_queued {
         // The queue is at its hard cap: take any other target now, or refuse.
