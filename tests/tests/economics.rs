@@ -32,6 +32,14 @@ fn json_mode() -> Value {
     )
 }
 
+/// A scheduler whose one cloud provider `name` is a mock answering `reply`; `model` is
+/// the `tiny-llama` group.
+async fn with_cloud(name: &str, reply: &str, model: ModelSection) -> (MockUpstream, Running) {
+    let cloud = MockUpstream::start(Behavior::reply(reply)).await.unwrap();
+    let sched = start_scheduler(section(vec![provider(name, &cloud.base_url())], model)).await;
+    (cloud, sched)
+}
+
 fn section(providers: Vec<ProviderConfig>, model: ModelSection) -> SchedulerSection {
     SchedulerSection {
         providers,
@@ -42,14 +50,14 @@ fn section(providers: Vec<ProviderConfig>, model: ModelSection) -> SchedulerSect
 
 #[tokio::test]
 async fn an_idle_agent_takes_every_request_from_a_penny_cloud() {
-    let cloud = MockUpstream::start(Behavior::reply("cloud")).await.unwrap();
-    let sched = start_scheduler(section(
-        vec![provider("cheap", &cloud.base_url())],
+    let (cloud, sched) = with_cloud(
+        "cheap",
+        "cloud",
         ModelSection {
             strategy: Some(Strategy::Cost),
             ..ModelSection::new("tiny-llama", vec![priced("cheap", 0.01)])
         },
-    ))
+    )
     .await;
     let agent = start_agent(&sched.url, "node-a", chat_models(load_tiny(4))).await;
     let url = format!("{}/v1/chat/completions", sched.url);
@@ -74,11 +82,11 @@ async fn an_idle_agent_takes_every_request_from_a_penny_cloud() {
 
 #[tokio::test]
 async fn saturated_agents_spill_to_the_cheap_cloud() {
-    let cloud = MockUpstream::start(Behavior::reply("cloud")).await.unwrap();
-    let sched = start_scheduler(section(
-        vec![provider("cheap", &cloud.base_url())],
+    let (cloud, sched) = with_cloud(
+        "cheap",
+        "cloud",
         ModelSection::new("tiny-llama", vec![priced("cheap", 0.01)]),
-    ))
+    )
     .await;
     // One slot, held by a request that never finishes.
     let local = MockUpstream::start(Behavior::reply("local")).await.unwrap();
@@ -106,19 +114,22 @@ async fn saturated_agents_spill_to_the_cheap_cloud() {
     assert_eq!(resp.status(), 200);
     assert_eq!(target(&resp), "cloud:cheap");
     assert_eq!(resp.headers()["x-flotilla-route-reason"], "cheapest");
+    assert_eq!(
+        (cloud.hits(), local.hits()),
+        (1, 1),
+        "nothing waited locally"
+    );
     holding.abort();
     sched.stop().await;
 }
 
 #[tokio::test]
 async fn json_mode_and_long_answers_go_where_they_fit() {
-    let cloud = MockUpstream::start(Behavior::reply("{\"a\": 1}"))
-        .await
-        .unwrap();
-    let sched = start_scheduler(section(
-        vec![provider("cloud", &cloud.base_url())],
+    let (cloud, sched) = with_cloud(
+        "cloud",
+        "{\"a\": 1}",
         ModelSection::new("tiny-llama", vec![CloudTarget::new("cloud", "cloud-model")]),
-    ))
+    )
     .await;
     let agent = start_agent(&sched.url, "node-a", chat_models(load_tiny(2))).await;
     let url = format!("{}/v1/chat/completions", sched.url);
@@ -143,14 +154,14 @@ async fn json_mode_and_long_answers_go_where_they_fit() {
 async fn an_agent_that_refuses_what_it_lacks_passes_the_request_on() {
     // The config says the agents do JSON mode, the agent says otherwise with a 400: the
     // request moves on to the cloud and the client never sees the refusal.
-    let cloud = MockUpstream::start(Behavior::reply("{}")).await.unwrap();
-    let sched = start_scheduler(section(
-        vec![provider("cloud", &cloud.base_url())],
+    let (cloud, sched) = with_cloud(
+        "cloud",
+        "{}",
         ModelSection {
             local_capabilities: vec![Capability::JsonObject],
             ..ModelSection::new("tiny-llama", vec![CloudTarget::new("cloud", "cloud-model")])
         },
-    ))
+    )
     .await;
     let agent = start_agent(&sched.url, "node-a", chat_models(load_tiny(2))).await;
     let url = format!("{}/v1/chat/completions", sched.url);
@@ -414,20 +425,20 @@ async fn a_target_with_a_slow_tail_loses_to_a_steady_one_under_a_tight_deadline(
 #[tokio::test]
 async fn an_absurd_max_tokens_is_routed_or_refused_never_a_panic() {
     let cloud = MockUpstream::start(Behavior::reply("fine")).await.unwrap();
-    let with_cloud = start_scheduler(section(
+    let cloudy = start_scheduler(section(
         vec![provider("cloud", &cloud.base_url())],
         ModelSection::new("tiny-llama", vec![CloudTarget::new("cloud", "cloud-model")]),
     ))
     .await;
     let alone = start_scheduler(scheduler_section()).await;
     let agents = [
-        start_agent(&with_cloud.url, "node-a", chat_models(load_tiny(2))).await,
+        start_agent(&cloudy.url, "node-a", chat_models(load_tiny(2))).await,
         start_agent(&alone.url, "node-a", chat_models(load_tiny(2))).await,
     ];
     for max in [u64::MAX, u64::MAX / 2, 1 << 53] {
         let body = chat_body("tiny-llama", "hi", json!({"max_tokens": max}));
         // Too long for the agent: the cloud (no context limit known) takes it...
-        let resp = post(&format!("{}/v1/chat/completions", with_cloud.url), &body).await;
+        let resp = post(&format!("{}/v1/chat/completions", cloudy.url), &body).await;
         assert_eq!(resp.status(), 200, "max_tokens {max}");
         assert_eq!(target(&resp), "cloud:cloud");
         // ...and with nowhere else to go it is a 400 naming the field.
@@ -440,6 +451,6 @@ async fn an_absurd_max_tokens_is_routed_or_refused_never_a_panic() {
     for a in agents {
         a.stop().await;
     }
-    with_cloud.stop().await;
+    cloudy.stop().await;
     alone.stop().await;
 }

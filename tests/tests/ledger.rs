@@ -405,12 +405,14 @@ async fn the_savings_report_matches_a_hand_computation() {
         "{a}"
     );
     assert!(close(a["window_hours"].as_f64().unwrap(), 24.0), "{a}");
-    let bad = client()
-        .get(format!("{}/admin/v1/savings?gpus=many", sched.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(bad.status(), 400);
+    for bad in ["many", "-1", "1e300", "NaN"] {
+        let resp = client()
+            .get(format!("{}/admin/v1/savings?gpus={bad}", sched.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "gpus={bad}");
+    }
     sched.stop().await;
 }
 

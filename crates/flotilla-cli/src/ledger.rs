@@ -150,10 +150,10 @@ pub async fn report(cmd: ReportCommand) -> anyhow::Result<()> {
             gpu_hour_usd,
             json,
         } => {
-            if gpus.is_some_and(|g| !(g.is_finite() && g >= 0.0))
+            if gpus.is_some_and(|g| !(0.0..=1e6).contains(&g))
                 || !(gpu_hour_usd.is_finite() && gpu_hour_usd >= 0.0)
             {
-                anyhow::bail!("--gpus and --gpu-hour-usd must be numbers >= 0");
+                anyhow::bail!("--gpus must be 0 to 1000000 and --gpu-hour-usd a number >= 0");
             }
             let db = open(&ledger).await?;
             let query = SavingsQuery {

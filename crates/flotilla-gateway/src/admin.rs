@@ -212,6 +212,9 @@ pub(crate) async fn requests(
     res.unwrap_or_else(|e: ApiError| e.into_response())
 }
 
+/// The most GPUs a savings report prices (far more than any real fleet).
+const MAX_GPUS: f64 = 1e6;
+
 /// `GET /admin/v1/savings?from&to&gpus`: actual cost against the same traffic on the
 /// default cloud provider, by day and model, and the total under both accountings of owned
 /// GPUs: marginal (busy GPU time) and owned (every GPU-hour of the window; `gpus` defaults
@@ -232,11 +235,11 @@ pub(crate) async fn savings(
             Some(v) => v
                 .parse::<f64>()
                 .ok()
-                .filter(|g| g.is_finite() && *g >= 0.0)
+                .filter(|g| (0.0..=MAX_GPUS).contains(g))
                 .ok_or_else(|| {
                     ApiError::invalid_param(
                         "gpus",
-                        format!("`gpus` must be a number >= 0, got `{v}`"),
+                        format!("`gpus` must be a number from 0 to {MAX_GPUS}, got `{v}`"),
                     )
                 })?,
             None => s
