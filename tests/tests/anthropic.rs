@@ -24,6 +24,7 @@ fn section(anthropic: &MockAnthropic, backup: Option<&MockUpstream>) -> Schedule
             input_usd_per_mtok: Some(3.0),
             output_usd_per_mtok: Some(15.0),
             cached_input_usd_per_mtok: Some(0.3),
+            cache_write_usd_per_mtok: None,
         },
     );
     let mut providers = vec![a];
@@ -137,7 +138,8 @@ async fn a_streamed_tool_call_reaches_the_client_as_openai_chunks_and_is_priced(
     assert_eq!(row["cached_tokens"], 40);
     assert_eq!(row["completion_tokens"], 20);
     assert_eq!(row["usage_estimated"], false);
-    let want = (110.0 * 3.0 + 40.0 * 0.3 + 20.0 * 15.0) / 1e6;
+    // 150 prompt tokens: 100 fresh, 40 read from the cache, 10 written to it (1.25x input).
+    let want = (100.0 * 3.0 + 40.0 * 0.3 + 10.0 * 3.75 + 20.0 * 15.0) / 1e6;
     assert!(
         (row["cost_usd"].as_f64().unwrap() - want).abs() < 1e-12,
         "{row}"

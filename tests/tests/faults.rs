@@ -438,6 +438,7 @@ async fn billing_counts_only_the_attempt_that_answered() {
         input_usd_per_mtok: Some(input),
         output_usd_per_mtok: Some(output),
         cached_input_usd_per_mtok: None,
+        cache_write_usd_per_mtok: None,
     };
     let sched = start_scheduler(failover(
         &[

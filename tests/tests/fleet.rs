@@ -393,13 +393,26 @@ async fn an_agent_with_a_cluster_token_takes_work_only_with_it() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    for path in ["/health", "/v1/models", "/metrics"] {
+    // Probes and scrapes need no token; the model list and the status do.
+    for (path, open) in [
+        ("/health", true),
+        ("/metrics", true),
+        ("/v1/models", false),
+        ("/status", false),
+    ] {
         let resp = client()
             .get(format!("{agent_url}{path}"))
             .send()
             .await
             .unwrap();
-        assert_eq!(resp.status(), 200, "{path}");
+        assert_eq!(resp.status(), if open { 200 } else { 401 }, "{path}");
+        let resp = client()
+            .get(format!("{agent_url}{path}"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path} with the token");
     }
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;

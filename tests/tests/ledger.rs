@@ -19,6 +19,7 @@ fn price(input: f64, output: f64, cached: Option<f64>) -> Price {
         input_usd_per_mtok: Some(input),
         output_usd_per_mtok: Some(output),
         cached_input_usd_per_mtok: cached,
+        cache_write_usd_per_mtok: None,
     }
 }
 

@@ -116,6 +116,7 @@ async fn a_budget_spent_through_three_replicas_at_once_is_never_overspent() {
         input_usd_per_mtok: Some(1000.0),
         output_usd_per_mtok: Some(1000.0),
         cached_input_usd_per_mtok: None,
+        cache_write_usd_per_mtok: None,
     };
     let reps = start_replicas(
         3,

@@ -27,8 +27,14 @@ pub struct AgentSection {
     pub header_timeout_ms: u64,
     /// Largest request head accepted; larger ones get 431.
     pub max_header_bytes: usize,
-    /// Environment variable holding the cluster token sent with heartbeats.
+    /// Environment variable holding the cluster token: sent with heartbeats, and required
+    /// of every caller but `/health` and `/metrics`.
     pub cluster_token_env: Option<String>,
+    /// Environment variable holding a token `/metrics` requires; unset = `/metrics` is open.
+    pub metrics_token_env: Option<String>,
+    /// Listening beyond loopback without a cluster token is refused at start unless this is
+    /// set; then it is warned about at start and every 10 minutes.
+    pub allow_insecure: bool,
     /// Where `builtin:` models are made and Hugging Face downloads are cached.
     pub cache_dir: Option<PathBuf>,
     /// Hugging Face hub cache; defaults to the standard one ($HF_HOME/hub or
@@ -66,6 +72,8 @@ impl Default for AgentSection {
             header_timeout_ms: 30_000,
             max_header_bytes: 64 * 1024,
             cluster_token_env: None,
+            metrics_token_env: None,
+            allow_insecure: false,
             cache_dir: None,
             hf_cache_dir: None,
             offline: false,
@@ -162,8 +170,11 @@ pub struct AgentConfig {
     pub heartbeat: Duration,
     pub max_body_bytes: usize,
     pub head_limits: flotilla_api::serve::HeadLimits,
-    /// Sent with heartbeats when the scheduler requires one.
+    /// Sent with heartbeats when the scheduler requires one, and required of callers.
     pub cluster_token: Option<Secret>,
+    /// Required by `/metrics` when set.
+    pub metrics_token: Option<Secret>,
+    pub allow_insecure: bool,
     pub cache_dir: PathBuf,
     pub hf_cache_dir: PathBuf,
     pub offline: bool,
@@ -225,6 +236,12 @@ impl AgentSection {
             None => None,
             Some(var) => Secret::from_env(var)
                 .map_err(|e| errors.push(format!("agent.cluster_token_env: {e}")))
+                .ok(),
+        };
+        let metrics_token = match &self.metrics_token_env {
+            None => None,
+            Some(var) => Secret::from_env(var)
+                .map_err(|e| errors.push(format!("agent.metrics_token_env: {e}")))
                 .ok(),
         };
         if self.heartbeat_ms == 0 {
@@ -319,6 +336,8 @@ impl AgentSection {
                 max_header_bytes: self.max_header_bytes,
             },
             cluster_token,
+            metrics_token,
+            allow_insecure: self.allow_insecure,
             cache_dir: self.cache_dir.clone().unwrap_or_else(default_cache_dir),
             hf_cache_dir: self
                 .hf_cache_dir

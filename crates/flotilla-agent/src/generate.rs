@@ -179,6 +179,8 @@ struct Collected {
     completion_tokens: u64,
     /// When its first token came (None: it generated none).
     first_token: Option<Instant>,
+    /// Its time in the running batch.
+    busy: std::time::Duration,
 }
 
 async fn collect_one(mut seq: Sequence) -> Result<Collected, ApiError> {
@@ -199,8 +201,10 @@ async fn collect_one(mut seq: Sequence) -> Result<Collected, ApiError> {
                 finish_reason,
                 prompt_tokens,
                 completion_tokens,
+                busy,
             } => {
                 return Ok(Collected {
+                    busy,
                     index: seq.index,
                     text,
                     logprobs,
@@ -232,21 +236,31 @@ pub(crate) enum Whole {
     Completion(Completion),
 }
 
-/// Waits for every sequence and builds the whole response body.
-/// The whole answer, and when its first token came (the earliest of its sequences'), so
-/// the scheduler learns the true TTFT of answers it did not stream.
+/// What the scheduler learns from an answer sent whole besides its body.
+pub(crate) struct WholeTimes {
+    /// When its first token came (the earliest of its sequences').
+    pub first_token: Option<Instant>,
+    /// The longest time one of its sequences spent in the running batch.
+    pub busy: std::time::Duration,
+}
+
+/// Waits for every sequence and builds the whole response body, with the times the
+/// scheduler cannot see in an answer it gets whole: the true TTFT and the engine time.
 pub(crate) async fn respond_whole(
     format: Format,
     model: &str,
     seqs: Vec<Sequence>,
-) -> Result<(Whole, Option<Instant>), ApiError> {
+) -> Result<(Whole, WholeTimes), ApiError> {
     let results = futures::future::join_all(seqs.into_iter().map(collect_one)).await;
     let mut done = Vec::with_capacity(results.len());
     for r in results {
         done.push(r?);
     }
     done.sort_by_key(|c| c.index);
-    let first_token = done.iter().filter_map(|c| c.first_token).min();
+    let times = WholeTimes {
+        first_token: done.iter().filter_map(|c| c.first_token).min(),
+        busy: done.iter().map(|c| c.busy).max().unwrap_or_default(),
+    };
     let usage = Usage::new(
         done.iter().map(|c| c.prompt_tokens).sum(),
         done.iter().map(|c| c.completion_tokens).sum(),
@@ -291,7 +305,7 @@ pub(crate) async fn respond_whole(
             usage: Some(usage),
         }),
     };
-    Ok((whole, first_token))
+    Ok((whole, times))
 }
 
 struct ChunkWriter {
@@ -491,8 +505,11 @@ pub(crate) fn respond_stream(
                     finish_reason,
                     prompt_tokens,
                     completion_tokens,
+                    busy,
                 } => {
                     finished += 1;
+                    let us = busy.as_micros().min(u64::MAX as u128) as u64;
+                    usage.busy_us = Some(usage.busy_us.unwrap_or(0).max(us));
                     if counts_prompt {
                         usage.prompt_tokens += prompt_tokens as u64;
                     }
@@ -598,16 +615,18 @@ mod tests {
                 finish_reason: FinishReason::Length,
                 prompt_tokens: 4,
                 completion_tokens: 3,
+                busy: std::time::Duration::from_millis(7),
             },
         ]
     }
 
     async fn whole(shape: Shape, logprobs: bool) -> Value {
-        let (body, first) =
+        let (body, times) =
             respond_whole(Format { shape, logprobs }, "m", vec![scripted(0, events())])
                 .await
                 .unwrap();
-        assert!(first.is_some(), "the answer had tokens");
+        assert!(times.first_token.is_some(), "the answer had tokens");
+        assert_eq!(times.busy, std::time::Duration::from_millis(7));
         serde_json::to_value(&body).unwrap()
     }
 

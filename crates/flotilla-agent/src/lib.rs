@@ -42,6 +42,12 @@ pub enum AgentError {
     Placement(Vec<String>),
     #[error("{0}")]
     Config(String),
+    #[error(
+        "refusing to serve on {0} without a cluster token (agent.cluster_token_env): anyone who \
+         reaches the port could run inference and drain this agent. Set one (the scheduler's), \
+         listen on 127.0.0.1, or set agent.allow_insecure = true (--allow-insecure)"
+    )]
+    Insecure(SocketAddr),
     #[error(transparent)]
     Gpu(#[from] flotilla_gpu::GpuError),
     #[error("serving HTTP: {0}")]
@@ -105,6 +111,11 @@ impl Agent {
     /// Places every configured model, refuses at once when one fits nowhere, then loads
     /// them (on the engines' threads) and prepares to serve.
     pub async fn load(listener: TcpListener, config: AgentConfig) -> Result<Agent, AgentError> {
+        // Refused before any weights are read.
+        let addr = listener.local_addr()?;
+        if exposed(&config, addr) && !config.allow_insecure {
+            return Err(AgentError::Insecure(addr));
+        }
         let (plan, probe) = plan_with(&config, true).await?;
         plan.check()?;
         for p in &plan.plan.placements {
@@ -138,11 +149,11 @@ impl Agent {
         probe: Arc<dyn GpuProbe>,
     ) -> Result<Agent, AgentError> {
         let addr = listener.local_addr()?;
-        if config.cluster_token.is_none() && !addr.ip().is_loopback() {
-            tracing::warn!(
-                "listening beyond loopback without a cluster token: anyone who reaches this \
-                 port can drain this agent; set agent.cluster_token_env"
-            );
+        if exposed(&config, addr) {
+            if !config.allow_insecure {
+                return Err(AgentError::Insecure(addr));
+            }
+            warn_insecure(addr);
         }
         let base_url = match &config.advertise_url {
             Some(u) => u.trim_end_matches('/').to_owned(),
@@ -206,6 +217,19 @@ impl Agent {
         let state = self.state.clone();
         let hb_stop = CancellationToken::new();
         let hb = tokio::spawn(heartbeat::run(state.clone(), hb_stop.clone()));
+        if let Ok(addr) = self.listener.local_addr()
+            && exposed(&state.config, addr)
+        {
+            let stop = hb_stop.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(INSECURE_WARN_EVERY) => warn_insecure(addr),
+                    }
+                }
+            });
+        }
         let app = routes::router(self.state);
         let server_stop = CancellationToken::new();
         // Request heads bounded in time and size, as on the scheduler.
@@ -268,4 +292,20 @@ impl Agent {
         tracing::info!("drained");
         Ok(())
     }
+}
+
+/// How often an agent serving exposed with `allow_insecure` says so again.
+const INSECURE_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Whether serving on `addr` lets anyone who reaches it in: beyond loopback, no token.
+fn exposed(config: &AgentConfig, addr: SocketAddr) -> bool {
+    config.cluster_token.is_none() && !addr.ip().is_loopback()
+}
+
+fn warn_insecure(addr: SocketAddr) {
+    tracing::warn!(
+        %addr,
+        "serving beyond loopback without a cluster token because agent.allow_insecure is set: \
+         anyone who reaches the port can run inference and drain this agent"
+    );
 }

@@ -31,16 +31,19 @@ pub(crate) fn router(state: AgentState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             track_work,
-        ))
+        ));
+    // Everything but `/health` and `/metrics` needs the cluster token when there is one.
+    let guarded = Router::new()
+        .merge(work)
+        .route("/v1/models", get(models))
+        .route("/status", get(status))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token,
         ));
     Router::new()
-        .merge(work)
-        .route("/v1/models", get(models))
+        .merge(guarded)
         .route("/health", get(health))
-        .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/admin/drain", post(drain))
         .fallback(|| async { ApiError::new(ErrorKind::NotFound, "no such endpoint") })
@@ -105,8 +108,8 @@ async fn health(State(s): State<AgentState>) -> Response {
     }
 }
 
-/// With a cluster token, inference needs it too: only a scheduler holding it (or an
-/// operator) can send this agent work.
+/// With a cluster token, inference, the model list and the status need it: only a
+/// scheduler holding it (or an operator) can send this agent work or see its state.
 async fn require_token(State(s): State<AgentState>, req: Request, next: Next) -> Response {
     if let Err(e) = check_token(&s, req.headers()) {
         return e.into_response();
@@ -135,7 +138,13 @@ async fn drain(State(s): State<AgentState>, h: HeaderMap) -> Response {
         .into_response()
 }
 
-async fn metrics(State(s): State<AgentState>) -> Response {
+async fn metrics(State(s): State<AgentState>, h: HeaderMap) -> Response {
+    let auth = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if let Err(e) =
+        flotilla_api::check_bearer(s.config.metrics_token.as_ref(), auth, "metrics token")
+    {
+        return e.into_response();
+    }
     let t = s.telemetry().await;
     let text = crate::metrics::render(&s, &t.gpus, t.host.as_ref());
     (
@@ -298,17 +307,19 @@ async fn finish(
         )
             .into_response());
     }
-    let (whole, first_token) = respond_whole(format, engine.name(), seqs).await?;
+    let (whole, times) = respond_whole(format, engine.name(), seqs).await?;
     let mut resp = Json(whole).into_response();
     // The time to the first token, which the scheduler cannot see in an answer it gets
-    // whole (milliseconds from the request's arrival, fractional).
-    if let Some(t) = first_token
-        && let Ok(v) = HeaderValue::from_str(&format!(
-            "{:.3}",
-            t.saturating_duration_since(arrived).as_secs_f64() * 1e3
-        ))
+    // whole (milliseconds from the request's arrival, fractional), and the engine time.
+    let ms =
+        |d: std::time::Duration| HeaderValue::from_str(&format!("{:.3}", d.as_secs_f64() * 1e3));
+    if let Some(t) = times.first_token
+        && let Ok(v) = ms(t.saturating_duration_since(arrived))
     {
         resp.headers_mut().insert(headers::FIRST_TOKEN_MS, v);
+    }
+    if let Ok(v) = ms(times.busy) {
+        resp.headers_mut().insert(headers::BUSY_MS, v);
     }
     Ok(resp)
 }

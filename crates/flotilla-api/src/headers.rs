@@ -20,3 +20,7 @@ pub const TAG: &str = "x-flotilla-tag";
 /// Response, from agents: for an answer sent whole, the milliseconds from the request's
 /// arrival to its first token (the scheduler's TTFT figure for non-streamed answers).
 pub const FIRST_TOKEN_MS: &str = "x-flotilla-first-token-ms";
+/// On an agent's whole answer: how long its sequences were in the running batch (the
+/// longest; milliseconds, fractional), what local GPU time is priced by. A stream says it
+/// in its usage chunk (`usage.busy_us`).
+pub const BUSY_MS: &str = "x-flotilla-busy-ms";

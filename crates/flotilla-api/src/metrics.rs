@@ -56,6 +56,7 @@ pub const SCHED_QUEUE_DEPTH: &str = "flotilla_scheduler_queue_depth";
 pub const SCHED_BREAKER_STATE: &str = "flotilla_scheduler_breaker_state";
 pub const SCHED_TARGET_EWMA_TTFT: &str = "flotilla_scheduler_target_ttft_ewma_seconds";
 pub const SCHED_LEDGER_ROWS: &str = "flotilla_scheduler_ledger_rows_total";
+pub const SCHED_KEY_STORE_READS: &str = "flotilla_scheduler_key_store_reads_total";
 pub const SHARED_STATE_UP: &str = "flotilla_shared_state_up";
 pub const SHARED_STATE_ERRORS: &str = "flotilla_shared_state_errors_total";
 // Per request, once it ends (the figures its ledger row holds).

@@ -577,6 +577,10 @@ pub struct Usage {
     #[serde(default)]
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    /// An agent's stream says how long its sequences were in the running batch (the
+    /// longest, in microseconds): what the scheduler prices local GPU time by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub busy_us: Option<u64>,
 }
 
 impl Usage {
@@ -585,6 +589,7 @@ impl Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            busy_us: None,
         }
     }
 }

@@ -261,6 +261,10 @@ pub struct ServerArgs {
     /// overrides `scheduler.state.redis_url`.
     #[arg(long, env = "FLOTILLA_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// Serve beyond loopback without a cluster token (or, for the scheduler, with
+    /// `auth = none`); refused otherwise. Sets `allow_insecure`; warned about every 10 minutes.
+    #[arg(long, env = "FLOTILLA_ALLOW_INSECURE")]
+    pub allow_insecure: bool,
 }
 
 fn parse_auth(s: &str) -> Result<flotilla_gateway::AuthMode, String> {

@@ -86,6 +86,29 @@ fn apply_server_args(file: &mut config::FileConfig, args: &ServerArgs) {
         file.scheduler.state.redis_url = Some(url.clone());
         file.scheduler.state.redis_url_env = None;
     }
+    if args.allow_insecure {
+        file.scheduler.allow_insecure = true;
+        file.agent.allow_insecure = true;
+    }
+    default_token_envs(file);
+}
+
+/// `FLOTILLA_CLUSTER_TOKEN` and `FLOTILLA_ADMIN_TOKEN` hold the tokens when the config
+/// names no variable for them and they are set, so a container needs no config to be
+/// secure beyond loopback.
+fn default_token_envs(file: &mut config::FileConfig) {
+    let set = |var: &str| std::env::var_os(var).is_some_and(|v| !v.is_empty());
+    let fill = |slot: &mut Option<String>, var: &str| {
+        if slot.is_none() && set(var) {
+            *slot = Some(var.to_owned());
+        }
+    };
+    fill(
+        &mut file.scheduler.cluster_token_env,
+        "FLOTILLA_CLUSTER_TOKEN",
+    );
+    fill(&mut file.scheduler.admin_token_env, "FLOTILLA_ADMIN_TOKEN");
+    fill(&mut file.agent.cluster_token_env, "FLOTILLA_CLUSTER_TOKEN");
 }
 
 /// The models `up` serves when the config names none: the built-in test model, and MiniLM
@@ -306,11 +329,18 @@ where
 
 pub async fn scheduler(args: ServerArgs) -> anyhow::Result<()> {
     let (cfg, _, file) = load_config(&args, false)?;
+    let listen = args.listen.clone().unwrap_or(file.scheduler.listen);
     if args.check_config {
+        // What the start would refuse is a config problem too.
+        if let Ok(addr) = listen.parse::<std::net::SocketAddr>() {
+            let problems = flotilla_gateway::exposure_problems(&cfg, addr);
+            if !problems.is_empty() && !cfg.allow_insecure {
+                return Err(flotilla_gateway::GatewayError::Insecure { addr, problems }.into());
+            }
+        }
         println!("configuration is valid");
         return Ok(());
     }
-    let listen = args.listen.clone().unwrap_or(file.scheduler.listen);
     let scheduler = Scheduler::new(bind(&listen).await?, cfg).await?;
     let open_loopback = false;
     reload_on_hangup(
@@ -329,8 +359,12 @@ pub async fn scheduler(args: ServerArgs) -> anyhow::Result<()> {
 }
 
 pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
-    let file = config::load(args.server.config.as_deref())?;
+    let mut file = config::load(args.server.config.as_deref())?;
+    default_token_envs(&mut file);
     let mut section = file.agent.clone();
+    if args.server.allow_insecure {
+        section.allow_insecure = true;
+    }
     if let Some(u) = args.scheduler_url {
         section.scheduler_url = Some(u);
     }

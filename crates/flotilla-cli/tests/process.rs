@@ -119,6 +119,45 @@ fn bad_config_reports_every_problem_and_fails() {
 }
 
 #[test]
+fn an_exposed_scheduler_without_a_cluster_token_does_not_start() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap();
+    let run = |extra: &[&str], token: Option<&str>| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["scheduler", "--listen", "0.0.0.0:0", "--data-dir", dir])
+            .args(extra)
+            .env_remove("FLOTILLA_CLUSTER_TOKEN")
+            .env_remove("FLOTILLA_ALLOW_INSECURE");
+        if let Some(t) = token {
+            cmd.env("FLOTILLA_CLUSTER_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    };
+    for extra in [&[][..], &["--check-config"][..]] {
+        let out = run(extra, None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?}: {err}");
+        assert!(
+            err.contains("refusing to serve on 0.0.0.0") && err.contains("cluster token"),
+            "{err}"
+        );
+    }
+    // The token from the environment (no config needed), or an explicit allow_insecure.
+    let out = run(&["--check-config"], Some("t0ken"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["--check-config", "--allow-insecure"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn the_example_config_is_valid() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/flotilla.toml");
     let out = Command::new(BIN)

@@ -37,6 +37,8 @@ pub(crate) struct Sequence {
     /// When the request queued it, and when its latest token was sampled.
     queued_at: Instant,
     last_token_at: Option<Instant>,
+    /// When it first joined the running batch: its busy time runs from here.
+    admitted_at: Option<Instant>,
 }
 
 impl Sequence {
@@ -64,6 +66,7 @@ impl Sequence {
             pending_logprobs: Vec::new(),
             queued_at: Instant::now(),
             last_token_at: None,
+            admitted_at: None,
         }
     }
 
@@ -158,11 +161,20 @@ impl Sequence {
         let _ = self.tx.send(GenerateEvent::Delta { text, logprobs });
     }
 
+    /// Notes that the sequence joins the running batch (the first time counts).
+    pub(crate) fn admitted(&mut self, now: Instant) {
+        self.admitted_at.get_or_insert(now);
+    }
+
     fn finish(&mut self, finish_reason: FinishReason) -> FinishReason {
+        let busy = self
+            .admitted_at
+            .map_or(std::time::Duration::ZERO, |t| t.elapsed());
         let _ = self.tx.send(GenerateEvent::Finished {
             finish_reason,
             prompt_tokens: self.prompt_len,
             completion_tokens: self.generated(),
+            busy,
         });
         finish_reason
     }

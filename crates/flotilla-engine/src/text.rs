@@ -506,6 +506,7 @@ impl EngineLoop {
                 }
             }
             prefill_budget -= chunk;
+            seq.admitted(std::time::Instant::now());
             self.running.push(seq);
             plan.push(Planned {
                 index: self.running.len() - 1,

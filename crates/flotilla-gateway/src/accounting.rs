@@ -11,6 +11,7 @@ use flotilla_providers::{Endpoint, Price, TokenUsage};
 use flotilla_scheduler::{Decision, ReasonCode, RequestInfo, Target};
 use flotilla_state::{ApiKey, AttemptRecord, RequestRecord, Reservation};
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
 
@@ -19,9 +20,36 @@ use crate::AppState;
 pub(crate) enum Pricing {
     /// Per token, at these prices (unknown ones leave the cost unknown).
     Tokens(Price),
-    /// Local GPU time: the amortised $/GPU-hour and the request's share of the GPU
-    /// (1 / the sequences it ran beside).
-    Gpu { usd_per_hour: f64, share: f64 },
+    /// Local GPU time: the amortised $/GPU-hour, the request's share of the GPU (1 / the
+    /// sequences it ran beside) and its time on the agent: the engine time the agent
+    /// reported (`busy`), else the attempt's time from `since` — never the time it queued
+    /// at the scheduler.
+    Gpu {
+        usd_per_hour: f64,
+        share: f64,
+        busy: Option<Duration>,
+        since: Instant,
+    },
+}
+
+impl Pricing {
+    /// The engine time the agent reported for the answer, when it did.
+    pub(crate) fn busy(self, reported: Option<Duration>) -> Self {
+        match self {
+            Pricing::Gpu {
+                usd_per_hour,
+                share,
+                since,
+                ..
+            } => Pricing::Gpu {
+                usd_per_hour,
+                share,
+                busy: reported,
+                since,
+            },
+            p => p,
+        }
+    }
 }
 
 /// The request's account, written to the ledger exactly once.
@@ -41,6 +69,9 @@ pub(crate) struct Tally {
     to_cloud: Option<ReasonCode>,
     /// The answer's TTFT, exactly (the row holds milliseconds).
     ttft: Option<Duration>,
+    /// Cancelled when the client went away; an answer that still came is paid for and
+    /// recorded as cancelled.
+    gone: Option<CancellationToken>,
     written: bool,
 }
 
@@ -75,8 +106,14 @@ impl Tally {
             model_known: false,
             to_cloud: None,
             ttft: None,
+            gone: None,
             written: false,
         }
+    }
+
+    /// Watches for the client going away while the request runs on without it.
+    pub(crate) fn watch(&mut self, gone: CancellationToken) {
+        self.gone = Some(gone);
     }
 
     pub(crate) fn key(&self) -> Option<&Arc<ApiKey>> {
@@ -181,10 +218,17 @@ impl Tally {
         our_completion: u64,
         pricing: Pricing,
     ) {
+        let left = self
+            .gone
+            .as_ref()
+            .is_some_and(CancellationToken::is_cancelled);
         let r = &mut self.rec;
-        r.status = status.into();
-        r.http_status = 200;
-        r.error = error;
+        r.status = if left { "cancelled" } else { status }.into();
+        r.http_status = if left { 499 } else { 200 };
+        r.error = match (error, left) {
+            (None, true) => Some("the client went away; the answer came and is paid for".into()),
+            (e, _) => e,
+        };
         r.final_target = Some(target.label());
         r.ttft_ms = ttft.map(ms);
         self.ttft = ttft;
@@ -203,16 +247,31 @@ impl Tally {
                     prompt: self.our_prompt,
                     completion: our_completion,
                     cached_prompt: 0,
+                    cache_write_prompt: 0,
                 }
             }
         };
+        // A budget is charged even when the ledger's cost is unknown for want of a cache
+        // price: cache reads at the full input price, the most they can cost.
+        let mut charge = None;
         r.cost_usd = match pricing {
-            Pricing::Tokens(p) => p.cost(&billed),
+            Pricing::Tokens(p) => {
+                let cost = p.cost(&billed);
+                if cost.is_none() {
+                    charge = p.cost(&TokenUsage {
+                        cached_prompt: 0,
+                        ..billed
+                    });
+                }
+                cost
+            }
             Pricing::Gpu {
                 usd_per_hour,
                 share,
+                busy,
+                since,
             } => {
-                let secs = self.arrived.elapsed().as_secs_f64() * share;
+                let secs = busy.unwrap_or_else(|| since.elapsed()).as_secs_f64() * share;
                 r.gpu_seconds = Some(secs);
                 Some(usd_per_hour / 3600.0 * secs)
             }
@@ -225,11 +284,12 @@ impl Tally {
             .and_then(|p| {
                 p.cost(&TokenUsage {
                     cached_prompt: 0,
+                    cache_write_prompt: 0,
                     ..billed
                 })
             });
         let total = billed.prompt.saturating_add(billed.completion);
-        let cost = r.cost_usd;
+        let cost = r.cost_usd.or(charge);
         self.settle(cost, total);
     }
 

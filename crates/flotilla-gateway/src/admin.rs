@@ -309,6 +309,7 @@ pub(crate) async fn create_key(State(s): State<AppState>, h: HeaderMap, body: Bo
             .await
             .map_err(state_error)?;
         tracing::info!(key_id = %key.id, name = %key.name, "API key created");
+        crate::auth::know_key(&s, &secret, key.clone());
         let mut v = serde_json::to_value(&key)
             .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
         v["key"] = serde_json::Value::String(secret);

@@ -72,6 +72,8 @@ impl Attempt {
             Target::Local { .. } => Pricing::Gpu {
                 usd_per_hour: group.gpu_hour_usd,
                 share: 1.0 / self.sharing.max(1) as f64,
+                busy: None,
+                since: self.started,
             },
             Target::Cloud { provider, model } => Pricing::Tokens(
                 group
@@ -284,12 +286,18 @@ pub(crate) fn failed_after_headers(
 
 /// An agent's `x-flotilla-first-token-ms` (fractional milliseconds), when it is sane.
 pub(crate) fn first_token_header(resp: &UpstreamResponse) -> Option<Duration> {
-    let ms: f64 = resp
-        .headers()
-        .get(headers::FIRST_TOKEN_MS)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()?;
+    ms_header(resp, headers::FIRST_TOKEN_MS)
+}
+
+/// A duration an agent sent as fractional milliseconds; None when absent or absurd.
+pub(crate) fn ms_header(resp: &UpstreamResponse, name: &str) -> Option<Duration> {
+    let ms: f64 = resp.headers().get(name)?.to_str().ok()?.parse().ok()?;
     (ms.is_finite() && (0.0..1e9).contains(&ms)).then(|| Duration::from_secs_f64(ms / 1e3))
+}
+
+/// The engine time an agent's stream reported in its usage chunk (`usage.busy_us`).
+pub(crate) fn agent_busy(data: &str) -> Option<Duration> {
+    let v: serde_json::Value = serde_json::from_str(data).ok()?;
+    let us = v.get("usage")?.get("busy_us")?.as_u64()?;
+    (us < 1_000_000_000_000).then(|| Duration::from_micros(us))
 }

@@ -1,34 +1,49 @@
 //! API keys: who is calling, whether they may, and what they may still spend.
 //!
-//! Keys live hashed in the ledger database (`flotilla keys create`). The gateway keeps them
-//! in memory by hash, re-reads them every `key_refresh_ms` (new keys, revocations, spend
-//! settled by other processes) and looks up an unknown hash in the database once before
-//! refusing it, so a key made a moment ago works at once. Per-key request and token rate
-//! limits and budget reservations are checked before a request is routed.
+//! Keys live hashed in the ledger database (`flotilla keys create`). The gateway holds
+//! every key's hash in memory, re-read every `key_refresh_ms` (new keys, revocations,
+//! spend settled by other processes), and refuses a secret whose hash is not there without
+//! asking the database: random keys cost a hash and a map lookup. So that a key made a
+//! moment ago by another process works at once, an unknown hash is looked up in the
+//! database while a small allowance lasts ([`MISS_BURST`] lookups, refilled at
+//! [`MISS_PER_SECOND`]): a flood of random keys spends it in a moment and then costs no
+//! query at all. Per-key request and token rate limits and budget reservations are checked
+//! before a request is routed.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
 use flotilla_api::{ApiError, ErrorKind};
-use flotilla_scheduler::{ModelGroup, RequestInfo};
+use std::borrow::Cow;
+
+use flotilla_api::protocol::ModelKind;
+use flotilla_providers::Price;
+use flotilla_scheduler::{CloudTarget, ModelGroup, RequestInfo};
 use flotilla_state::{ApiKey, Ledger, Reservation, hash_secret};
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
-use crate::config::AuthMode;
+use crate::config::{AuthMode, Unpriced};
 
-/// Unknown hashes remembered (not looked up again) for this long.
-const NEGATIVE_TTL: Duration = Duration::from_secs(2);
-const NEGATIVE_ENTRIES: usize = 4096;
+/// Database lookups of unknown keys: at most this many at once, refilled at this rate.
+const MISS_BURST: f64 = 8.0;
+const MISS_PER_SECOND: f64 = 2.0;
 /// Completion length reserved for when neither the request nor the model bounds it.
 const UNBOUNDED_COMPLETION: u64 = 4096;
 
 #[derive(Default)]
 pub(crate) struct KeyBook {
     by_hash: RwLock<HashMap<String, Arc<ApiKey>>>,
-    unknown: Mutex<HashMap<String, Instant>>,
+    /// The allowance of database lookups for unknown keys: (lookups left, when counted).
+    misses: Mutex<Option<(f64, Instant)>>,
+    /// One lookup at a time: requests that arrive together with a new key wait for the
+    /// first one's lookup and find the key in the index, spending one lookup, not many.
+    looking: tokio::sync::Mutex<()>,
+    /// Reads of the key table, for `/metrics`.
+    reads: AtomicU64,
 }
 
 impl KeyBook {
@@ -49,35 +64,27 @@ impl KeyBook {
         key
     }
 
-    fn recently_unknown(&self, hash: &str, now: Instant) -> bool {
-        let map = self.unknown.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(hash).is_some_and(|t| now < *t + NEGATIVE_TTL)
+    /// Takes one database lookup from the allowance; false when it is spent.
+    fn may_look_up(&self, now: Instant) -> bool {
+        let mut m = self.misses.lock().unwrap_or_else(|p| p.into_inner());
+        let (left, at) = m.unwrap_or((MISS_BURST, now));
+        let left = (left + now.saturating_duration_since(at).as_secs_f64() * MISS_PER_SECOND)
+            .min(MISS_BURST);
+        let ok = left >= 1.0;
+        *m = Some((if ok { left - 1.0 } else { left }, now));
+        ok
     }
 
-    fn note_unknown(&self, hash: String, now: Instant) {
-        let mut map = self.unknown.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= NEGATIVE_ENTRIES {
-            map.retain(|_, t| now < *t + NEGATIVE_TTL);
-            if map.len() >= NEGATIVE_ENTRIES {
-                map.clear();
-            }
-        }
-        map.insert(hash, now);
+    /// Replaces the index with the database's keys (revocations, limits, spend, new keys);
+    /// keys gone from it are forgotten.
+    fn replace(&self, keys: Vec<(String, ApiKey)>) {
+        let fresh: HashMap<String, Arc<ApiKey>> =
+            keys.into_iter().map(|(h, k)| (h, Arc::new(k))).collect();
+        *self.by_hash.write().unwrap_or_else(|p| p.into_inner()) = fresh;
     }
 
-    /// Brings the known keys up to date with the database's (revocations, limits, spend);
-    /// keys gone from it are forgotten. Keys not seen yet are found on first use.
-    fn refresh(&self, keys: Vec<ApiKey>) {
-        let mut fresh: HashMap<String, ApiKey> =
-            keys.into_iter().map(|k| (k.id.clone(), k)).collect();
-        let mut map = self.by_hash.write().unwrap_or_else(|p| p.into_inner());
-        map.retain(|_, k| match fresh.remove(&k.id) {
-            Some(new) => {
-                *k = Arc::new(new);
-                true
-            }
-            None => false,
-        });
+    pub(crate) fn store_reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
     }
 }
 
@@ -120,19 +127,21 @@ async fn lookup(s: &AppState, secret: &str) -> Result<Option<Arc<ApiKey>>, ApiEr
     if let Some(k) = book.get(&hash) {
         return Ok(Some(k));
     }
-    let now = Instant::now();
-    if book.recently_unknown(&hash, now) {
+    // Not in the index: a key made since the last read, or no key at all.
+    let _one = book.looking.lock().await;
+    if let Some(k) = book.get(&hash) {
+        return Ok(Some(k));
+    }
+    if !book.may_look_up(Instant::now()) {
         return Ok(None);
     }
+    book.reads.fetch_add(1, Ordering::Relaxed);
     match s.inner.ledger.key_by_secret(secret).await {
         Ok(Some(k)) => {
             s.inner.budgets.observe_spent(&k.id, k.spent_usd);
             Ok(Some(book.insert(hash, k)))
         }
-        Ok(None) => {
-            book.note_unknown(hash, now);
-            Ok(None)
-        }
+        Ok(None) => Ok(None),
         Err(e) => {
             tracing::error!(error = %e, "looking up an API key failed");
             Err(ApiError::new(
@@ -168,20 +177,35 @@ pub(crate) async fn check_admin(s: &AppState, h: &HeaderMap) -> Result<(), ApiEr
     }
 }
 
-/// Drops a revoked key from the book at once (by id or name).
+/// Marks a key revoked in the index at once (by id or name).
 pub(crate) fn forget_key(s: &AppState, id_or_name: &str) {
-    s.inner
+    let mut map = s
+        .inner
         .keys
         .by_hash
         .write()
-        .unwrap_or_else(|p| p.into_inner())
-        .retain(|_, k| k.id != id_or_name && k.name != id_or_name);
+        .unwrap_or_else(|p| p.into_inner());
+    for k in map.values_mut() {
+        if k.id == id_or_name || k.name == id_or_name {
+            *k = Arc::new(ApiKey {
+                revoked: true,
+                ..(**k).clone()
+            });
+        }
+    }
+}
+
+/// A key made here is in the index at once, before the next read of the database.
+pub(crate) fn know_key(s: &AppState, secret: &str, key: ApiKey) {
+    s.inner.keys.insert(hash_secret(secret), key);
 }
 
 /// Re-reads every key from the database until shutdown.
 pub(crate) async fn refresh_keys(state: AppState, shutdown: CancellationToken) {
     loop {
-        load_keys(&state.inner.ledger, &state).await;
+        if let Err(e) = load_keys(&state.inner.ledger, &state).await {
+            tracing::warn!(error = %e, "re-reading API keys failed; keeping the last ones");
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(state.inner.config().key_refresh) => {}
@@ -189,21 +213,86 @@ pub(crate) async fn refresh_keys(state: AppState, shutdown: CancellationToken) {
     }
 }
 
-async fn load_keys(ledger: &Ledger, s: &AppState) {
-    match ledger.keys().await {
-        Ok(keys) => {
-            for k in &keys {
-                s.inner.budgets.observe_spent(&k.id, k.spent_usd);
-            }
-            s.inner.keys.refresh(keys);
-        }
-        Err(e) => tracing::warn!(error = %e, "re-reading API keys failed; keeping the last ones"),
+async fn load_keys(ledger: &Ledger, s: &AppState) -> Result<(), flotilla_state::StateError> {
+    s.inner.keys.reads.fetch_add(1, Ordering::Relaxed);
+    let keys = ledger.keys_by_hash().await?;
+    for (_, k) in &keys {
+        s.inner.budgets.observe_spent(&k.id, k.spent_usd);
     }
+    s.inner.keys.replace(keys);
+    Ok(())
+}
+
+/// The group as a key may use it. A key with a budget is charged for everything it runs,
+/// so a cloud target without a price is one it may not use (`unpriced = "refuse"`, the
+/// default) or is charged at the dearest price of the group's priced targets
+/// (`unpriced = "max_price"`). A request left with no target it can be charged for is
+/// refused with 400 `unpriced_target`.
+pub(crate) fn chargeable<'a>(
+    s: &AppState,
+    group: Cow<'a, ModelGroup>,
+    key: Option<&ApiKey>,
+    kind: ModelKind,
+) -> Result<Cow<'a, ModelGroup>, ApiError> {
+    let priced = |c: &CloudTarget| c.price().max_cost(1, 1).is_some();
+    if key.is_none_or(|k| k.budget_usd.is_none()) || group.cloud.iter().all(priced) {
+        return Ok(group);
+    }
+    let mut g = group.into_owned();
+    let dearest = g
+        .cloud
+        .iter()
+        .filter(|c| priced(c))
+        .fold(None, |acc: Option<Price>, c| {
+            let p = c.price();
+            let max = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+            Some(match acc {
+                None => p,
+                Some(a) => Price {
+                    input_usd_per_mtok: max(a.input_usd_per_mtok, p.input_usd_per_mtok),
+                    output_usd_per_mtok: max(a.output_usd_per_mtok, p.output_usd_per_mtok),
+                    cached_input_usd_per_mtok: max(
+                        a.cached_input_usd_per_mtok,
+                        p.cached_input_usd_per_mtok,
+                    ),
+                    cache_write_usd_per_mtok: max(
+                        a.cache_write_usd_per_mtok,
+                        p.cache_write_usd_per_mtok,
+                    ),
+                },
+            })
+        });
+    match (s.inner.config().unpriced, dearest) {
+        (Unpriced::MaxPrice, Some(max)) => {
+            for c in g.cloud.iter_mut().filter(|c| !priced(c)) {
+                let p = c.price().or(&max);
+                c.set_price(p);
+            }
+        }
+        _ => g.cloud.retain(priced),
+    }
+    if g.cloud.is_empty() && !s.inner.fleet.knows_model(&g.local_model, Some(kind)) {
+        let name = key.map_or("", |k| k.name.as_str());
+        return Err(ApiError::invalid_param(
+            "model",
+            format!(
+                "model `{}` runs only on targets without a price, and API key `{name}` has a \
+                 budget they cannot be charged against (scheduler.unpriced = \"max_price\" \
+                 charges them at the dearest configured price)",
+                g.name
+            ),
+        )
+        .with_code("unpriced_target"));
+    }
+    Ok(Cow::Owned(g))
 }
 
 /// The most a request can cost: its prompt and its longest possible answer on the
-/// dearest target it may use. Targets without a price are left out (their cost is
-/// recorded as unknown and counts against no budget).
+/// dearest target it may use (for a key with a budget every target it may use is priced:
+/// [`chargeable`]).
 pub(crate) fn max_cost(
     s: &AppState,
     group: &ModelGroup,
@@ -298,4 +387,26 @@ pub(crate) async fn provider_admits(
         .provider_limits
         .admit(provider, p.rpm, p.tpm, tokens)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_spend_a_small_allowance_of_lookups() {
+        let book = KeyBook::default();
+        let t0 = Instant::now();
+        let burst = (0..100).filter(|_| book.may_look_up(t0)).count();
+        assert_eq!(
+            burst, MISS_BURST as usize,
+            "a flood gets the burst, no more"
+        );
+        // Refilled at MISS_PER_SECOND: two more after a second, never more than the burst.
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!((0..100).filter(|_| book.may_look_up(later)).count(), 2);
+        let much_later = t0 + Duration::from_secs(3600);
+        let refilled = (0..100).filter(|_| book.may_look_up(much_later)).count();
+        assert_eq!(refilled, MISS_BURST as usize);
+    }
 }

@@ -19,12 +19,14 @@ use flotilla_scheduler::{
     Snapshot, Target, decide,
 };
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
-use crate::accounting::{AnswerText, Tally};
+use crate::accounting::{AnswerText, Pricing, Tally};
 use crate::attempt::{
-    self, Attempt, failed_after_headers, first_token_header, ledger_outcome, open_attempt,
+    self, Attempt, failed_after_headers, first_token_header, ledger_outcome, ms_header,
+    open_attempt,
 };
-use crate::auth::{admit_key, max_cost};
+use crate::auth::{admit_key, chargeable, max_cost};
 use crate::health::{cloud_key, local_key};
 use crate::queue::Wake;
 use crate::stream::{Continuation, RelayCtx, first_token, relay_sse};
@@ -49,6 +51,9 @@ pub(crate) struct Routed<'a> {
     pub body: Value,
     pub headers: &'a HeaderMap,
     pub request_id: &'a str,
+    /// Cancelled when the client goes away. A request still waiting for its turn is then
+    /// dropped; an attempt under way runs to its answer, so what it generated is paid for.
+    pub gone: &'a CancellationToken,
 }
 
 fn resolve_group<'a>(
@@ -152,6 +157,7 @@ async fn route(
         t.model_known();
     }
     let key = tally.as_ref().and_then(|t| t.key().cloned());
+    let group = chargeable(s, group, key.as_deref(), kind_of(r.ep))?;
     let mut info =
         crate::features::request_info(&cfg, &r.body, r.headers, r.request_id, key.as_deref())?;
     if let Some(t) = tally.as_mut() {
@@ -207,6 +213,11 @@ async fn route(
                 let limit = spill_after.map_or(left, |sp| sp.min(left));
                 let woke = tokio::select! {
                     w = &mut ticket.rx => w.ok(),
+                    _ = r.gone.cancelled() => {
+                        // Nothing ran: the account says the client left, at no cost.
+                        drop(tally.take());
+                        return Err(client_gone());
+                    }
                     _ = tokio::time::sleep(limit) => {
                         // The pump may have handed us a slot just as time ran out.
                         ticket.rx.try_recv().ok()
@@ -303,6 +314,10 @@ async fn carry(
         if attempts >= cfg.max_attempts {
             break;
         }
+        if r.gone.is_cancelled() {
+            drop(tally.take());
+            return Err(client_gone());
+        }
         let label = target.label();
         if attempts > 0 {
             let backoff = cfg
@@ -330,7 +345,13 @@ async fn carry(
         } else {
             None
         };
-        let opened = open_attempt(s, r.ep, &target, &r.body, r.stream, guard).await;
+        let local = target.is_local();
+        // The target's name for the account of a cut, once it has moved into the attempt.
+        let for_cut = local.then(|| target.clone());
+        let opening = open_attempt(s, r.ep, &target, &r.body, r.stream, guard);
+        let Some(opened) = unless_gone(r, local, opening).await else {
+            return Err(cut_local(s, tally, &target, now, group));
+        };
         let (attempt, resp, guard) = match opened {
             Ok(x) => x,
             Err(e) => {
@@ -362,11 +383,19 @@ async fn carry(
             resp,
             guard,
         };
-        let answered = if r.stream {
-            let attempts_left = cfg.max_attempts.saturating_sub(attempts);
-            stream_answer(s, c, opened, &targets, attempts_left, failures.len(), tally).await
-        } else {
-            whole_answer(s, c, opened, failures.len(), tally).await
+        let answering = async {
+            if r.stream {
+                let attempts_left = cfg.max_attempts.saturating_sub(attempts);
+                stream_answer(s, c, opened, &targets, attempts_left, failures.len(), tally).await
+            } else {
+                whole_answer(s, c, opened, failures.len(), tally).await
+            }
+        };
+        let Some(answered) = unless_gone(r, local, answering).await else {
+            return Err(match &for_cut {
+                Some(t) => cut_local(s, tally, t, now, group),
+                None => client_gone(),
+            });
         };
         match answered {
             Ok(resp) => return Ok(resp),
@@ -486,6 +515,7 @@ async fn whole_answer(
         guard,
     } = o;
     let agent_ttft = first_token_header(&resp);
+    let agent_busy = ms_header(&resp, headers::BUSY_MS);
     let answer = match attempt.upstream.read_answer(r.ep, resp).await {
         Ok(a) => a,
         Err(e) => {
@@ -522,13 +552,62 @@ async fn whole_answer(
     if let Some(mut t) = tally.take() {
         t.attempt(label, attempt.started, "ok", Some(200), None);
         let ours = AnswerText::whole(answer.text).count(s, r.ep);
-        t.answered(&target, ttft, usage, ours, attempt.pricing(group))
-            .await;
+        let pricing = attempt.pricing(group).busy(agent_busy);
+        t.answered(&target, ttft, usage, ours, pricing).await;
     }
     Ok(answer_head(c, label)
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from(bytes))
         .unwrap_or_else(|e| ApiError::new(ErrorKind::Internal, e.to_string()).into_response()))
+}
+
+/// Runs an attempt's step to its end, unless the client goes away and the target is an
+/// agent: work for a client who left is cut there (the GPU is ours to free). A cloud
+/// attempt runs on, so the answer it is billed for is read and charged.
+async fn unless_gone<T>(
+    r: &Routed<'_>,
+    local: bool,
+    step: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    if !local {
+        return Some(step.await);
+    }
+    tokio::select! {
+        done = step => Some(done),
+        _ = r.gone.cancelled() => None,
+    }
+}
+
+/// A local attempt cut because the client left: its GPU time until then is charged (at a
+/// whole GPU's share, the most it can have been) and its row says `cancelled`.
+fn cut_local(
+    s: &AppState,
+    tally: &mut Option<Tally>,
+    target: &Target,
+    started: Instant,
+    group: &ModelGroup,
+) -> ApiError {
+    let now = Instant::now();
+    s.inner
+        .health
+        .finish(&crate::health::health_key(target), Outcome::Rejected, now);
+    if let Some(mut t) = tally.take() {
+        let gone = Some("the client went away".to_owned());
+        t.attempt(&target.label(), started, "cut", None, gone.clone());
+        let pricing = Pricing::Gpu {
+            usd_per_hour: group.gpu_hour_usd,
+            share: 1.0,
+            busy: None,
+            since: started,
+        };
+        t.answered_as("cancelled", gone, target, None, None, 0, pricing);
+    }
+    client_gone()
+}
+
+/// What a request whose client left gets; nobody reads it (its row says `cancelled`).
+fn client_gone() -> ApiError {
+    ApiError::new(ErrorKind::RequestTimeout, "the client went away")
 }
 
 // Parsed once, not per response.

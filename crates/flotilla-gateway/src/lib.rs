@@ -24,17 +24,19 @@ mod shared;
 mod state;
 mod stream;
 mod tls;
+mod trust;
 
 use std::net::SocketAddr;
 
 pub use config::{
     AuthMode, ClassSection, HealthSection, KeyDefaults, LedgerSection, LocalBalance, ModelSection,
-    SchedulerConfig, SchedulerSection, SplitBy, StateSection, TlsSection,
+    SchedulerConfig, SchedulerSection, SplitBy, StateSection, TlsSection, Unpriced,
 };
 pub use reload::{Loader, ReloadError, ReloadReport};
 pub use state::AppState;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+pub use trust::exposure_problems;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -44,6 +46,17 @@ pub enum GatewayError {
     Ledger(#[from] flotilla_state::StateError),
     #[error("shared state: {0}")]
     Shared(flotilla_state::StateError),
+    #[error(
+        "refusing to serve on {addr}: {}. Set them, listen on 127.0.0.1, or set \
+         scheduler.allow_insecure = true (--allow-insecure) to serve exposed anyway",
+        problems.join("; ")
+    )]
+    Insecure {
+        addr: SocketAddr,
+        problems: Vec<String>,
+    },
+    #[error("the listener: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// A scheduler bound to its listener, ready to serve.
@@ -54,31 +67,9 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub async fn new(listener: TcpListener, config: SchedulerConfig) -> Result<Self, GatewayError> {
+        // Refused before the ledger is opened or anything else is started.
+        trust::check_exposure(&config, listener.local_addr()?)?;
         let state = AppState::new(config).await?;
-        if state.inner.config().auth == AuthMode::None
-            && listener.local_addr().is_ok_and(|a| !a.ip().is_loopback())
-        {
-            tracing::warn!(
-                "listening beyond loopback with auth = \"none\": anyone who reaches this port \
-                 can use it; make keys with `flotilla keys create` and remove auth = \"none\""
-            );
-        }
-        if state.inner.cluster_token.is_none()
-            && listener.local_addr().is_ok_and(|a| !a.ip().is_loopback())
-        {
-            tracing::warn!(
-                "listening beyond loopback without a cluster token: anyone who reaches this port \
-                 can register an agent; set scheduler.cluster_token_env"
-            );
-        }
-        if state.inner.config().admin_token.is_none()
-            && listener.local_addr().is_ok_and(|a| !a.ip().is_loopback())
-        {
-            tracing::warn!(
-                "listening beyond loopback without an admin token: anyone who reaches this port \
-                 can read /admin/v1/...; set scheduler.admin_token_env"
-            );
-        }
         Ok(Scheduler { listener, state })
     }
 
@@ -97,6 +88,15 @@ impl Scheduler {
         tokio::spawn(shared::run(self.state.clone(), shutdown.clone()));
         tokio::spawn(probe::run(self.state.clone(), shutdown.clone()));
         tokio::spawn(dashboard::run(self.state.clone(), shutdown.clone()));
+        if let Ok(addr) = self.listener.local_addr()
+            && !trust::exposure_problems(&self.state.inner.config(), addr).is_empty()
+        {
+            tokio::spawn(trust::keep_warning(
+                self.state.clone(),
+                addr,
+                shutdown.clone(),
+            ));
+        }
         if self.state.inner.config().auth == AuthMode::Keys {
             tokio::spawn(auth::refresh_keys(self.state.clone(), shutdown.clone()));
         }

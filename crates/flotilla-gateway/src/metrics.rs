@@ -302,6 +302,16 @@ pub(crate) fn render(s: &AppState) -> String {
         }
     }
     e.family(
+        m::SCHED_KEY_STORE_READS,
+        "counter",
+        "Reads of API keys from the database (refreshes, and lookups of keys not yet known); unknown keys are refused from memory.",
+    );
+    e.sample(
+        m::SCHED_KEY_STORE_READS,
+        &[],
+        s.inner.keys.store_reads() as f64,
+    );
+    e.family(
         m::SCHED_DECISIONS,
         "counter",
         "Routing decisions by reason.",

@@ -3,7 +3,9 @@
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -22,6 +24,7 @@ use crate::accounting::Tally;
 use crate::dispatch::{Routed, dispatch};
 use flotilla_api::body::{parse_json, read_limited};
 use flotilla_providers::Endpoint;
+use tokio_util::sync::CancellationToken;
 
 pub(crate) fn router(state: AppState) -> Router {
     Router::new()
@@ -85,7 +88,17 @@ async fn embeddings(State(s): State<AppState>, h: HeaderMap, body: Body) -> Resp
     handle::<EmbeddingRequest>(&s, Endpoint::Embeddings, &h, body).await
 }
 
-async fn metrics(State(s): State<AppState>) -> Response {
+async fn metrics(State(s): State<AppState>, h: HeaderMap) -> Response {
+    let auth = h
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Err(e) = flotilla_api::check_bearer(
+        s.inner.config().metrics_token.as_ref(),
+        auth,
+        "metrics token",
+    ) {
+        return e.into_response();
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -130,21 +143,18 @@ pub(crate) async fn handle<R: OpenAiRequest>(
         let max_tokens = ["max_completion_tokens", "max_tokens"]
             .iter()
             .find_map(|k| value.get(*k).and_then(serde_json::Value::as_u64));
-        dispatch(
-            s,
-            Routed {
-                ep,
-                model: req.model(),
-                stream: req.is_stream(),
-                client_usage,
-                max_tokens,
-                body: value,
-                headers,
-                request_id: &id,
-            },
-            tally,
-        )
-        .await
+        let job = Job {
+            state: s.clone(),
+            ep,
+            model: req.model().to_owned(),
+            stream: req.is_stream(),
+            client_usage,
+            max_tokens,
+            body: value,
+            headers: headers.clone(),
+            request_id: id.clone(),
+        };
+        job.run(tally).await
     }
     .await;
     res.unwrap_or_else(|e| {
@@ -155,7 +165,58 @@ pub(crate) async fn handle<R: OpenAiRequest>(
     })
 }
 
-async fn models(State(s): State<AppState>) -> Json<ModelList> {
+/// A request handed to its own task. The task runs on when the client goes away
+/// mid-attempt, so the answer it pays for is read and charged (provider usage, not $0);
+/// a request not yet sent anywhere is dropped then.
+struct Job {
+    state: AppState,
+    ep: Endpoint,
+    model: String,
+    stream: bool,
+    client_usage: bool,
+    max_tokens: Option<u64>,
+    body: serde_json::Value,
+    headers: HeaderMap,
+    request_id: String,
+}
+
+impl Job {
+    async fn run(self, mut tally: Tally) -> Result<Response, ApiError> {
+        let gone = CancellationToken::new();
+        tally.watch(gone.clone());
+        // Dropped with this future when the client disconnects; disarmed on the way out.
+        let watch = gone.clone().drop_guard();
+        let task = tokio::spawn(async move {
+            let routed = Routed {
+                ep: self.ep,
+                model: &self.model,
+                stream: self.stream,
+                client_usage: self.client_usage,
+                max_tokens: self.max_tokens,
+                body: self.body,
+                headers: &self.headers,
+                request_id: &self.request_id,
+                gone: &gone,
+            };
+            dispatch(&self.state, routed, tally).await
+        });
+        let out = task.await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "a request's task failed");
+            Err(ApiError::new(
+                ErrorKind::Internal,
+                "the request failed inside the scheduler",
+            ))
+        });
+        watch.disarm();
+        out
+    }
+}
+
+async fn models(State(s): State<AppState>, h: HeaderMap) -> Response {
+    // The model list is the API's like any other path: with keys on, it needs one.
+    if let Err(e) = crate::auth::authenticate(&s, &h).await {
+        return e.into_response();
+    }
     let mut names: Vec<String> = s.inner.config().groups.keys().cloned().collect();
     names.extend(
         s.inner
@@ -173,15 +234,23 @@ async fn models(State(s): State<AppState>) -> Json<ModelList> {
             .map(|n| ModelCard::new(n, "flotilla"))
             .collect(),
     })
+    .into_response()
 }
 
-async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
+/// The fleet as `/admin/v1/nodes` shows it, plus the model groups: for the admin token (or
+/// an admin key) and for agents' cluster token.
+async fn status(State(s): State<AppState>, h: HeaderMap) -> Response {
+    let agent = s.inner.cluster_token.is_some() && check_cluster_token(&s, &h).is_ok();
+    if !agent && let Err(e) = crate::auth::check_admin(&s, &h).await {
+        return e.into_response();
+    }
     let mut groups: Vec<_> = s.inner.config().groups.values().cloned().collect();
     groups.sort_by(|a, b| a.name.cmp(&b.name));
     Json(serde_json::json!({
         "nodes": s.inner.fleet.snapshot(Instant::now()),
         "models": groups,
     }))
+    .into_response()
 }
 
 fn check_cluster_token(s: &AppState, h: &HeaderMap) -> Result<(), ApiError> {
@@ -191,15 +260,18 @@ fn check_cluster_token(s: &AppState, h: &HeaderMap) -> Result<(), ApiError> {
     flotilla_api::check_bearer(s.inner.cluster_token.as_ref(), auth, "cluster token")
 }
 
-async fn heartbeat(State(s): State<AppState>, h: HeaderMap, body: Body) -> Response {
+async fn heartbeat(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    h: HeaderMap,
+    body: Body,
+) -> Response {
     let res = async {
+        let cfg = s.inner.config();
+        crate::trust::check_agent_source(&cfg, Some(peer.ip()))?;
         check_cluster_token(&s, &h)?;
-        let bytes = read_limited(
-            body,
-            s.inner.config().max_body_bytes,
-            s.inner.config().body_timeout,
-        )
-        .await?;
+        let limit = cfg.max_body_bytes.min(crate::trust::HEARTBEAT_MAX_BYTES);
+        let bytes = read_limited(body, limit, cfg.body_timeout).await?;
         let report: NodeReport = parse_json(&bytes)?;
         if report.protocol != PROTOCOL_VERSION {
             return Err(ApiError::invalid(format!(
@@ -211,6 +283,12 @@ async fn heartbeat(State(s): State<AppState>, h: HeaderMap, body: Body) -> Respo
             return Err(ApiError::invalid("node_id and base_url must not be empty"));
         }
         let node_id = report.node_id.clone();
+        s.inner.claims.admit(
+            &node_id,
+            &report.base_url,
+            crate::trust::credential(&h),
+            s.inner.fleet.registered_at(&node_id, Instant::now()),
+        )?;
         let models: Vec<String> = report.models.iter().map(|m| m.name.clone()).collect();
         let gpus = report.gpus.len();
         if let Some(sh) = &s.inner.shared {
@@ -251,6 +329,19 @@ async fn deregister(
     if let Err(e) = check_cluster_token(&s, &h) {
         return e.into_response();
     }
+    if !s
+        .inner
+        .claims
+        .may_remove(&node_id, &crate::trust::credential(&h))
+    {
+        return ApiError::new(
+            ErrorKind::Unauthorized,
+            format!("node `{node_id}` registered with a token; only that token removes it"),
+        )
+        .with_code("node_claimed")
+        .into_response();
+    }
+    s.inner.claims.forget(&node_id);
     if let Some(sh) = &s.inner.shared {
         let id = node_id.clone();
         crate::shared::spawn_shared(sh, move |sh| async move {

@@ -12,12 +12,15 @@
 //! when configured, is added here.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::response::Response;
+use axum::extract::ConnectInfo;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use flotilla_api::openai::{ChatCompletionRequest, CompletionRequest, EmbeddingRequest};
 use flotilla_api::serve::{HeadLimits, accept_error, serve_connection};
 use flotilla_providers::Endpoint;
@@ -54,9 +57,9 @@ pub(crate) async fn serve(
     let tls = cfg.tls.clone().map(TlsAcceptor::from);
     let header_timeout = cfg.header_timeout;
     loop {
-        let tcp = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     accept_error(e).await;
                     continue;
@@ -72,6 +75,7 @@ pub(crate) async fn serve(
             state: state.clone(),
             router: router.clone(),
             header_timeout,
+            peer,
         };
         match &tls {
             None => {
@@ -101,6 +105,7 @@ struct Conn {
     state: AppState,
     router: Router,
     header_timeout: Duration,
+    peer: SocketAddr,
 }
 
 impl Conn {
@@ -114,19 +119,47 @@ impl Conn {
             state,
             router,
             header_timeout,
+            peer,
         } = self;
         serve_connection(&builder, watcher, io, header_timeout, move |req| {
-            route(state.clone(), router.clone(), req)
+            route(state.clone(), router.clone(), peer, req)
         })
         .await;
     }
 }
 
+/// Answers one request; an address that failed authentication too often gets 429 (all but
+/// `/health`), and every 401 answered counts against its address.
 async fn route(
     state: AppState,
-    mut router: Router,
+    router: Router,
+    peer: SocketAddr,
     req: hyper::Request<Incoming>,
 ) -> Result<Response, Infallible> {
+    let failures = &state.inner.auth_failures;
+    if failures.any()
+        && req.uri().path() != "/health"
+        && let Some(wait) = failures.blocked(
+            peer.ip(),
+            state.inner.config().auth_failures_per_minute,
+            Instant::now(),
+        )
+    {
+        return Ok(crate::trust::too_many_failures(wait).into_response());
+    }
+    let resp = dispatch_route(&state, router, peer, req).await;
+    if resp.status() == StatusCode::UNAUTHORIZED {
+        state.inner.auth_failures.note(peer.ip(), Instant::now());
+    }
+    Ok(resp)
+}
+
+async fn dispatch_route(
+    state: &AppState,
+    mut router: Router,
+    peer: SocketAddr,
+    mut req: hyper::Request<Incoming>,
+) -> Response {
     if req.method() == Method::POST {
         let ep = match req.uri().path() {
             "/v1/chat/completions" => Some(Endpoint::Chat),
@@ -137,13 +170,18 @@ async fn route(
         if let Some(ep) = ep {
             let (parts, body) = req.into_parts();
             let (h, body) = (&parts.headers, Body::new(body));
-            return Ok(match ep {
-                Endpoint::Chat => handle::<ChatCompletionRequest>(&state, ep, h, body).await,
-                Endpoint::Completions => handle::<CompletionRequest>(&state, ep, h, body).await,
-                Endpoint::Embeddings => handle::<EmbeddingRequest>(&state, ep, h, body).await,
-            });
+            return match ep {
+                Endpoint::Chat => handle::<ChatCompletionRequest>(state, ep, h, body).await,
+                Endpoint::Completions => handle::<CompletionRequest>(state, ep, h, body).await,
+                Endpoint::Embeddings => handle::<EmbeddingRequest>(state, ep, h, body).await,
+            };
         }
     }
+    // The heartbeat checks where it comes from (`agent_networks`).
+    req.extensions_mut().insert(ConnectInfo(peer));
     // A `Router` is always ready (its `poll_ready` is `Ready(Ok)`), so it is called directly.
-    router.call(req.map(Body::new)).await
+    match router.call(req.map(Body::new)).await {
+        Ok(resp) => resp,
+        Err(never) => match never {},
+    }
 }

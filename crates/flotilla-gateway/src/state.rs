@@ -3,7 +3,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use flotilla_providers::{ProviderError, Upstream, UpstreamPool};
+use flotilla_providers::{ProviderError, ReadLimits, Upstream, UpstreamPool};
 use flotilla_scheduler::Fleet;
 use flotilla_state::{Budgets, Ledger, LedgerWriter, RateLimiter, RequestRecord, Shared};
 
@@ -48,6 +48,10 @@ pub(crate) struct Inner {
     pub provider_limits: RateLimiter,
     /// The store shared with other replicas, when configured.
     pub shared: Option<Shared>,
+    /// The credential each node registered with.
+    pub claims: crate::trust::NodeClaims,
+    /// Failed authentications per client address.
+    pub auth_failures: crate::trust::AuthFailures,
     /// (local model, prefix hash) -> the node that served it last.
     affinity: Mutex<HashMap<(String, u64), String>>,
 }
@@ -65,7 +69,10 @@ impl AppState {
             std::time::Duration::from_millis(config.ledger.flush_ms),
             config.ledger.batch,
         );
-        let pool = UpstreamPool::new(config.timeouts)?;
+        let pool = UpstreamPool::new(config.timeouts)?.with_read_limits(ReadLimits {
+            max_response_bytes: config.max_response_bytes,
+            ..ReadLimits::default()
+        });
         let mut providers = HashMap::new();
         for p in &config.providers {
             let up = pool.provider(p).map_err(|e: ProviderError| {
@@ -120,6 +127,8 @@ impl AppState {
                 limits,
                 provider_limits,
                 shared,
+                claims: Default::default(),
+                auth_failures: Default::default(),
                 affinity: Mutex::new(HashMap::new()),
             }),
         })

@@ -22,7 +22,7 @@ use serde_json::Value;
 
 use crate::AppState;
 use crate::accounting::{AnswerText, Tally};
-use crate::attempt::{self, Attempt, open_attempt};
+use crate::attempt::{self, Attempt, agent_busy, open_attempt};
 
 /// Where a continuation may go and what it re-sends.
 pub(crate) struct Continuation {
@@ -77,6 +77,8 @@ struct Relay {
     recorded: bool,
     /// Bytes to send before the error of a stream that broke inside a read.
     pending: Option<Bytes>,
+    /// The engine time an agent's usage chunk reported.
+    busy: Option<Duration>,
 }
 
 impl Drop for Relay {
@@ -132,7 +134,7 @@ impl Relay {
             ttft,
             self.dec.usage(),
             ours,
-            a.pricing(&self.ctx.group),
+            a.pricing(&self.ctx.group).busy(self.busy),
         );
     }
 
@@ -184,7 +186,9 @@ impl Relay {
     /// rebuilt (translated, continued, or without the usage chunk the client did not ask
     /// for).
     fn inspect(&mut self, bytes: Bytes) -> Result<Bytes, String> {
-        let events = self.sse.feed(&bytes);
+        let mut events = Vec::new();
+        // A line past the bound breaks the stream after the events before it.
+        let overflow = self.sse.try_feed(&bytes, &mut events).err();
         if self.first_event.is_none() && !events.is_empty() {
             self.first_event = Some(self.ctx.attempt.started.elapsed());
         }
@@ -204,6 +208,9 @@ impl Relay {
                     break;
                 }
             };
+            if kind == EventKind::UsageOnly && self.ctx.attempt.target.is_local() {
+                self.busy = agent_busy(&e.data);
+            }
             if passthrough {
                 match kind {
                     EventKind::Done => {
@@ -230,6 +237,13 @@ impl Relay {
                     payloads.push(p);
                 }
             }
+        }
+        if broken.is_none()
+            && let Some(e) = overflow
+        {
+            // Rebuilt, so the start of the oversized line is not passed on.
+            broken = Some(e.to_string());
+            rebuild = true;
         }
         if self.dec.finished() {
             self.saw_finish = true;
@@ -384,7 +398,7 @@ impl Relay {
                     self.ctx.attempt = attempt;
                     self.ctx.guard = guard;
                     self.upstream = resp.into_body().into_data_stream().boxed();
-                    self.sse = SseDecoder::new();
+                    self.sse = self.ctx.attempt.upstream.sse_decoder();
                     self.first_event = None;
                     self.events = 0;
                     self.rewrite = true;
@@ -465,7 +479,7 @@ pub(crate) async fn first_token(
     let target = attempt.label.clone();
     let mut rest = resp.into_body().into_data_stream().boxed();
     let mut dec = attempt.upstream.wire().stream_decoder(ep, true);
-    let mut sse = SseDecoder::new();
+    let mut sse = attempt.upstream.sse_decoder();
     let mut head = Vec::new();
     let broken = |reason: String| ProviderError::Body {
         target: target.clone(),
@@ -484,7 +498,9 @@ pub(crate) async fn first_token(
             Ok(Some(Ok(b))) => b,
         };
         let mut started = false;
-        for e in sse.feed(&bytes) {
+        let mut events = Vec::new();
+        let overflow = sse.try_feed(&bytes, &mut events).err();
+        for e in events {
             let mut out = Vec::new();
             let kind = dec.event(&e, &mut out).map_err(&broken)?;
             if kind == EventKind::Done {
@@ -495,6 +511,9 @@ pub(crate) async fn first_token(
             for p in payloads {
                 started |= is_first_token(&p).map_err(&broken)?;
             }
+        }
+        if !started && let Some(e) = overflow {
+            return Err(broken(e.to_string()));
         }
         head.push(bytes);
         if started {
@@ -556,9 +575,10 @@ pub(crate) fn relay_sse(primed: Primed, ctx: RelayCtx) -> Body {
         .wire()
         .stream_decoder(ctx.ep, ctx.client_usage);
     let head = futures::stream::iter(primed.head.into_iter().map(Ok));
+    let sse = ctx.attempt.upstream.sse_decoder();
     let state = Relay {
         upstream: head.chain(primed.rest).boxed(),
-        sse: SseDecoder::new(),
+        sse,
         dec,
         saw_done: false,
         saw_finish: false,
@@ -573,6 +593,7 @@ pub(crate) fn relay_sse(primed: Primed, ctx: RelayCtx) -> Body {
         skip_role: false,
         recorded: false,
         pending: None,
+        busy: None,
         ctx,
     };
     let stream = futures::stream::unfold(state, |mut st| async move {

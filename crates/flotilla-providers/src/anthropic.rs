@@ -15,6 +15,9 @@ use crate::wire::{Answer, EncodeError, EncodeOptions, Endpoint, EventKind, Strea
 
 /// Completion limit sent when the request sets none: Anthropic requires `max_tokens`.
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
+
+/// Anthropic's price of a 5-minute cache write, as a multiple of the input price.
+pub const CACHE_WRITE_PRICE_FACTOR: f64 = 1.25;
 /// The API version every request names (`anthropic-version`).
 pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 
@@ -558,14 +561,20 @@ struct Usage {
 }
 
 impl Usage {
+    /// In OpenAI's terms: every prompt token, cache reads and writes included (as the
+    /// client's `prompt_tokens`), and of them the reads and the writes.
     fn total(&self) -> TokenUsage {
         let read = self.cache_read_input_tokens.unwrap_or(0);
+        let written = self.cache_creation_input_tokens.unwrap_or(0);
         TokenUsage {
-            prompt: self.input_tokens.unwrap_or(0)
-                + read
-                + self.cache_creation_input_tokens.unwrap_or(0),
+            prompt: self
+                .input_tokens
+                .unwrap_or(0)
+                .saturating_add(read)
+                .saturating_add(written),
             completion: self.output_tokens.unwrap_or(0),
             cached_prompt: read,
+            cache_write_prompt: written,
         }
     }
 
@@ -1099,7 +1108,8 @@ mod tests {
             Some(TokenUsage {
                 prompt: 115,
                 completion: 20,
-                cached_prompt: 100
+                cached_prompt: 100,
+                cache_write_prompt: 5,
             })
         );
         let v: Value = serde_json::from_slice(&bytes).unwrap();
@@ -1169,7 +1179,7 @@ mod tests {
         let events = [
             ev(
                 "message_start",
-                json!({"type": "message_start", "message": {"id": "msg_s", "type": "message", "role": "assistant", "model": "claude-x", "content": [], "stop_reason": null, "usage": {"input_tokens": 7, "cache_read_input_tokens": 3, "cache_creation_input_tokens": 0, "output_tokens": 1}}}),
+                json!({"type": "message_start", "message": {"id": "msg_s", "type": "message", "role": "assistant", "model": "claude-x", "content": [], "stop_reason": null, "usage": {"input_tokens": 7, "cache_read_input_tokens": 3, "cache_creation_input_tokens": 4, "output_tokens": 1}}}),
             ),
             ev(
                 "content_block_start",
@@ -1228,9 +1238,10 @@ mod tests {
         assert_eq!(
             d.usage(),
             Some(TokenUsage {
-                prompt: 10,
+                prompt: 14,
                 completion: 12,
-                cached_prompt: 3
+                cached_prompt: 3,
+                cache_write_prompt: 4,
             })
         );
         assert_eq!(
@@ -1277,12 +1288,61 @@ mod tests {
         assert_eq!(usage["choices"], json!([]));
         assert_eq!(
             usage["usage"],
-            json!({"prompt_tokens": 10, "completion_tokens": 12, "total_tokens": 22, "prompt_tokens_details": {"cached_tokens": 3}})
+            json!({"prompt_tokens": 14, "completion_tokens": 12, "total_tokens": 26, "prompt_tokens_details": {"cached_tokens": 3}})
         );
         assert_eq!(chunks.len(), 8);
         for c in &out[..out.len() - 1] {
             serde_json::from_str::<flotilla_api::openai::ChatCompletionChunk>(c).unwrap();
         }
+    }
+
+    #[test]
+    fn cache_writes_reported_in_message_delta_are_read() {
+        let mut d = wire().stream_decoder(Endpoint::Chat, false);
+        let mut out = Vec::new();
+        d.event(&ev("message_start", json!({"type": "message_start", "message": {"id": "m", "model": "x", "usage": {"input_tokens": 2, "output_tokens": 1}}})), &mut out).unwrap();
+        d.event(&ev("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 3, "cache_creation_input_tokens": 6}})), &mut out).unwrap();
+        assert_eq!(
+            d.usage(),
+            Some(TokenUsage {
+                prompt: 8,
+                completion: 3,
+                cached_prompt: 0,
+                cache_write_prompt: 6,
+            })
+        );
+    }
+
+    #[test]
+    fn anthropic_prices_cache_writes_at_one_and_a_quarter_input_unless_set() {
+        use crate::{Price, ProviderKind};
+        let listed = Price {
+            input_usd_per_mtok: Some(3.0),
+            output_usd_per_mtok: Some(15.0),
+            cached_input_usd_per_mtok: Some(0.3),
+            cache_write_usd_per_mtok: None,
+        };
+        let p = ProviderKind::Anthropic.complete_price(listed);
+        assert_eq!(p.cache_write_usd_per_mtok, Some(3.75));
+        // The usage of `answer_with_text_tool_use_and_cache_usage`'s shape: 10 uncached,
+        // 100 read, 5 written, 20 out.
+        let u = TokenUsage {
+            prompt: 115,
+            completion: 20,
+            cached_prompt: 100,
+            cache_write_prompt: 5,
+        };
+        let want = (10.0 * 3.0 + 100.0 * 0.3 + 5.0 * 3.75 + 20.0 * 15.0) / 1e6;
+        assert!((p.cost(&u).unwrap() - want).abs() < 1e-12);
+        // A price set stays; other APIs leave it unset (the input rate).
+        let set = Price {
+            cache_write_usd_per_mtok: Some(6.0),
+            ..listed
+        };
+        assert_eq!(ProviderKind::Anthropic.complete_price(set), set);
+        assert_eq!(ProviderKind::Openai.complete_price(listed), listed);
+        let plain = (15.0 * 3.0 + 100.0 * 0.3 + 20.0 * 15.0) / 1e6;
+        assert!((listed.cost(&u).unwrap() - plain).abs() < 1e-12);
     }
 
     #[test]

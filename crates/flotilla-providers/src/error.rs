@@ -21,6 +21,11 @@ pub enum ProviderError {
     },
     #[error("{target}: reading the response failed: {reason}")]
     Body { target: String, reason: String },
+    /// A whole answer past [`crate::ReadLimits::max_response_bytes`]: the read stopped
+    /// there (or never began, when its `Content-Length` said so) and the next target is
+    /// tried.
+    #[error("{target}: answer larger than max_response_bytes ({limit} bytes)")]
+    TooLarge { target: String, limit: usize },
     #[error("{target}: API key variable `{var}` is not set")]
     MissingKey { target: String, var: String },
     /// The request asks for something this provider's API cannot express.
@@ -45,7 +50,7 @@ impl ProviderError {
                 400..=499 => ErrorKind::InvalidRequest,
                 _ => ErrorKind::Upstream,
             },
-            ProviderError::Body { .. } => ErrorKind::Upstream,
+            ProviderError::Body { .. } | ProviderError::TooLarge { .. } => ErrorKind::Upstream,
             ProviderError::MissingKey { .. } => ErrorKind::Unavailable,
             ProviderError::Unsupported { .. } => ErrorKind::InvalidRequest,
         }
@@ -61,6 +66,8 @@ impl ProviderError {
             }
             // Another target may well take it (an OpenAI-compatible one, say).
             ProviderError::Unsupported { .. } => true,
+            // Another target's answer to the same request may well be smaller.
+            ProviderError::TooLarge { .. } => true,
             _ => true,
         }
     }
@@ -89,6 +96,7 @@ impl ProviderError {
             | ProviderError::Timeout { target, .. }
             | ProviderError::Status { target, .. }
             | ProviderError::Body { target, .. }
+            | ProviderError::TooLarge { target, .. }
             | ProviderError::MissingKey { target, .. }
             | ProviderError::Unsupported { target, .. } => target,
         }

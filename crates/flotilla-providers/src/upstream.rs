@@ -3,15 +3,16 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use flotilla_api::Capability;
 use flotilla_api::error::ErrorBody;
+use flotilla_api::sse::SseDecoder;
 use http::Uri;
 use http::header::{HeaderMap, HeaderValue};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::Full;
+use hyper::body::{Body as _, Incoming};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::connect::proxy::Tunnel;
@@ -21,6 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::{Deserialize, Serialize};
 
 use crate::ProviderError;
+use crate::limits::{Capped, ReadLimits, read_capped};
 use crate::usage::Price;
 use crate::wire::{Endpoint, OpenAiWire, Wire};
 pub use flotilla_api::Secret;
@@ -35,6 +37,24 @@ pub enum ProviderKind {
     Openai,
     /// Anthropic's Messages API.
     Anthropic,
+}
+
+impl ProviderKind {
+    /// `p` with the prices this API implies where `p` leaves them unset: Anthropic bills
+    /// a (5-minute) cache write at 1.25x the input price. Other APIs bill no cache writes
+    /// of their own; unset stays unset (the input price).
+    pub fn complete_price(self, p: Price) -> Price {
+        match self {
+            ProviderKind::Openai => p,
+            ProviderKind::Anthropic => Price {
+                cache_write_usd_per_mtok: p.cache_write_usd_per_mtok.or_else(|| {
+                    p.input_usd_per_mtok
+                        .map(|i| i * crate::anthropic::CACHE_WRITE_PRICE_FACTOR)
+                }),
+                ..p
+            },
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -179,6 +199,7 @@ pub struct UpstreamPool {
     timeouts: Timeouts,
     openai: Arc<dyn Wire>,
     proxies: Arc<Matcher>,
+    limits: ReadLimits,
 }
 
 /// How an upstream's connections are made.
@@ -253,11 +274,23 @@ impl UpstreamPool {
             timeouts,
             openai: Arc::new(OpenAiWire),
             proxies: Arc::new(proxies),
+            limits: ReadLimits::default(),
         })
+    }
+
+    /// The same pool reading at most `limits` of each answer, for the upstreams it makes
+    /// from now on.
+    pub fn with_read_limits(mut self, limits: ReadLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     pub fn timeouts(&self) -> Timeouts {
         self.timeouts
+    }
+
+    pub fn read_limits(&self) -> ReadLimits {
+        self.limits
     }
 
     /// An OpenAI-compatible upstream at `base_url` (e.g. `http://agent:9000/v1`), reached
@@ -267,9 +300,9 @@ impl UpstreamPool {
         Upstream::new(
             label.to_owned(),
             base_url,
-            wire.headers(key.as_ref()),
             self.client.clone(),
             self.timeouts,
+            self.limits,
             wire,
             key,
         )
@@ -326,13 +359,12 @@ impl UpstreamPool {
             None if timeouts.connect == self.timeouts.connect => self.client.clone(),
             None => build_client(timeouts.connect),
         };
-        let headers = wire.headers(key.as_ref());
         Ok(Upstream::new(
             label,
             &cfg.base_url,
-            headers,
             client,
             timeouts,
+            self.limits,
             wire,
             key,
         ))
@@ -353,6 +385,7 @@ struct UpstreamInner {
     headers: HeaderMap,
     client: Transport,
     timeouts: Timeouts,
+    limits: ReadLimits,
     wire: Arc<dyn Wire>,
     /// The endpoint URIs, parsed once; an endpoint the API lacks, or whose URL does not
     /// parse, is absent.
@@ -363,14 +396,32 @@ struct UpstreamInner {
 
 impl UpstreamInner {
     /// `text` without our API key: some providers quote the key they were sent in their
-    /// errors, and those reach logs, the ledger and clients.
-    fn redact(&self, text: String) -> String {
-        match &self.key {
-            Some(k) if !k.expose().is_empty() && text.contains(k.expose()) => {
-                text.replace(k.expose(), "[redacted]")
-            }
-            _ => text,
+    /// errors, and those reach logs, the ledger and clients. A text cut short (`cut`) may
+    /// end in the first part of the key: that goes too.
+    fn redact(&self, text: String, cut: bool) -> String {
+        let Some(k) = self
+            .key
+            .as_ref()
+            .map(Secret::expose)
+            .filter(|k| !k.is_empty())
+        else {
+            return text;
+        };
+        let mut text = if text.contains(k) {
+            text.replace(k, "[redacted]")
+        } else {
+            text
+        };
+        if cut
+            // A few characters could end any text; from four on they are the key's.
+            && let Some(n) = (4..k.len())
+                .rev()
+                .find(|&n| k.is_char_boundary(n) && text.ends_with(&k[..n]))
+        {
+            text.truncate(text.len() - n);
+            text.push_str("[redacted]");
         }
+        text
     }
 }
 
@@ -385,16 +436,18 @@ impl fmt::Debug for Upstream {
 }
 
 impl Upstream {
+    /// Its headers are the wire's for `key`, made here once.
     fn new(
         label: String,
         base_url: &str,
-        mut headers: HeaderMap,
         client: Transport,
         timeouts: Timeouts,
+        limits: ReadLimits,
         wire: Arc<dyn Wire>,
         key: Option<Secret>,
     ) -> Self {
         let base_url = base_url.trim_end_matches('/').to_owned();
+        let mut headers = wire.headers(key.as_ref());
         headers.insert(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -415,6 +468,7 @@ impl Upstream {
             headers,
             client,
             timeouts,
+            limits,
             wire,
             uris,
             key,
@@ -431,6 +485,17 @@ impl Upstream {
 
     pub fn timeouts(&self) -> Timeouts {
         self.0.timeouts
+    }
+
+    pub fn read_limits(&self) -> ReadLimits {
+        self.0.limits
+    }
+
+    /// A decoder for one of this upstream's streams, bounded at its `max_sse_line_bytes`:
+    /// feed it with [`SseDecoder::try_feed`], where a longer line or event breaks the
+    /// stream.
+    pub fn sse_decoder(&self) -> SseDecoder {
+        SseDecoder::with_max_line_bytes(self.0.limits.max_sse_line_bytes)
     }
 
     /// Whether the provider has this endpoint at all (Anthropic has no embeddings).
@@ -488,18 +553,21 @@ impl Upstream {
         if status.is_success() {
             return Ok(resp);
         }
-        let retry_after = resp
-            .headers()
-            .get(http::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        // An error body is small; bound the wait for it like the headers.
-        let text = tokio::time::timeout(up.timeouts.first_byte, resp.into_body().collect())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .map(|b| up.redact(String::from_utf8_lossy(&b.to_bytes()).into_owned()));
+        let retry_after = crate::retry::retry_after(resp.headers(), SystemTime::now());
+        // An error body is small: its size is bounded, and the wait for it like the
+        // headers'. Whatever came within both makes the message.
+        let mut read = Capped::default();
+        let limit = up.limits.max_error_bytes;
+        let done = tokio::time::timeout(
+            up.timeouts.first_byte,
+            read_capped(resp.into_body(), limit, &mut read),
+        )
+        .await;
+        let cut = read.over || !matches!(done, Ok(Ok(())));
+        let text = (read.len() > 0 || !cut).then(|| {
+            let bytes = read.into_bytes();
+            up.redact(String::from_utf8_lossy(&bytes).into_owned(), cut)
+        });
         let body: Option<Box<ErrorBody>> = text
             .as_deref()
             .and_then(|t| up.wire.error_body(t))
@@ -540,14 +608,27 @@ impl Upstream {
 
     /// Reads a whole non-streaming answer within the total timeout and decodes it into the
     /// OpenAI object the client gets (the bytes as they came, for OpenAI-compatible
-    /// providers), the usage it reported and its text.
+    /// providers), the usage it reported and its text. An answer past
+    /// `max_response_bytes` is a retryable [`ProviderError::TooLarge`]: unread when its
+    /// `Content-Length` says so, else read no further than the bound.
     pub async fn read_answer(
         &self,
         ep: Endpoint,
         resp: UpstreamResponse,
     ) -> Result<crate::Answer, ProviderError> {
         let up = &*self.0;
-        match tokio::time::timeout(up.timeouts.total, resp.into_body().collect()).await {
+        let limit = up.limits.max_response_bytes;
+        let too_large = || ProviderError::TooLarge {
+            target: up.label.clone(),
+            limit,
+        };
+        let body = resp.into_body();
+        // hyper's size hint is the `Content-Length` when there is one.
+        if body.size_hint().lower() > limit as u64 {
+            return Err(too_large());
+        }
+        let mut read = Capped::default();
+        match tokio::time::timeout(up.timeouts.total, read_capped(body, limit, &mut read)).await {
             Err(_) => Err(ProviderError::Timeout {
                 target: up.label.clone(),
                 after: up.timeouts.total,
@@ -556,9 +637,10 @@ impl Upstream {
                 target: up.label.clone(),
                 reason: error_chain(&e),
             }),
-            Ok(Ok(body)) => up
+            Ok(Ok(())) if read.over => Err(too_large()),
+            Ok(Ok(())) => up
                 .wire
-                .decode_answer(ep, body.to_bytes())
+                .decode_answer(ep, read.into_bytes())
                 .map_err(|reason| ProviderError::Body {
                     target: up.label.clone(),
                     reason,
@@ -600,6 +682,27 @@ mod tests {
         };
         let err = pool.provider(&cfg).unwrap_err();
         assert!(err.to_string().contains("FLOTILLA_TEST_SURELY_UNSET_VAR"));
+    }
+
+    #[test]
+    fn a_cut_off_error_body_loses_the_start_of_our_key_too() {
+        let pool = UpstreamPool::new(Timeouts::default()).unwrap();
+        let up = pool.upstream(
+            "cloud:x",
+            "http://127.0.0.1:1/v1",
+            Some(Secret::new("sk-abcdef123456".into())),
+        );
+        let quoted = "bad key sk-abcdef123456, and sk-abcd".to_owned();
+        assert_eq!(
+            up.0.redact(quoted.clone(), true),
+            "bad key [redacted], and [redacted]"
+        );
+        // Whole, the body's end is what it says.
+        assert_eq!(
+            up.0.redact(quoted, false),
+            "bad key [redacted], and sk-abcd"
+        );
+        assert_eq!(up.0.redact("ends in sk-".into(), true), "ends in sk-");
     }
 
     #[tokio::test]

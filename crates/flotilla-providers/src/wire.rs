@@ -422,7 +422,8 @@ mod tests {
             Some(TokenUsage {
                 prompt: 7,
                 completion: 3,
-                cached_prompt: 4
+                cached_prompt: 4,
+                cache_write_prompt: 0,
             })
         );
         assert_eq!(d.event(&ev("[DONE]"), &mut out), Ok(EventKind::Done));

@@ -149,7 +149,8 @@ async fn text_answer_with_the_key_as_x_api_key() {
         Some(TokenUsage {
             prompt: 115,
             completion: 4,
-            cached_prompt: 100
+            cached_prompt: 100,
+            cache_write_prompt: 3,
         })
     );
 
@@ -229,7 +230,8 @@ async fn tool_call_answer_and_its_follow_up() {
 async fn streamed_text_becomes_openai_chunks() {
     let mock = MockAnthropic::start(AnthropicBehavior::Text {
         text: "Streams arrive in pieces".into(),
-        usage: (30, 6, 10, 0),
+        // 26 uncached, 6 out, 10 read from the cache and 4 written to it.
+        usage: (26, 6, 10, 4),
     })
     .await
     .unwrap();
@@ -261,6 +263,7 @@ async fn streamed_text_becomes_openai_chunks() {
     assert_eq!(finish, ["stop"]);
     let usage = chunks.last().unwrap();
     assert_eq!(usage["choices"], json!([]));
+    // The client's prompt tokens count the cache reads and writes, as Anthropic bills them.
     assert_eq!(usage["usage"]["prompt_tokens"], 40);
     assert_eq!(usage["usage"]["completion_tokens"], 6);
     assert_eq!(usage["usage"]["prompt_tokens_details"]["cached_tokens"], 10);
@@ -269,7 +272,8 @@ async fn streamed_text_becomes_openai_chunks() {
         Some(TokenUsage {
             prompt: 40,
             completion: 6,
-            cached_prompt: 10
+            cached_prompt: 10,
+            cache_write_prompt: 4,
         })
     );
     let sent = &mock.requests()[0].body;

@@ -170,6 +170,16 @@ impl Fleet {
         Some(self.upsert(report, seen))
     }
 
+    /// Where `node_id` is registered and whether it is live (heard from within the TTL and
+    /// not marked unreachable); None when it is not registered.
+    pub fn registered_at(&self, node_id: &str, now: Instant) -> Option<(String, bool)> {
+        let ttl = self.ttl();
+        self.lock().get(node_id).map(|e| {
+            let live = !e.suspect && now.saturating_duration_since(e.last_seen) <= ttl;
+            (e.report.base_url.clone(), live)
+        })
+    }
+
     /// Every node's last report and when it came, for writing back to a shared store.
     pub fn reports(&self) -> Vec<(NodeReport, Instant)> {
         self.lock()

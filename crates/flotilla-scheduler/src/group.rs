@@ -33,6 +33,10 @@ pub struct CloudTarget {
     /// Prompt tokens read from the provider's cache.
     #[serde(default)]
     pub cached_input_usd_per_mtok: Option<f64>,
+    /// Prompt tokens written to the provider's cache; unset = the input price (1.25x it
+    /// for an Anthropic provider).
+    #[serde(default)]
+    pub cache_write_usd_per_mtok: Option<f64>,
     /// Longest prompt + completion the model takes; unset = no limit known.
     #[serde(default)]
     pub context_length: Option<u64>,
@@ -56,6 +60,7 @@ impl CloudTarget {
             input_usd_per_mtok: None,
             output_usd_per_mtok: None,
             cached_input_usd_per_mtok: None,
+            cache_write_usd_per_mtok: None,
             context_length: None,
             capabilities: None,
             expected_ttft_ms: None,
@@ -73,6 +78,7 @@ impl CloudTarget {
             input_usd_per_mtok: self.input_usd_per_mtok,
             output_usd_per_mtok: self.output_usd_per_mtok,
             cached_input_usd_per_mtok: self.cached_input_usd_per_mtok,
+            cache_write_usd_per_mtok: self.cache_write_usd_per_mtok,
         }
     }
 
@@ -80,6 +86,7 @@ impl CloudTarget {
         self.input_usd_per_mtok = p.input_usd_per_mtok;
         self.output_usd_per_mtok = p.output_usd_per_mtok;
         self.cached_input_usd_per_mtok = p.cached_input_usd_per_mtok;
+        self.cache_write_usd_per_mtok = p.cache_write_usd_per_mtok;
     }
 
     pub fn supports(&self, c: Capability) -> bool {

@@ -172,6 +172,19 @@ impl Ledger {
         .collect()
     }
 
+    /// Every key with the hash of its secret, oldest first: the whole index a gateway
+    /// answers from, so an unknown secret costs no query.
+    pub async fn keys_by_hash(&self) -> Result<Vec<(String, ApiKey)>, StateError> {
+        sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS}, secret_sha256 FROM api_keys ORDER BY created_ms, id"
+        ))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| Ok((row.try_get("secret_sha256")?, key_from_row(row)?)))
+        .collect()
+    }
+
     /// Revokes the key with this id or name; false when there is none. Revoking a revoked key
     /// succeeds and keeps its first revocation time.
     pub async fn revoke_key(&self, id_or_name: &str) -> Result<bool, StateError> {

@@ -1,6 +1,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use flotilla_api::sse::data_event;
+use futures::StreamExt as _;
 use serde_json::{Value, json};
 
 /// What the mock does with one request.
@@ -53,6 +54,18 @@ pub enum Behavior {
     RejectPrefill { text: String },
     /// Accept the request and never answer.
     Hang,
+    /// A valid answer whose content is `bytes` long: whole, with its `Content-Length` or,
+    /// when `chunked`, without one (the size shows only as it is read); streamed, one
+    /// content event (one `data:` line) that long.
+    Huge { bytes: usize, chunked: bool },
+    /// This status with a body that starts as an OpenAI error and never ends.
+    EndlessError { code: u16 },
+    /// This status with an OpenAI-shaped error body and these headers as given (a
+    /// `Retry-After` date, `retry-after-ms`).
+    StatusHeaders {
+        code: u16,
+        headers: Vec<(String, String)>,
+    },
 }
 
 impl Behavior {
@@ -75,6 +88,13 @@ impl Behavior {
             code,
             retry_after_s: None,
             message: format!("mock upstream says {code}"),
+        }
+    }
+    /// This status with `Retry-After: value`, the value as given.
+    pub fn retry_after(code: u16, value: &str) -> Self {
+        Behavior::StatusHeaders {
+            code,
+            headers: vec![("retry-after".into(), value.to_owned())],
         }
     }
     /// OpenAI's answer to a prompt longer than the model's context.
@@ -161,6 +181,16 @@ struct MockState {
     requests: Mutex<Vec<Recorded>>,
     hits: AtomicUsize,
     options: MockOptions,
+    billing: Arc<Billing>,
+}
+
+/// The tokens the mock bills, as a provider does: a whole answer's once it is made, a
+/// stream's prompt when it starts and each word as it is generated (whether or not the
+/// client is still there to read it).
+#[derive(Debug, Default)]
+struct Billing {
+    prompt: AtomicU64,
+    completion: AtomicU64,
 }
 
 /// An OpenAI-compatible server on `127.0.0.1:0`. Stops when dropped.
@@ -204,6 +234,7 @@ impl MockUpstream {
             requests: Mutex::new(Vec::new()),
             hits: AtomicUsize::new(0),
             options,
+            billing: Arc::default(),
         });
         let app = Router::new()
             .route("/v1/chat/completions", post(handle))
@@ -271,6 +302,15 @@ impl MockUpstream {
     }
 
     /// How many requests arrived, recorded or not.
+    /// The (prompt, completion) tokens billed for `Reply` answers so far.
+    pub fn billed(&self) -> (u64, u64) {
+        let b = &self.state.billing;
+        (
+            b.prompt.load(Ordering::SeqCst),
+            b.completion.load(Ordering::SeqCst),
+        )
+    }
+
     pub fn hits(&self) -> usize {
         if self.state.options.record {
             lock(&self.state.requests).len()
@@ -382,12 +422,41 @@ async fn handle(
         && !state.options.omit_usage;
     let usage = |completion: usize| -> Option<Value> {
         (!state.options.omit_usage).then(|| {
-            json!({"prompt_tokens": 5, "completion_tokens": completion, "total_tokens": 5 + completion,
+            json!({"prompt_tokens": PROMPT_TOKENS, "completion_tokens": completion, "total_tokens": PROMPT_TOKENS as usize + completion,
                    "prompt_tokens_details": {"cached_tokens": state.options.cached_tokens}})
         })
     };
     let chat = path.ends_with("/chat/completions");
     match behavior {
+        Behavior::Huge { bytes, chunked } => huge(chat, stream, &model, bytes, chunked),
+        Behavior::EndlessError { code } => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let head = Bytes::from_static(
+                b"{\"error\": {\"type\": \"mock_error\", \"message\": \"endless ",
+            );
+            let tail = Bytes::from(vec![b'x'; 8 << 10]);
+            let body = futures::stream::iter(std::iter::once(head).chain(std::iter::repeat(tail)))
+                .map(Ok::<_, std::io::Error>);
+            Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(Body::from_stream(body))
+                .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        }
+        Behavior::StatusHeaders { code, headers } => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let body = json!({"error": {"message": format!("mock upstream says {code}"), "type": "mock_error", "param": null, "code": code.to_string()}});
+            let mut resp = (status, axum::Json(body)).into_response();
+            for (k, v) in headers {
+                if let (Ok(k), Ok(v)) = (
+                    axum::http::HeaderName::from_bytes(k.as_bytes()),
+                    axum::http::HeaderValue::from_str(&v),
+                ) {
+                    resp.headers_mut().append(k, v);
+                }
+            }
+            resp
+        }
         Behavior::Hang => {
             futures::future::pending::<()>().await;
             StatusCode::OK.into_response()
@@ -481,9 +550,20 @@ async fn handle(
             } else {
                 None
             };
+            let billing = &state.billing;
+            billing.prompt.fetch_add(PROMPT_TOKENS, Ordering::SeqCst);
             if stream {
-                sse(answer_events(chat, &model, &words, usage), pause)
+                // Each word is billed as it is generated, before it is sent.
+                let mut events = answer_events(chat, &model, &words, usage);
+                let first = first_content(chat);
+                for i in (first..first + words.len()).rev() {
+                    events.insert(i, Ev::Bill(Arc::clone(billing)));
+                }
+                sse(events, pause)
             } else {
+                billing
+                    .completion
+                    .fetch_add(words.len() as u64, Ordering::SeqCst);
                 axum::Json(whole(chat, &model, &text, usage)).into_response()
             }
         }
@@ -511,6 +591,30 @@ fn whole(chat: bool, model: &str, text: &str, usage: Option<Value>) -> Value {
     v
 }
 
+/// [`Behavior::Huge`]: `bytes` of content in an answer of the usual shape.
+fn huge(chat: bool, stream: bool, model: &str, bytes: usize, chunked: bool) -> Response {
+    let content = "x".repeat(bytes);
+    if stream {
+        return sse(answer_events(chat, model, &[content], None), Duration::ZERO);
+    }
+    let body = Bytes::from(whole(chat, model, &content, None).to_string());
+    let body = if chunked {
+        // In pieces of 64 KiB, with no length known up front.
+        let pieces: Vec<Bytes> = (0..body.len())
+            .step_by(64 << 10)
+            .map(|at| body.slice(at..(at + (64 << 10)).min(body.len())))
+            .collect();
+        Body::from_stream(futures::stream::iter(pieces).map(Ok::<_, std::io::Error>))
+    } else {
+        Body::from(body)
+    };
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(body)
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
 fn embeddings(model: &str, body: &Value) -> Value {
     let n = match body.get("input") {
         Some(Value::Array(a)) => a.len(),
@@ -534,7 +638,12 @@ enum Ev {
     Pause(Duration),
     /// The connection breaks (shut down for real when the mock holds a handle on it).
     Cut(Option<std::net::TcpStream>),
+    /// One completion token is billed.
+    Bill(Arc<Billing>),
 }
+
+/// The prompt tokens every answer reports.
+const PROMPT_TOKENS: u64 = 5;
 
 /// Where the first content chunk sits in [`answer_events`]: after the role chunk of a chat.
 fn first_content(chat: bool) -> usize {
@@ -580,10 +689,18 @@ fn answer_events(chat: bool, model: &str, words: &[String], usage: Option<Value>
 }
 
 fn sse(events: Vec<Ev>, pause: Duration) -> Response {
-    let body = if pause.is_zero() && events.iter().all(|e| matches!(e, Ev::Data(_))) {
+    let body = if pause.is_zero()
+        && events
+            .iter()
+            .all(|e| matches!(e, Ev::Data(_) | Ev::Bill(_)))
+    {
         Body::from_stream(futures::stream::iter(events.into_iter().filter_map(
             |e| match e {
                 Ev::Data(b) => Some(Ok::<_, std::io::Error>(b)),
+                Ev::Bill(b) => {
+                    b.completion.fetch_add(1, Ordering::SeqCst);
+                    None
+                }
                 Ev::Pause(_) | Ev::Cut(_) => None,
             },
         )))
@@ -595,6 +712,9 @@ fn sse(events: Vec<Ev>, pause: Duration) -> Response {
                 loop {
                     match it.next()? {
                         Ev::Pause(d) => tokio::time::sleep(d).await,
+                        Ev::Bill(b) => {
+                            b.completion.fetch_add(1, Ordering::SeqCst);
+                        }
                         Ev::Cut(conn) => {
                             // After the pause, so what was sent before is flushed first.
                             if !pause.is_zero() {

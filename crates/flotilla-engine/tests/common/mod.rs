@@ -41,6 +41,7 @@ pub fn collect(mut rx: UnboundedReceiver<GenerateEvent>) -> Outcome {
                 finish_reason,
                 prompt_tokens,
                 completion_tokens,
+                ..
             } => {
                 return Outcome {
                     text: deltas.concat(),

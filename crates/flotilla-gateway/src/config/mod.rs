@@ -65,6 +65,23 @@ pub struct SchedulerSection {
     /// Environment variable holding the token `/admin/...` requires; unset = open (warned
     /// about beyond loopback).
     pub admin_token_env: Option<String>,
+    /// Environment variable holding a token `/metrics` requires; unset = `/metrics` is open.
+    pub metrics_token_env: Option<String>,
+    /// Listening beyond loopback without a cluster token, or with `auth = "none"`, is
+    /// refused at start unless this is set; then it is warned about at start and every
+    /// 10 minutes.
+    pub allow_insecure: bool,
+    /// Heartbeats are taken only from these networks (CIDRs such as `10.0.0.0/8`; a bare
+    /// address is one host); empty = from anywhere the cluster token is presented.
+    pub agent_networks: Vec<String>,
+    /// Largest whole answer read from an agent or provider; past it the attempt fails over.
+    pub max_response_bytes: usize,
+    /// How a key with a budget pays on a target without a price: `refuse` (it may not use
+    /// such targets) or `max_price` (charged at the dearest price of the model's targets).
+    pub unpriced: Unpriced,
+    /// Failed authentications (API key or admin token) one client address may make in a
+    /// minute; past it the address gets 429 until the minute has passed.
+    pub auth_failures_per_minute: u32,
     /// Routing strategy of models whose entry sets none: cost | latency | failover |
     /// weighted | local-only | cloud-only.
     pub default_strategy: Strategy,
@@ -153,6 +170,12 @@ impl Default for SchedulerSection {
             stream_idle_timeout_ms: 20_000,
             cluster_token_env: None,
             admin_token_env: None,
+            metrics_token_env: None,
+            allow_insecure: false,
+            agent_networks: Vec::new(),
+            max_response_bytes: 16 * 1024 * 1024,
+            unpriced: Unpriced::Refuse,
+            auth_failures_per_minute: 30,
             default_strategy: Strategy::Cost,
             gpu_hour_usd: 2.0,
             gpu_marginal_usd_per_hour: 0.0,
@@ -192,6 +215,34 @@ impl Default for SchedulerSection {
     }
 }
 
+/// How a key with a budget pays on a target that has no price.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Unpriced {
+    /// Such targets are not used for the key's requests; a request left with none gets 400.
+    #[default]
+    Refuse,
+    /// Charged at the dearest per-token price among the model's priced targets.
+    MaxPrice,
+}
+
+/// `agent_networks` as networks; a bare address is a network of one.
+fn parse_networks(list: &[String], errors: &mut Vec<String>) -> Vec<ipnet::IpNet> {
+    list.iter()
+        .filter_map(|s| {
+            let s = s.trim();
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    errors.push(format!(
+                        "scheduler.agent_networks: `{s}` is not a network (e.g. 10.0.0.0/8) or an address"
+                    ))
+                })
+                .ok()
+        })
+        .collect()
+}
+
 /// What keeps a client on one side of a weighted split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -220,6 +271,14 @@ pub struct SchedulerConfig {
     pub cluster_token: Option<Secret>,
     /// The token the admin API requires; None = no check.
     pub admin_token: Option<Secret>,
+    /// The token `/metrics` requires; None = open.
+    pub metrics_token: Option<Secret>,
+    pub allow_insecure: bool,
+    /// Where heartbeats may come from; empty = anywhere.
+    pub agent_networks: Vec<ipnet::IpNet>,
+    pub max_response_bytes: usize,
+    pub unpriced: Unpriced,
+    pub auth_failures_per_minute: u32,
     pub providers: Vec<ProviderConfig>,
     pub groups: HashMap<String, ModelGroup>,
     pub default_strategy: Strategy,
@@ -271,7 +330,7 @@ impl SchedulerConfig {
         }
         let p = self.provider(name)?;
         let id = p.models.get(model).map_or(model, String::as_str);
-        p.prices.get(id).copied()
+        p.prices.get(id).map(|pr| p.kind.complete_price(*pr))
     }
 
     /// The group for a model agents serve but the config does not name.
@@ -334,6 +393,12 @@ impl SchedulerSection {
         if self.max_body_bytes < 1024 {
             errors.push("scheduler.max_body_bytes: must be at least 1024".into());
         }
+        if self.max_response_bytes < 1024 {
+            errors.push("scheduler.max_response_bytes: must be at least 1024".into());
+        }
+        if self.auth_failures_per_minute == 0 {
+            errors.push("scheduler.auth_failures_per_minute: must be at least 1".into());
+        }
         if self.max_header_bytes < 8192 {
             errors.push("scheduler.max_header_bytes: must be at least 8192".into());
         }
@@ -382,6 +447,13 @@ impl SchedulerSection {
                 .map_err(|e| errors.push(format!("scheduler.cluster_token_env: {e}")))
                 .ok(),
         };
+        let metrics_token = match &self.metrics_token_env {
+            None => None,
+            Some(var) => Secret::from_env(var)
+                .map_err(|e| errors.push(format!("scheduler.metrics_token_env: {e}")))
+                .ok(),
+        };
+        let agent_networks = parse_networks(&self.agent_networks, &mut errors);
         self.check_limits(&mut errors);
         let shared = self
             .state
@@ -460,6 +532,12 @@ impl SchedulerSection {
             },
             cluster_token,
             admin_token,
+            metrics_token,
+            allow_insecure: self.allow_insecure,
+            agent_networks,
+            max_response_bytes: self.max_response_bytes,
+            unpriced: self.unpriced,
+            auth_failures_per_minute: self.auth_failures_per_minute,
             providers: self.providers.clone(),
             groups,
             default_strategy: self.default_strategy,

@@ -176,6 +176,8 @@ fn resolve_cloud(name: &str, c: &CloudTarget, providers: &[ProviderConfig]) -> C
     if let Some(price) = p.prices.get(&c.model) {
         c.set_price(c.price().or(price));
     }
+    // Anthropic's cache writes cost 1.25x its input unless the config says otherwise.
+    c.set_price(p.kind.complete_price(c.price()));
     if c.capabilities.is_none() {
         c.capabilities = p.capabilities.clone();
     }
