@@ -312,11 +312,19 @@ async fn random_keys_cost_no_database_queries_and_failures_are_rate_limited() {
     })
     .await;
     let key = new_key(&ledger, "app", |_| {}).await;
+    assert_eq!(chat_with(&sched.url, &key, &body).await.status(), 200);
     for _ in 0..5 {
         assert_eq!(chat_with(&sched.url, "fl-wrong", &body).await.status(), 401);
     }
-    let r = chat_with(&sched.url, &key, &body).await;
-    assert_eq!(r.status(), 429, "even a good key from that address waits");
+    // Guesses now wait, on every path but /health...
+    let r = chat_with(&sched.url, "fl-another-guess", &body).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(
+        get_status(&format!("{}/status", sched.url), Some("a-token-guess")).await,
+        429
+    );
+    // ...while a valid key from the same address (a NAT, an ingress) is served.
+    assert_eq!(chat_with(&sched.url, &key, &body).await.status(), 200);
     let wait = retry_after_secs(&r);
     assert!((1..=60).contains(&wait), "{wait}");
     let e: Value = r.json().await.unwrap();

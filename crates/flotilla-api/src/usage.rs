@@ -93,11 +93,16 @@ impl Price {
     /// The most a request of `prompt` tokens and at most `completion` tokens can cost
     /// (no cache discount assumed); None when a price is unknown.
     pub fn max_cost(&self, prompt: u64, completion: u64) -> Option<f64> {
+        // Cache writes dearer than input (Anthropic's 1.25x): the whole prompt may be one.
+        let writes_dearer = matches!(
+            (self.cache_write_usd_per_mtok, self.input_usd_per_mtok),
+            (Some(w), Some(i)) if w > i
+        );
         self.cost(&TokenUsage {
             prompt,
             completion,
             cached_prompt: 0,
-            cache_write_prompt: 0,
+            cache_write_prompt: if writes_dearer { prompt } else { 0 },
         })
     }
 

@@ -37,8 +37,10 @@ pub(crate) struct Sequence {
     /// When the request queued it, and when its latest token was sampled.
     queued_at: Instant,
     last_token_at: Option<Instant>,
-    /// When it first joined the running batch: its busy time runs from here.
-    admitted_at: Option<Instant>,
+    /// Time in the running batch so far, and since when it has been there now (None
+    /// while it waits, first or after a preemption): its busy time is their sum.
+    busy: std::time::Duration,
+    running_since: Option<Instant>,
 }
 
 impl Sequence {
@@ -66,7 +68,8 @@ impl Sequence {
             pending_logprobs: Vec::new(),
             queued_at: Instant::now(),
             last_token_at: None,
-            admitted_at: None,
+            busy: std::time::Duration::ZERO,
+            running_since: None,
         }
     }
 
@@ -161,15 +164,21 @@ impl Sequence {
         let _ = self.tx.send(GenerateEvent::Delta { text, logprobs });
     }
 
-    /// Notes that the sequence joins the running batch (the first time counts).
+    /// Notes that the sequence joins the running batch.
     pub(crate) fn admitted(&mut self, now: Instant) {
-        self.admitted_at.get_or_insert(now);
+        self.running_since.get_or_insert(now);
+    }
+
+    /// Its time in the running batch, spells before preemptions included, waits not.
+    fn busy(&self) -> std::time::Duration {
+        self.busy
+            + self
+                .running_since
+                .map_or(std::time::Duration::ZERO, |t| t.elapsed())
     }
 
     fn finish(&mut self, finish_reason: FinishReason) -> FinishReason {
-        let busy = self
-            .admitted_at
-            .map_or(std::time::Duration::ZERO, |t| t.elapsed());
+        let busy = self.busy();
         let _ = self.tx.send(GenerateEvent::Finished {
             finish_reason,
             prompt_tokens: self.prompt_len,
@@ -182,6 +191,9 @@ impl Sequence {
     /// Forgets the cached K/V (the caller releases the blocks): the next admission
     /// recomputes prompt and generated tokens, then sampling continues where it stopped.
     pub(crate) fn reset_for_recompute(&mut self) -> Vec<BlockId> {
+        if let Some(t) = self.running_since.take() {
+            self.busy += t.elapsed();
+        }
         self.computed = 0;
         self.registered = 0;
         self.last_hash = None;
@@ -209,5 +221,37 @@ fn token_logprob(s: &Sampled, tok: &TextTokenizer) -> TokenLogprob {
                 }
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn busy_time_counts_running_spells_and_not_the_wait_after_a_preemption() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let mut seq = Sequence::new(vec![1, 2, 3], 4, &SamplingParams::default(), tx);
+        assert_eq!(seq.busy(), Duration::ZERO, "waiting is not busy");
+        let t0 = Instant::now() - Duration::from_millis(300);
+        seq.admitted(t0);
+        // Preempted now, after ~300 ms running; then waits; then runs again.
+        seq.reset_for_recompute();
+        let ran = seq.busy();
+        assert!(ran >= Duration::from_millis(300), "{ran:?}");
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(
+            seq.busy(),
+            ran,
+            "the wait after a preemption is not counted"
+        );
+        seq.admitted(Instant::now() - Duration::from_millis(100));
+        assert!(seq.busy() >= ran + Duration::from_millis(100));
+        // A second admission while running changes nothing.
+        let before = seq.busy();
+        seq.admitted(Instant::now());
+        assert!(seq.busy() >= before);
     }
 }

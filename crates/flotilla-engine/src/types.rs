@@ -156,8 +156,9 @@ pub enum GenerateEvent {
         finish_reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
-        /// From joining the running batch to finishing (preempted spells included): the
-        /// engine time the sequence took, what its GPU time is priced by.
+        /// Its time in the running batch, from joining it to finishing (a wait after a
+        /// preemption not counted): the engine time the sequence took, what its GPU time
+        /// is priced by.
         busy: std::time::Duration,
     },
     Failed(EngineError),

@@ -31,6 +31,8 @@ use crate::config::{AuthMode, Unpriced};
 /// Database lookups of unknown keys: at most this many at once, refilled at this rate.
 const MISS_BURST: f64 = 8.0;
 const MISS_PER_SECOND: f64 = 2.0;
+/// The longest a lookup of an unknown key may take.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Completion length reserved for when neither the request nor the model bounds it.
 const UNBOUNDED_COMPLETION: u64 = 4096;
 
@@ -42,6 +44,9 @@ pub(crate) struct KeyBook {
     /// One lookup at a time: requests that arrive together with a new key wait for the
     /// first one's lookup and find the key in the index, spending one lookup, not many.
     looking: tokio::sync::Mutex<()>,
+    /// Keys revoked through this process (ids and names): a read of the table that began
+    /// before the revocation cannot bring them back.
+    revoked_here: Mutex<std::collections::HashSet<String>>,
     /// Reads of the key table, for `/metrics`.
     reads: AtomicU64,
 }
@@ -78,8 +83,14 @@ impl KeyBook {
     /// Replaces the index with the database's keys (revocations, limits, spend, new keys);
     /// keys gone from it are forgotten.
     fn replace(&self, keys: Vec<(String, ApiKey)>) {
-        let fresh: HashMap<String, Arc<ApiKey>> =
-            keys.into_iter().map(|(h, k)| (h, Arc::new(k))).collect();
+        let revoked = self.revoked_here.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh: HashMap<String, Arc<ApiKey>> = keys
+            .into_iter()
+            .map(|(h, mut k)| {
+                k.revoked |= revoked.contains(&k.id) || revoked.contains(&k.name);
+                (h, Arc::new(k))
+            })
+            .collect();
         *self.by_hash.write().unwrap_or_else(|p| p.into_inner()) = fresh;
     }
 
@@ -136,7 +147,16 @@ async fn lookup(s: &AppState, secret: &str) -> Result<Option<Arc<ApiKey>>, ApiEr
         return Ok(None);
     }
     book.reads.fetch_add(1, Ordering::Relaxed);
-    match s.inner.ledger.key_by_secret(secret).await {
+    // Bounded: a stalled database must not queue every unknown key behind this lock.
+    let found = tokio::time::timeout(LOOKUP_TIMEOUT, s.inner.ledger.key_by_secret(secret))
+        .await
+        .unwrap_or_else(|_| {
+            Err(flotilla_state::StateError::Db(format!(
+                "no answer in {} s",
+                LOOKUP_TIMEOUT.as_secs()
+            )))
+        });
+    match found {
         Ok(Some(k)) => {
             s.inner.budgets.observe_spent(&k.id, k.spent_usd);
             Ok(Some(book.insert(hash, k)))
@@ -177,8 +197,22 @@ pub(crate) async fn check_admin(s: &AppState, h: &HeaderMap) -> Result<(), ApiEr
     }
 }
 
+/// Whether the request carries a key the index knows and has not revoked (no database).
+pub(crate) fn holds_valid_key(s: &AppState, h: &HeaderMap) -> bool {
+    bearer(h)
+        .filter(|t| !t.is_empty())
+        .and_then(|t| s.inner.keys.get(&hash_secret(t)))
+        .is_some_and(|k| !k.revoked)
+}
+
 /// Marks a key revoked in the index at once (by id or name).
 pub(crate) fn forget_key(s: &AppState, id_or_name: &str) {
+    s.inner
+        .keys
+        .revoked_here
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id_or_name.to_owned());
     let mut map = s
         .inner
         .keys

@@ -15,8 +15,8 @@ use flotilla_api::protocol::ModelKind;
 use flotilla_api::{ApiError, ErrorKind, headers};
 use flotilla_providers::{Endpoint, ProviderError, UpstreamResponse};
 use flotilla_scheduler::{
-    Action, Decision, InFlightGuard, MidStream, ModelGroup, Outcome, PolicySettings, RequestInfo,
-    Snapshot, Target, decide,
+    Action, Decision, InFlightGuard, MidStream, ModelGroup, Outcome, PolicySettings, ReasonCode,
+    RequestInfo, Snapshot, Target, decide,
 };
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -176,93 +176,23 @@ async fn route(
             t.decision(&decision);
         }
         s.inner.metrics.decision(decision.code);
-        // One info line per request: "routed" (with this decision) or, for a request that
-        // waits, "queued" now and "routed" when it leaves.
-        if matches!(decision.action, Action::Enqueue { .. }) {
-            tracing::info!(
-                request_id = r.request_id,
-                model = r.model,
-                priority = info.priority.as_str(),
-                strategy = decision.strategy.as_str(),
-                reason = decision.code.as_str(),
-                detail = %decision.reason,
-                predicted_ttft_ms = decision.predicted_ttft.as_millis() as u64,
-                position = decision.position,
-                "queued for a local slot"
-            );
-        } else {
-            tracing::debug!(
-                request_id = r.request_id,
-                model = r.model,
-                reason = decision.code.as_str(),
-                detail = %decision.reason,
-                "route decision"
-            );
-        }
+        log_decision(r, &info, &decision);
         let (targets, guard, why) = match &decision.action {
             Action::Dispatch { targets } => (targets.clone(), None, decision.code),
             Action::Enqueue {
                 spill_after,
                 fallbacks,
             } => {
-                let mut ticket =
-                    s.inner
-                        .queues
-                        .enqueue(&group.local_model, kind_of(r.ep), info.priority);
-                let left = cfg.max_queue_wait.saturating_sub(arrived.elapsed());
-                let limit = spill_after.map_or(left, |sp| sp.min(left));
-                let woke = tokio::select! {
-                    w = &mut ticket.rx => w.ok(),
-                    _ = r.gone.cancelled() => {
-                        // Nothing ran: the account says the client left, at no cost.
-                        drop(tally.take());
-                        return Err(client_gone());
-                    }
-                    _ = tokio::time::sleep(limit) => {
-                        // The pump may have handed us a slot just as time ran out.
-                        ticket.rx.try_recv().ok()
-                    }
+                let waited = Waited {
+                    group: &group,
+                    info: &info,
+                    arrived,
+                    spill_after: *spill_after,
                 };
-                drop(ticket);
-                // Counted once, when the request leaves the queue for good (a reconsidered
-                // request may wait again).
-                if !matches!(woke, Some(Wake::Reconsider)) {
-                    s.inner
-                        .metrics
-                        .queue_wait(&group.local_model, arrived.elapsed());
-                }
-                match woke {
-                    Some(Wake::Slot(target, guard)) => {
-                        let mut targets = vec![target];
-                        targets.extend(fallbacks.iter().cloned());
-                        (targets, Some(guard), decision.code)
-                    }
-                    Some(Wake::Reconsider) => continue,
-                    // Time to leave the queue: for the deadline, or after the longest wait.
-                    None if !fallbacks.is_empty() => {
-                        tracing::info!(
-                            request_id = r.request_id,
-                            model = r.model,
-                            waited_ms = arrived.elapsed().as_millis() as u64,
-                            upstream = %fallbacks[0].label(),
-                            "spilled: no local slot in time for the deadline"
-                        );
-                        s.inner
-                            .metrics
-                            .decision(flotilla_scheduler::ReasonCode::DeadlineMiss);
-                        (
-                            fallbacks.clone(),
-                            None,
-                            flotilla_scheduler::ReasonCode::DeadlineMiss,
-                        )
-                    }
-                    None => {
-                        return Err(flotilla_scheduler::SchedulerError::QueueTimeout {
-                            model: group.name.clone(),
-                            waited_ms: arrived.elapsed().as_millis() as u64,
-                        }
-                        .into());
-                    }
+                let woke = wait_in_queue(s, r, &waited, tally).await?;
+                match leave_queue(s, r, &waited, woke, fallbacks, decision.code)? {
+                    Some(next) => next,
+                    None => continue,
                 }
             }
         };
@@ -277,6 +207,122 @@ async fn route(
             arrived,
         };
         return carry(s, &c, targets, guard, tally).await;
+    }
+}
+
+/// One info line per request: "routed" (with this decision) or, for a request that
+/// waits, "queued" now and "routed" when it leaves.
+fn log_decision(r: &Routed<'_>, info: &RequestInfo, decision: &Decision) {
+    if matches!(decision.action, Action::Enqueue { .. }) {
+        tracing::info!(
+            request_id = r.request_id,
+            model = r.model,
+            priority = info.priority.as_str(),
+            strategy = decision.strategy.as_str(),
+            reason = decision.code.as_str(),
+            detail = %decision.reason,
+            predicted_ttft_ms = decision.predicted_ttft.as_millis() as u64,
+            position = decision.position,
+            "queued for a local slot"
+        );
+    } else {
+        tracing::debug!(
+            request_id = r.request_id,
+            model = r.model,
+            reason = decision.code.as_str(),
+            detail = %decision.reason,
+            "route decision"
+        );
+    }
+}
+
+/// A request about to wait for a local slot.
+struct Waited<'a> {
+    group: &'a ModelGroup,
+    info: &'a RequestInfo,
+    arrived: Instant,
+    /// Leave the queue for the cloud after this long (the deadline's spill point).
+    spill_after: Option<Duration>,
+}
+
+/// Waits in the model's local queue for a slot, a reconsideration, or the time to leave
+/// (None). A client that goes away meanwhile ends the request at no cost.
+async fn wait_in_queue(
+    s: &AppState,
+    r: &Routed<'_>,
+    w: &Waited<'_>,
+    tally: &mut Option<Tally>,
+) -> Result<Option<Wake>, ApiError> {
+    let model = &w.group.local_model;
+    let mut ticket = s
+        .inner
+        .queues
+        .enqueue(model, kind_of(r.ep), w.info.priority);
+    let left = s
+        .inner
+        .config()
+        .max_queue_wait
+        .saturating_sub(w.arrived.elapsed());
+    let limit = w.spill_after.map_or(left, |sp| sp.min(left));
+    let woke = tokio::select! {
+        w = &mut ticket.rx => w.ok(),
+        _ = r.gone.cancelled() => {
+            // Nothing ran: the account says the client left, at no cost.
+            drop(tally.take());
+            return Err(client_gone());
+        }
+        _ = tokio::time::sleep(limit) => {
+            // The pump may have handed us a slot just as time ran out.
+            ticket.rx.try_recv().ok()
+        }
+    };
+    drop(ticket);
+    // Counted once, when the request leaves the queue for good (a reconsidered request
+    // may wait again).
+    if !matches!(woke, Some(Wake::Reconsider)) {
+        s.inner.metrics.queue_wait(model, w.arrived.elapsed());
+    }
+    Ok(woke)
+}
+
+/// The targets to try in order, the local slot a queued request was handed, and why.
+type Routes = (Vec<Target>, Option<InFlightGuard>, ReasonCode);
+
+/// Where a request goes once it leaves the queue: the slot it was handed (then its
+/// fallbacks), the fallbacks when its time is up, or a 504 when there are none. None: it
+/// is to be decided again.
+fn leave_queue(
+    s: &AppState,
+    r: &Routed<'_>,
+    w: &Waited<'_>,
+    woke: Option<Wake>,
+    fallbacks: &[Target],
+    code: ReasonCode,
+) -> Result<Option<Routes>, ApiError> {
+    match woke {
+        Some(Wake::Slot(target, guard)) => {
+            let mut targets = vec![target];
+            targets.extend(fallbacks.iter().cloned());
+            Ok(Some((targets, Some(guard), code)))
+        }
+        Some(Wake::Reconsider) => Ok(None),
+        // Time to leave the queue: for the deadline, or after the longest wait.
+        None if !fallbacks.is_empty() => {
+            tracing::info!(
+                request_id = r.request_id,
+                model = r.model,
+                waited_ms = w.arrived.elapsed().as_millis() as u64,
+                upstream = %fallbacks[0].label(),
+                "spilled: no local slot in time for the deadline"
+            );
+            s.inner.metrics.decision(ReasonCode::DeadlineMiss);
+            Ok(Some((fallbacks.to_vec(), None, ReasonCode::DeadlineMiss)))
+        }
+        None => Err(flotilla_scheduler::SchedulerError::QueueTimeout {
+            model: w.group.name.clone(),
+            waited_ms: w.arrived.elapsed().as_millis() as u64,
+        }
+        .into()),
     }
 }
 
@@ -314,30 +360,22 @@ async fn carry(
         if attempts >= cfg.max_attempts {
             break;
         }
-        if r.gone.is_cancelled() {
-            drop(tally.take());
-            return Err(client_gone());
-        }
-        let label = target.label();
-        if attempts > 0 {
-            let backoff = cfg
-                .retry_backoff
-                .saturating_mul(1 << (attempts - 1).min(10))
-                .min(Duration::from_secs(1));
-            if arrived.elapsed() + backoff >= cfg.retry_budget {
-                tracing::warn!(request_id = r.request_id, "retry budget spent");
-                break;
-            }
-            tokio::time::sleep(backoff).await;
+        if attempts > 0 && !back_off(&cfg, r, attempts, arrived).await {
+            break;
         }
         let now = Instant::now();
-        let skip = attempt::admit(s, &target, r.ep, tokens).await.err();
-        if let Some(why) = skip {
+        if let Err(why) = attempt::admit(s, &target, r.ep, tokens).await {
+            let label = target.label();
             tracing::info!(request_id = r.request_id, upstream = %label, reason = %why, "skipping target");
             if let Some(t) = tally.as_mut() {
                 t.attempt(&label, now, "skipped", None, Some(why));
             }
             continue;
+        }
+        if r.gone.is_cancelled() {
+            // Nothing was sent for this client: its row says it left, at no cost.
+            drop(tally.take());
+            return Err(client_gone());
         }
         attempts += 1;
         let guard = if target.is_local() {
@@ -345,63 +383,35 @@ async fn carry(
         } else {
             None
         };
-        let local = target.is_local();
         // The target's name for the account of a cut, once it has moved into the attempt.
-        let for_cut = local.then(|| target.clone());
-        let opening = open_attempt(s, r.ep, &target, &r.body, r.stream, guard);
-        let Some(opened) = unless_gone(r, local, opening).await else {
-            return Err(cut_local(s, tally, &target, now, group));
+        let for_cut = target.is_local().then(|| target.clone());
+        let step = Step {
+            c,
+            target,
+            guard,
+            started: now,
+            rest: &targets,
+            attempts_left: cfg.max_attempts.saturating_sub(attempts),
+            failed: failures.len(),
         };
-        let (attempt, resp, guard) = match opened {
-            Ok(x) => x,
-            Err(e) => {
-                if let Some(t) = tally.as_mut() {
-                    let (outcome, status) = ledger_outcome(&e);
-                    t.attempt(&label, now, outcome, status, Some(e.to_string()));
-                }
-                // A local agent that cannot take the request as asked passes it on.
-                let passes_on = target.is_local() && e.refuses_fit();
-                if !(e.is_retryable() || passes_on) {
-                    tracing::info!(request_id = r.request_id, model = r.model, upstream = %label, error = %e, "upstream rejected the request");
-                    return Err(e.to_api_error());
-                }
-                if passes_on {
+        match one_attempt(s, step, tally).await {
+            Tried::Answered(resp) => return Ok(resp),
+            Tried::Refused(e) => return Err(e),
+            Tried::Failed {
+                error,
+                locals_refuse,
+            } => {
+                if locals_refuse {
                     // Every agent serves the model alike: the request goes where it fits.
                     targets.retain(|t| !t.is_local());
                 }
-                tracing::warn!(request_id = r.request_id, model = r.model, upstream = %label, error = %e, "attempt failed; trying the next target");
-                failures.push(e);
-                continue;
+                failures.push(error);
             }
-        };
-        if let (Target::Local { node_id, .. }, Some(p)) = (&target, info.prefix) {
-            crate::shared::served_prefix(s, &group.local_model, p, node_id);
-        }
-        let opened = Opened {
-            target,
-            attempt,
-            resp,
-            guard,
-        };
-        let answering = async {
-            if r.stream {
-                let attempts_left = cfg.max_attempts.saturating_sub(attempts);
-                stream_answer(s, c, opened, &targets, attempts_left, failures.len(), tally).await
-            } else {
-                whole_answer(s, c, opened, failures.len(), tally).await
-            }
-        };
-        let Some(answered) = unless_gone(r, local, answering).await else {
-            return Err(match &for_cut {
-                Some(t) => cut_local(s, tally, t, now, group),
-                None => client_gone(),
-            });
-        };
-        match answered {
-            Ok(resp) => return Ok(resp),
-            Err(e) => {
-                tracing::warn!(request_id = r.request_id, model = r.model, upstream = %label, error = %e, "no answer after the headers; trying the next target");
-                failures.push(e);
+            Tried::Cut => {
+                return Err(match &for_cut {
+                    Some(t) => cut_local(s, tally, t, now, group),
+                    None => client_gone(),
+                });
             }
         }
     }
@@ -412,6 +422,106 @@ async fn carry(
         "every target failed"
     );
     Err(all_failed(r.model, &failures))
+}
+
+/// Waits before the next attempt (doubling from `retry_backoff`, at most 1 s); false when
+/// that would pass the retry budget.
+async fn back_off(cfg: &SchedulerConfig, r: &Routed<'_>, attempts: u32, arrived: Instant) -> bool {
+    let backoff = cfg
+        .retry_backoff
+        .saturating_mul(1 << (attempts - 1).min(10))
+        .min(Duration::from_secs(1));
+    if arrived.elapsed() + backoff >= cfg.retry_budget {
+        tracing::warn!(request_id = r.request_id, "retry budget spent");
+        return false;
+    }
+    tokio::time::sleep(backoff).await;
+    true
+}
+
+/// One attempt about to be made.
+struct Step<'a> {
+    c: &'a Carry<'a>,
+    target: Target,
+    guard: Option<InFlightGuard>,
+    started: Instant,
+    /// The targets after this one (a broken stream may continue there).
+    rest: &'a VecDeque<Target>,
+    attempts_left: u32,
+    /// Attempts that failed before this one.
+    failed: usize,
+}
+
+/// How one attempt ended.
+enum Tried {
+    Answered(Response),
+    /// The upstream refused the request itself: the client's error, no failover.
+    Refused(ApiError),
+    /// Failed; the next target is tried. `locals_refuse`: an agent could not take the
+    /// request as asked, so no agent can.
+    Failed {
+        error: ProviderError,
+        locals_refuse: bool,
+    },
+    /// The client left while an agent worked on it; the work was cut.
+    Cut,
+}
+
+/// Opens one attempt and reads its answer (whole, or a stream up to its first token).
+async fn one_attempt(s: &AppState, step: Step<'_>, tally: &mut Option<Tally>) -> Tried {
+    let Carry { r, group, info, .. } = *step.c;
+    let label = step.target.label();
+    let target = step.target;
+    let opening = open_attempt(s, r.ep, &target, &r.body, r.stream, step.guard);
+    let Some(opened) = unless_gone(r, target.is_local(), opening).await else {
+        return Tried::Cut;
+    };
+    let (attempt, resp, guard) = match opened {
+        Ok(x) => x,
+        Err(e) => {
+            if let Some(t) = tally.as_mut() {
+                let (outcome, status) = ledger_outcome(&e);
+                t.attempt(&label, step.started, outcome, status, Some(e.to_string()));
+            }
+            // A local agent that cannot take the request as asked passes it on.
+            let locals_refuse = target.is_local() && e.refuses_fit();
+            if !(e.is_retryable() || locals_refuse) {
+                tracing::info!(request_id = r.request_id, model = r.model, upstream = %label, error = %e, "upstream rejected the request");
+                return Tried::Refused(e.to_api_error());
+            }
+            tracing::warn!(request_id = r.request_id, model = r.model, upstream = %label, error = %e, "attempt failed; trying the next target");
+            return Tried::Failed {
+                error: e,
+                locals_refuse,
+            };
+        }
+    };
+    if let (Target::Local { node_id, .. }, Some(p)) = (&target, info.prefix) {
+        crate::shared::served_prefix(s, &group.local_model, p, node_id);
+    }
+    let opened = Opened {
+        target,
+        attempt,
+        resp,
+        guard,
+    };
+    let answered = if r.stream {
+        let left = step.attempts_left;
+        stream_answer(s, step.c, opened, step.rest, left, step.failed, tally).await
+    } else {
+        whole_answer(s, step.c, opened, step.failed, tally).await
+    };
+    match answered {
+        Ok(Some(resp)) => Tried::Answered(resp),
+        Ok(None) => Tried::Cut,
+        Err(error) => {
+            tracing::warn!(request_id = r.request_id, model = r.model, upstream = %label, error = %error, "no answer after the headers; trying the next target");
+            Tried::Failed {
+                error,
+                locals_refuse: false,
+            }
+        }
+    }
 }
 
 /// An attempt whose response headers came.
@@ -445,7 +555,7 @@ async fn stream_answer(
     attempts_left: u32,
     failed: usize,
     tally: &mut Option<Tally>,
-) -> Result<Response, ProviderError> {
+) -> Result<Option<Response>, ProviderError> {
     let Carry {
         r,
         group,
@@ -454,7 +564,11 @@ async fn stream_answer(
         ..
     } = *c;
     let label = o.attempt.label.clone();
-    let primed = match first_token(o.resp, &o.attempt, r.ep).await {
+    let reading = first_token(o.resp, &o.attempt, r.ep);
+    let Some(read) = unless_gone(r, o.target.is_local(), reading).await else {
+        return Ok(None);
+    };
+    let primed = match read {
         Ok(p) => p,
         Err(e) => {
             failed_after_headers(s, &o.attempt, tally, &e);
@@ -486,11 +600,13 @@ async fn stream_answer(
             group: group.clone(),
         },
     );
-    Ok(answer_head(c, &label)
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(body)
-        .unwrap_or_else(|e| ApiError::new(ErrorKind::Internal, e.to_string()).into_response()))
+    Ok(Some(
+        answer_head(c, &label)
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .header(header::CACHE_CONTROL, "no-cache")
+            .body(body)
+            .unwrap_or_else(|e| ApiError::new(ErrorKind::Internal, e.to_string()).into_response()),
+    ))
 }
 
 /// An answer read whole; a body that breaks fails over (Err).
@@ -500,7 +616,7 @@ async fn whole_answer(
     o: Opened,
     failed: usize,
     tally: &mut Option<Tally>,
-) -> Result<Response, ProviderError> {
+) -> Result<Option<Response>, ProviderError> {
     let Carry {
         r,
         group,
@@ -516,7 +632,11 @@ async fn whole_answer(
     } = o;
     let agent_ttft = first_token_header(&resp);
     let agent_busy = ms_header(&resp, headers::BUSY_MS);
-    let answer = match attempt.upstream.read_answer(r.ep, resp).await {
+    let reading = attempt.upstream.read_answer(r.ep, resp);
+    let Some(read) = unless_gone(r, target.is_local(), reading).await else {
+        return Ok(None);
+    };
+    let answer = match read {
         Ok(a) => a,
         Err(e) => {
             failed_after_headers(s, &attempt, tally, &e);
@@ -555,25 +675,30 @@ async fn whole_answer(
         let pricing = attempt.pricing(group).busy(agent_busy);
         t.answered(&target, ttft, usage, ours, pricing).await;
     }
-    Ok(answer_head(c, label)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(bytes))
-        .unwrap_or_else(|e| ApiError::new(ErrorKind::Internal, e.to_string()).into_response()))
+    Ok(Some(
+        answer_head(c, label)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(bytes))
+            .unwrap_or_else(|e| ApiError::new(ErrorKind::Internal, e.to_string()).into_response()),
+    ))
 }
 
-/// Runs an attempt's step to its end, unless the client goes away and the target is an
+/// Waits for an attempt's upstream I/O, unless the client goes away and the target is an
 /// agent: work for a client who left is cut there (the GPU is ours to free). A cloud
-/// attempt runs on, so the answer it is billed for is read and charged.
+/// attempt runs on, so the answer it is billed for is read and charged. Only I/O is raced,
+/// never the bookkeeping after it; the I/O is polled first, so an attempt that was cut
+/// had started (its health counts it) before it was.
 async fn unless_gone<T>(
     r: &Routed<'_>,
     local: bool,
-    step: impl std::future::Future<Output = T>,
+    io: impl std::future::Future<Output = T>,
 ) -> Option<T> {
     if !local {
-        return Some(step.await);
+        return Some(io.await);
     }
     tokio::select! {
-        done = step => Some(done),
+        biased;
+        done = io => Some(done),
         _ = r.gone.cancelled() => None,
     }
 }

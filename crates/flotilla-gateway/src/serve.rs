@@ -129,7 +129,8 @@ impl Conn {
 }
 
 /// Answers one request; an address that failed authentication too often gets 429 (all but
-/// `/health`), and every 401 answered counts against its address.
+/// `/health`, and requests with a valid API key), and every 401 answered counts against
+/// its address.
 async fn route(
     state: AppState,
     router: Router,
@@ -144,6 +145,9 @@ async fn route(
             state.inner.config().auth_failures_per_minute,
             Instant::now(),
         )
+        // A valid API key is served whoever shares its address (a NAT, an ingress): only
+        // guesses wait. Tokens (admin, cluster) wait too, as they may be weak.
+        && !crate::auth::holds_valid_key(&state, req.headers())
     {
         return Ok(crate::trust::too_many_failures(wait).into_response());
     }

@@ -480,7 +480,10 @@ pub(crate) async fn first_token(
     let mut rest = resp.into_body().into_data_stream().boxed();
     let mut dec = attempt.upstream.wire().stream_decoder(ep, true);
     let mut sse = attempt.upstream.sse_decoder();
-    let mut head = Vec::new();
+    // Held until the first token: bounded like one event, so an upstream that sends
+    // only pings or empty chunks cannot grow it.
+    let head_limit = attempt.upstream.read_limits().max_sse_line_bytes;
+    let (mut head, mut head_bytes) = (Vec::new(), 0usize);
     let broken = |reason: String| ProviderError::Body {
         target: target.clone(),
         reason,
@@ -514,6 +517,12 @@ pub(crate) async fn first_token(
         }
         if !started && let Some(e) = overflow {
             return Err(broken(e.to_string()));
+        }
+        head_bytes += bytes.len();
+        if !started && head_bytes > head_limit {
+            return Err(broken(format!(
+                "more than max_sse_line_bytes ({head_limit} bytes) came before the first token"
+            )));
         }
         head.push(bytes);
         if started {

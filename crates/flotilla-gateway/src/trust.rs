@@ -140,27 +140,35 @@ impl NodeClaims {
         registered: Option<(String, bool)>,
     ) -> Result<(), ApiError> {
         let mut map = self.by_node.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((old_url, live)) = registered
-            && old_url != base_url
-        {
-            let held = map.get(node_id).cloned().flatten();
-            if live && (held.is_none() || held != cred) {
-                tracing::warn!(
-                    node_id, registered = %old_url, claimed = %base_url,
-                    "heartbeat refused: a live node claimed from another address without its token"
-                );
-                return Err(ApiError::new(
-                    ErrorKind::Unauthorized,
-                    format!(
-                        "node `{node_id}` is registered at another address; only the token it \
-                         registered with can move it while it is live"
-                    ),
-                )
-                .with_code("node_claimed"));
+        // Some(held): the credential it registered with here; None: a node this replica
+        // heard of from another, or a new one.
+        let held = map.get(node_id).cloned();
+        match registered {
+            Some((old_url, live)) if old_url != base_url => {
+                if live && held.as_ref().is_some_and(|h| h.is_none() || *h != cred) {
+                    tracing::warn!(
+                        node_id, registered = %old_url, claimed = %base_url,
+                        "heartbeat refused: a live node claimed from another address without its token"
+                    );
+                    return Err(ApiError::new(
+                        ErrorKind::Unauthorized,
+                        format!(
+                            "node `{node_id}` is registered at another address; only the token \
+                             it registered with can move it while it is live"
+                        ),
+                    )
+                    .with_code("node_claimed"));
+                }
+                tracing::warn!(node_id, from = %old_url, to = %base_url, "node moved to a new address");
+                map.insert(node_id.to_owned(), cred);
             }
-            tracing::warn!(node_id, from = %old_url, to = %base_url, "node moved to a new address");
+            // Live where it is: it keeps the credential it registered with, so a heartbeat
+            // from someone else at its address cannot re-key it for a later move.
+            Some((_, true)) if held.is_some() => {}
+            _ => {
+                map.insert(node_id.to_owned(), cred);
+            }
         }
-        map.insert(node_id.to_owned(), cred);
         Ok(())
     }
 
@@ -181,12 +189,24 @@ impl NodeClaims {
     }
 }
 
-/// Failed authentications per client address in a fixed one-minute window.
+/// Failed authentications per client address (an IPv6 client by its /64, which one host
+/// is usually given whole) in a fixed one-minute window.
 #[derive(Default)]
 pub(crate) struct AuthFailures {
     by_addr: Mutex<HashMap<IpAddr, (Instant, u32)>>,
     /// Entries in the map: zero (the usual case) skips the lock on every request.
     entries: AtomicUsize,
+}
+
+/// The address failures are counted under.
+fn counted_as(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
 }
 
 impl AuthFailures {
@@ -196,22 +216,33 @@ impl AuthFailures {
     }
 
     /// How long `ip` must wait when it has used up its failures; None when it may try.
+    /// A window that has ended is forgotten here.
     pub(crate) fn blocked(&self, ip: IpAddr, limit: u32, now: Instant) -> Option<Duration> {
-        if self.entries.load(Ordering::Relaxed) == 0 {
+        if !self.any() {
             return None;
         }
-        let map = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
+        let ip = counted_as(ip);
+        let mut map = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
         let (start, n) = *map.get(&ip)?;
         let ends = start + FAILURE_WINDOW;
-        (n >= limit && now < ends).then(|| ends - now)
+        if now >= ends {
+            map.remove(&ip);
+            self.entries.store(map.len(), Ordering::Relaxed);
+            return None;
+        }
+        (n >= limit).then(|| ends - now)
     }
 
     pub(crate) fn note(&self, ip: IpAddr, now: Instant) {
+        let ip = counted_as(ip);
         let mut map = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= FAILURE_ENTRIES {
+        if map.len() >= FAILURE_ENTRIES && !map.contains_key(&ip) {
             map.retain(|_, (start, _)| now < *start + FAILURE_WINDOW);
+            // Still full of live windows: a new address goes uncounted rather than
+            // clearing the blocks of others (which a sender of many addresses could force).
             if map.len() >= FAILURE_ENTRIES {
-                map.clear();
+                self.entries.store(map.len(), Ordering::Relaxed);
+                return;
             }
         }
         let e = map.entry(ip).or_insert((now, 0));
@@ -263,6 +294,13 @@ mod tests {
             None,
             "and starts anew"
         );
+        // One IPv6 host's /64 is one address: rotating within it does not help.
+        let v6 = |s: &str| -> IpAddr { s.parse().unwrap() };
+        for i in 1..=3 {
+            f.note(v6(&format!("2001:db8:1:2::{i}")), t0);
+        }
+        assert!(f.blocked(v6("2001:db8:1:2:ffff::9"), 3, t0).is_some());
+        assert!(f.blocked(v6("2001:db8:1:3::1"), 3, t0).is_none());
     }
 
     #[test]
@@ -282,6 +320,19 @@ mod tests {
         c.admit("n", "http://c", None, Some(("http://b".into(), false)))
             .unwrap();
         assert!(c.may_remove("n", &None));
+        // Re-keying it from its own address first does not help.
+        c.admit("k", "http://a", tok.clone(), None).unwrap();
+        let at_a = Some(("http://a".to_owned(), true));
+        c.admit("k", "http://a", None, at_a.clone()).unwrap();
+        assert!(c.admit("k", "http://evil", None, at_a).is_err());
+        // A node heard of from another replica has no claim here: it may move.
+        c.admit(
+            "elsewhere",
+            "http://b",
+            None,
+            Some(("http://a".into(), true)),
+        )
+        .unwrap();
         // Registered without a token: a live node cannot be moved at all.
         let e = c.admit("n", "http://d", None, Some(("http://c".into(), true)));
         assert!(e.is_err());
