@@ -612,8 +612,7 @@ async fn metrics_count_requests_by_model_target_status_and_priority_and_spillove
     assert_eq!(metric(url, local_ok).await, Some(1.0));
     let waited = r#"flotilla_scheduler_queue_wait_seconds_count{model="tiny-llama"}"#;
     assert_eq!(metric(url, waited).await, Some(1.0));
-    // It was cut on the agent it ran on, which its row and the series name.
-    let left = r#"flotilla_scheduler_requests_total{model="tiny-llama",target="local:node-a/tiny-llama",status="cancelled",priority="interactive"}"#;
+    let left = r#"flotilla_scheduler_requests_total{model="tiny-llama",target="none",status="cancelled",priority="interactive"}"#;
     assert!(metric_becomes(url, left, 1.0).await, "the client that left");
     // Nothing local spilled, so the batch request adds no overflow.
     assert_eq!(metric(url, spilled).await, Some(1.0));

@@ -592,3 +592,49 @@ async fn clients_that_disconnect_still_pay_for_what_was_generated() {
     );
     sched.stop().await;
 }
+
+#[tokio::test]
+async fn an_agent_stops_for_a_client_that_left_and_its_gpu_time_is_charged() {
+    let (_dir, sched, ledger) = keyed_scheduler(SchedulerSection {
+        gpu_hour_usd: 3600.0,
+        models: vec![ModelSection {
+            strategy: Some(Strategy::LocalOnly),
+            ..ModelSection::new("tiny-llama", Vec::new())
+        }],
+        ..scheduler_section()
+    })
+    .await;
+    let agent = start_agent(&sched.url, "node-a", chat_models(load_tiny(1))).await;
+    let key = new_key(&ledger, "app", |k| k.budget_usd = Some(100.0)).await;
+    let admin = new_key(&ledger, "ops", |k| k.admin = true).await;
+    let body = chat_body(
+        "tiny-llama",
+        "a long answer",
+        json!({"max_tokens": 2000, "ignore_eos": true}),
+    );
+    let gave_up = client()
+        .post(format!("{}/v1/chat/completions", sched.url))
+        .bearer_auth(&key)
+        .timeout(Duration::from_millis(150))
+        .json(&body)
+        .send()
+        .await;
+    assert!(gave_up.is_err_and(|e| e.is_timeout()));
+    let rows = ledger_rows(&sched.url, "tiny-llama", 1, Some(&admin)).await;
+    let row = &rows[0];
+    assert_eq!(row["status"], "cancelled", "{row}");
+    assert_eq!(row["final_target"], "local:node-a/tiny-llama", "{row}");
+    assert!(row["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{row}");
+    // The agent stopped: its one slot is free for the next request.
+    let mut idle = false;
+    for _ in 0..200 {
+        if engine_running(&agent.url).await == 0 {
+            idle = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(idle, "the agent still works for a client that left");
+    agent.stop().await;
+    sched.stop().await;
+}

@@ -143,6 +143,24 @@ pub(crate) async fn handle<R: OpenAiRequest>(
         let max_tokens = ["max_completion_tokens", "max_tokens"]
             .iter()
             .find_map(|k| value.get(*k).and_then(serde_json::Value::as_u64));
+        // A key with a budget pays for what its request started even when its client
+        // leaves, so that request runs on its own task; others run here and stop when
+        // the client goes (their row says so, the cost of an attempt cut short unknown).
+        let budgeted = tally.key().is_some_and(|k| k.budget_usd.is_some());
+        if !budgeted {
+            let routed = Routed {
+                ep,
+                model: req.model(),
+                stream: req.is_stream(),
+                client_usage,
+                max_tokens,
+                body: value,
+                headers,
+                request_id: &id,
+                gone: &NEVER_GONE,
+            };
+            return dispatch(s, routed, tally).await;
+        }
         let job = Job {
             state: s.clone(),
             ep,
@@ -164,6 +182,11 @@ pub(crate) async fn handle<R: OpenAiRequest>(
         error_response(e, &id)
     })
 }
+
+/// The client of a request that runs on the client's own connection: when it leaves, the
+/// request is dropped with it, so nothing needs telling.
+static NEVER_GONE: std::sync::LazyLock<CancellationToken> =
+    std::sync::LazyLock::new(CancellationToken::new);
 
 /// A request handed to its own task. The task runs on when the client goes away
 /// mid-attempt, so the answer it pays for is read and charged (provider usage, not $0);
